@@ -1,0 +1,457 @@
+"""Run configuration: TOML -> attrs through cattrs, every problem reported.
+
+:func:`load_config` reads a TOML file and returns a :class:`RunConfig`, or
+raises one :class:`~tokenloom.errors.ConfigError` listing *all* problems of
+the file, one line each, starting with the path of the key::
+
+    tokenizer.codebook_size: expected int, got 'big'
+    sampler[1].name: unknown sampler 'topk' (did you mean 'top-k'? available: ...)
+    train.stpes: unknown key (did you mean 'steps'?)
+
+Component tables (``[tokenizer]``, ``[generator]``, ``[[sampler]]``,
+``[metrics.<name>]``) are structured into the registered class's nested
+``Config``; unknown keys are errors. Types are strict: ``3.5`` is not an int,
+``"3"`` is not a number, ``1`` is not a bool.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, IterableValidationError
+
+from .errors import ConfigError, TokenloomError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+# ---------------------------------------------------------------------------
+# Strict structuring of single values
+# ---------------------------------------------------------------------------
+
+
+class _Mismatch(TypeError):
+    pass
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _strict_int(value: Any, _t: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Mismatch(f"expected int, got {_describe(value)}")
+    return value
+
+
+def _strict_float(value: Any, _t: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Mismatch(f"expected float, got {_describe(value)}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _t: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Mismatch(f"expected bool (true/false), got {_describe(value)}")
+    return value
+
+
+def _strict_str(value: Any, _t: Any) -> str:
+    if not isinstance(value, str):
+        raise _Mismatch(f"expected string, got {_describe(value)}")
+    return value
+
+
+def make_converter() -> cattrs.Converter:
+    """The cattrs converter used for every config table: strict primitives,
+    unknown keys forbidden, detailed validation."""
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(str, _strict_str)
+    return conv
+
+
+converter = make_converter()
+
+
+def _format_exc(exc: BaseException, path: str) -> list[str]:
+    """Flatten a cattrs exception tree into ``path: message`` lines."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        lines: list[str] = []
+
+        def fmt(e: BaseException, _type: Any) -> str:
+            return str(e) if isinstance(e, (_Mismatch, ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+
+        for msg in cattrs.transform_error(exc, path=path, format_exception=fmt):
+            if " @ " in msg:
+                text, where = msg.rsplit(" @ ", 1)
+                lines.append(f"{where}: {text}")
+            else:
+                lines.append(msg)
+        return lines
+    return [f"{path}: {exc}"]
+
+
+def _validator_message(exc: BaseException) -> str:
+    msg = str(exc)
+    # attrs validators say e.g. "'k' must be >= 1: 0"; keep it short
+    return msg
+
+
+def structure_config(cls: type, table: Any, path: str) -> Any:
+    """Structure ``table`` into the attrs class ``cls``, checking every key.
+
+    All problems (unknown keys, wrong types, failed validators) are collected
+    and raised together as one :class:`ConfigError`."""
+    if not isinstance(table, dict):
+        raise ConfigError([f"{path}: expected a table, got {_describe(table)}"])
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    aliases = {f.alias if getattr(f, "alias", None) else f.name: f for f in fields.values()}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        f = aliases.get(key)
+        if f is None:
+            close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            known = ", ".join(sorted(aliases)) or "none"
+            problems.append(f"{path}.{key}: unknown key ({hint}known keys: {known})")
+            continue
+        try:
+            if attrs.has(f.type) if isinstance(f.type, type) else False:
+                v = structure_config(f.type, value, f"{path}.{key}")
+            else:
+                v = converter.structure(value, f.type) if f.type is not None else value
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        except Exception as exc:  # noqa: BLE001 - cattrs raises many kinds
+            problems.extend(_format_exc(exc, f"{path}.{key}"))
+            continue
+        if f.validator is not None:
+            try:
+                f.validator(None, f, v)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{path}.{key}: {_validator_message(exc)}")
+                continue
+        values[key] = v
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError([p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+
+
+# ---------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------
+
+_CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": ()}
+
+
+def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], *, path: str) -> Any:
+    """Look up ``name`` of ``kind`` in ``registry``, structure ``table`` into
+    its ``Config`` and build it (see :func:`tokenloom.create`)."""
+    kind = registry._check_kind(kind)
+    table = dict(table)
+    ctx = {k: table.pop(k) for k in _CONTEXT_KEYS[kind] if k in table}
+    entry = registry.get(kind, name)
+    cfg = structure_config(entry.cls.Config, table, path)
+    if kind == "tokenizer":
+        ctx.setdefault("image_shape", (3, 32, 32))
+    if kind == "generator" and "tokenizer" not in ctx:
+        raise ConfigError([f"{path}: a generator needs tokenizer=<a Tokenizer instance>"])
+    try:
+        return entry.cls(cfg, **ctx)
+    except ConfigError as exc:
+        raise ConfigError([p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]) from None
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, TokenloomError):
+            raise
+        raise ConfigError([f"{path} ({name}): {exc}"]) from None
+
+
+@attrs.frozen
+class ComponentConfig:
+    """A component table: its registered ``name``, the raw ``options`` as
+    written (for hashing and reports) and the structured ``config``."""
+
+    name: str
+    options: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    config: Any = attrs.field(default=None, eq=False)
+
+    def table(self) -> dict[str, Any]:
+        """The table as a user would write it."""
+        return {"name": self.name, **self.options}
+
+
+# ---------------------------------------------------------------------------
+# The run config
+# ---------------------------------------------------------------------------
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+def _one_of(*choices: str):
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r} {hint}".rstrip())
+
+    return check
+
+
+@attrs.frozen
+class DataConfig:
+    """``[data]``: which images to train on and evaluate against."""
+
+    name: str = "shapes"
+    size: int = attrs.field(default=32, validator=_positive)
+    n: int = attrs.field(default=4000, validator=_positive)
+    n_holdout: int = attrs.field(default=500, validator=_non_negative)
+    path: typing.Optional[str] = None
+    channels: int = attrs.field(default=3, validator=_positive)
+
+
+@attrs.frozen
+class ModelConfig:
+    """``[model]``: the backbone transformer."""
+
+    n_layer: int = attrs.field(default=4, validator=_positive)
+    d_model: int = attrs.field(default=256, validator=_positive)
+    n_head: int = attrs.field(default=4, validator=_positive)
+    dropout: float = attrs.field(default=0.0, validator=_non_negative)
+    pos: str = attrs.field(default="rope2d", validator=_one_of("rope2d", "learned"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+
+
+@attrs.frozen
+class TrainConfig:
+    """``[train]``: optimisation of the backbone."""
+
+    steps: int = attrs.field(default=2000, validator=_positive)
+    batch_size: int = attrs.field(default=64, validator=_positive)
+    lr: float = attrs.field(default=3e-4, validator=_positive)
+    weight_decay: float = attrs.field(default=0.05, validator=_non_negative)
+    warmup: int = attrs.field(default=100, validator=_non_negative)
+    grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
+    label_dropout: float = attrs.field(default=0.1, validator=_non_negative)
+    bf16: bool = False
+    compile: bool = False
+
+
+@attrs.frozen
+class RunConfig:
+    """A whole run: one tokenizer, one generator, a sampler chain, metrics."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    tokenizer: ComponentConfig = ComponentConfig("pixel")
+    generator: typing.Optional[ComponentConfig] = None
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sampler: tuple[ComponentConfig, ...] = ()
+    metrics: tuple[ComponentConfig, ...] = ()
+    n_samples: int = 64
+    device: str = "auto"
+
+
+_TOP_KEYS = ("seed", "data", "tokenizer", "generator", "model", "train", "sampler", "metrics", "device")
+
+
+def _component(registry: Any, kind: str, table: Any, path: str, problems: list[str]) -> ComponentConfig | None:
+    if not isinstance(table, dict):
+        problems.append(f"{path}: expected a table with a 'name' key, got {_describe(table)}")
+        return None
+    if "name" not in table:
+        problems.append(f"{path}.name: missing (available: {', '.join(registry.available(kind)) or 'none'})")
+        return None
+    name = table["name"]
+    if not isinstance(name, str):
+        problems.append(f"{path}.name: expected string, got {_describe(name)}")
+        return None
+    options = {k: v for k, v in table.items() if k != "name"}
+    try:
+        entry = registry.get(kind, name)
+    except TokenloomError as exc:
+        problems.append(f"{path}.name: {exc}")
+        return None
+    try:
+        cfg = structure_config(entry.cls.Config, options, path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+    return ComponentConfig(name, options, cfg)
+
+
+def _section(cls: type, raw: dict[str, Any], key: str, problems: list[str]) -> Any:
+    if key not in raw:
+        return cls()
+    try:
+        return structure_config(cls, raw[key], key)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return cls()
+
+
+def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | None = None) -> RunConfig:
+    """Structure a parsed TOML document into a :class:`RunConfig`, collecting
+    every problem into one :class:`ConfigError`."""
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    problems: list[str] = []
+    for key in raw:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(key, _TOP_KEYS, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"{key}: unknown key ({hint}known keys: {', '.join(_TOP_KEYS)})")
+
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"seed: expected a non-negative int, got {_describe(seed)}")
+        seed = 0
+    device = raw.get("device", "auto")
+    if not isinstance(device, str):
+        problems.append(f"device: expected string ('auto', 'cpu', 'cuda', 'cuda:1'), got {_describe(device)}")
+        device = "auto"
+
+    data = _section(DataConfig, raw, "data", problems)
+    model = _section(ModelConfig, raw, "model", problems)
+    train = _section(TrainConfig, raw, "train", problems)
+
+    tokenizer = _component(registry, "tokenizer", raw.get("tokenizer", {"name": "pixel"}), "tokenizer", problems)
+    generator = None
+    if "generator" in raw:
+        generator = _component(registry, "generator", raw["generator"], "generator", problems)
+
+    samplers: list[ComponentConfig] = []
+    chain = raw.get("sampler", [])
+    if isinstance(chain, dict):
+        chain = [chain]
+    if not isinstance(chain, list):
+        problems.append(f"sampler: expected an array of tables ([[sampler]]), got {_describe(chain)}")
+        chain = []
+    for i, table in enumerate(chain):
+        c = _component(registry, "sampler", table, f"sampler[{i}]", problems)
+        if c is not None:
+            samplers.append(c)
+    n_accept = [c.name for c in samplers if registry.get("sampler", c.name).cls.role == "acceptance"]
+    if len(n_accept) > 1:
+        problems.append(f"sampler: a chain holds at most one acceptance rule, got {', '.join(n_accept)}")
+
+    metrics: list[ComponentConfig] = []
+    n_samples = 64
+    mraw = raw.get("metrics", {})
+    if not isinstance(mraw, dict):
+        problems.append(f"metrics: expected a table, got {_describe(mraw)}")
+        mraw = {}
+    names = mraw.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append(f"metrics.names: expected a list of strings, got {_describe(names)}")
+        names = []
+    if "n_samples" in mraw:
+        n_samples = mraw["n_samples"]
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
+            problems.append(f"metrics.n_samples: expected a positive int, got {_describe(n_samples)}")
+            n_samples = 64
+    for key, value in mraw.items():
+        if key in ("names", "n_samples"):
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"metrics.{key}: unknown key (known keys: names, n_samples, or a [metrics.<name>] table)")
+        elif key not in names:
+            problems.append(f"metrics.{key}: options for a metric that is not in metrics.names")
+    for i, name in enumerate(names):
+        table = {"name": name, **(mraw.get(name) or {})}
+        path = f"metrics.{name}" if name in mraw else f"metrics.names[{i}]"
+        c = _component(registry, "metric", table, path, problems)
+        if c is not None:
+            metrics.append(c)
+
+    if problems:
+        raise ConfigError(problems, source=source)
+    return RunConfig(
+        seed=seed,
+        data=data,
+        tokenizer=tokenizer,
+        generator=generator,
+        model=model,
+        train=train,
+        sampler=tuple(samplers),
+        metrics=tuple(metrics),
+        n_samples=n_samples,
+        device=device,
+    )
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a ConfigError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"no such file: {path}"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"expected a TOML file, got a directory: {path}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], source=str(path)) from None
+
+
+def load_config(path: str | Path, *, registry: Any = None) -> RunConfig:
+    """Read and validate a run config file (see the module docstring)."""
+    return parse_config(read_toml(path), registry=registry, source=str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A JSON/TOML-able dict that :func:`parse_config` maps back to ``cfg``."""
+    out: dict[str, Any] = {
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "data": attrs.asdict(cfg.data),
+        "model": attrs.asdict(cfg.model),
+        "train": attrs.asdict(cfg.train),
+        "tokenizer": cfg.tokenizer.table(),
+        "sampler": [s.table() for s in cfg.sampler],
+        "metrics": {"names": [m.name for m in cfg.metrics], "n_samples": cfg.n_samples},
+    }
+    if out["data"]["path"] is None:
+        del out["data"]["path"]
+    if cfg.generator is not None:
+        out["generator"] = cfg.generator.table()
+    for m in cfg.metrics:
+        if m.options:
+            out["metrics"][m.name] = dict(m.options)
+    return out

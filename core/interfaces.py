@@ -1,0 +1,558 @@
+"""The public plugin contract of tokenloom (v1).
+
+Reading this file is enough to write a plugin. There are four kinds of
+component; each is a class deriving from one of the bases below and carrying
+its configuration as a nested, frozen attrs class named ``Config``:
+
+================  ==========================================================
+kind              what it is
+================  ==========================================================
+``tokenizer``     images  <->  discrete codes (:class:`Tokenizer`)
+``generator``     a generation order, its training batches and decoding loop
+                  (:class:`Generator`)
+``sampler``       a logits processor in a chain (:class:`Sampler`), or an
+                  acceptance rule for speculative decoding
+                  (:class:`AcceptanceRule`)
+``metric``        a number computed from images, codes or run statistics
+                  (:class:`Metric`)
+================  ==========================================================
+
+A plugin registers its classes through a pluggy hook (see
+:mod:`tokenloom.hookspecs`)::
+
+    import attrs, tokenloom
+
+    class MyTokenizer(tokenloom.Tokenizer):
+        @attrs.frozen
+        class Config:
+            bits: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+        ...
+
+    @tokenloom.hookimpl
+    def register_tokenizers(register):
+        register("mytok", MyTokenizer)
+
+and declares the module as an entry point in the group ``tokenloom``. The
+registry structures a TOML table such as ``{name = "mytok", bits = 3}`` into
+``MyTokenizer.Config`` (unknown keys and wrong types are reported with their
+path) and calls ``MyTokenizer(config, image_shape=...)``.
+
+Shapes: ``B`` batch, ``L`` tokens per image, ``V`` vocabulary, ``C×H×W`` an
+image. Images are always float32 in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+
+import attrs
+import torch
+from torch import nn
+
+from .errors import InputError
+
+KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric")
+
+
+# ---------------------------------------------------------------------------
+# Value types
+# ---------------------------------------------------------------------------
+
+
+def _scales_converter(value: Any) -> tuple[tuple[int, int], ...]:
+    return tuple((int(h), int(w)) for h, w in value)
+
+
+@attrs.frozen
+class TokenLayout:
+    """How the flat code sequence of one image is laid out.
+
+    ``scales``: the token grids, coarse to fine; a plain grid is one scale,
+    a 1-D tokenizer one scale of height 1. ``depth``: residual depth (RQ),
+    1 if none. ``residual``: whether scales add up (VAR) or replace each other
+    (FlexVAR). The flat order is scale-major, then row-major, then depth-minor,
+    so ``L = depth * sum(h * w for h, w in scales)``.
+    """
+
+    scales: tuple[tuple[int, int], ...] = attrs.field(converter=_scales_converter)
+    depth: int = 1
+    residual: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if not self.scales or any(h < 1 or w < 1 for h, w in self.scales):
+            raise ValueError(f"TokenLayout.scales must be non-empty positive grids, got {self.scales}")
+        if self.depth < 1:
+            raise ValueError(f"TokenLayout.depth must be >= 1, got {self.depth}")
+
+    @property
+    def length(self) -> int:
+        """``L``: codes per image."""
+        return self.depth * sum(h * w for h, w in self.scales)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The finest (last) scale's ``(h, w)``."""
+        return self.scales[-1]
+
+    @property
+    def n_scales(self) -> int:
+        return len(self.scales)
+
+    def scale_slices(self) -> tuple[slice, ...]:
+        """For each scale, its slice of the flat code sequence."""
+        out, start = [], 0
+        for h, w in self.scales:
+            n = h * w * self.depth
+            out.append(slice(start, start + n))
+            start += n
+        return tuple(out)
+
+
+@attrs.frozen
+class ModelSpec:
+    """What the backbone must provide for a generation order.
+
+    The spec is part of the trained model's cache key: generators whose
+    ``train_order`` and spec agree share one trained model (e.g. ``sjd``,
+    ``speculative`` and ``zipar`` reuse the ``raster`` model).
+
+    - ``seq_len``: length of the training sequence (including any class or
+      instruction tokens the generator adds);
+    - ``vocab_size``: input vocabulary = tokenizer vocabulary + ``n_extra_tokens``
+      (MASK, position-instruction tokens, ...); extras take ids
+      ``[tokenizer.vocab_size, vocab_size)``;
+    - ``input_kind``: ``"tokens"`` (ids) or ``"embeddings"`` (float vectors of
+      width ``input_dim`` supplied by the generator, e.g. VAR's f̂ inputs);
+    - ``attention``: ``"causal"``, ``"block-causal"``, ``"bidirectional"`` or
+      ``"custom"`` (the generator supplies ``TrainBatch.attn_mask``);
+    - ``heads``: output vocabulary size of each output head (one entry for a
+      plain categorical head; several for NAR's per-direction heads);
+    - ``cache_ops``: cache operations the decoding loop uses
+      (``"append"``, ``"truncate"``);
+    - ``train_order``: name of the training recipe;
+    - ``extra``: anything else the backbone needs, as sorted key/value pairs.
+    """
+
+    seq_len: int
+    vocab_size: int
+    heads: tuple[int, ...]
+    train_order: str
+    n_extra_tokens: int = 0
+    input_kind: str = "tokens"
+    input_dim: int = 0
+    attention: str = "causal"
+    cache_ops: frozenset[str] = frozenset({"append"})
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def key(self) -> dict[str, Any]:
+        """A JSON-able description used in cache keys."""
+        d = attrs.asdict(self, recurse=False)
+        d["cache_ops"] = sorted(self.cache_ops)
+        d["heads"] = list(self.heads)
+        d["extra"] = [list(kv) for kv in self.extra]
+        return d
+
+
+@attrs.define
+class TrainBatch:
+    """One teacher-forcing batch produced by ``Generator.training_batch``.
+
+    - ``inputs``: ``LongTensor[B, T]`` of ids, or ``FloatTensor[B, T, D]`` of
+      embeddings when the spec's ``input_kind`` is ``"embeddings"``;
+    - ``targets``: ``LongTensor[B, T]`` (or ``[B, T, n_heads]`` for several
+      heads); entries where ``loss_mask`` is False are ignored;
+    - ``positions``: ``LongTensor[B, T]`` or ``[T]`` — the 2-D grid position
+      index each input sits at (for rotary/learned position embeddings), or
+      None for the default ``arange(T)``;
+    - ``attn_mask``: ``BoolTensor[T, T]`` or ``[B, T, T]``, True where a query
+      may attend to a key; None means the spec's ``attention`` pattern;
+    - ``loss_mask``: ``BoolTensor[B, T]`` (or ``[B, T, n_heads]``), True where
+      the loss is taken;
+    - ``cond``: ``LongTensor[B]`` class labels (the null class is
+      ``n_classes``);
+    - ``extra``: order-specific tensors the backbone is told about in the spec.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    cond: torch.Tensor
+    positions: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = attrs.Factory(dict)
+
+
+@attrs.define
+class StepInfo:
+    """What a sampler is told about the decoding step it processes.
+
+    - ``step`` / ``n_steps``: index of this decoding step and how many the
+      loop will take (best known value for adaptive loops);
+    - ``positions``: ``LongTensor[B]`` (or ``[B, k]``) flat code positions
+      whose logits are being processed, or None;
+    - ``scale`` / ``n_scales``: the scale index for multi-scale orders;
+    - ``uncond_logits``: ``FloatTensor[B, V]`` logits of the unconditional
+      rows, filled only when a processor in the chain sets
+      ``needs_uncond = True`` (classifier-free guidance).
+    """
+
+    step: int = 0
+    n_steps: int = 1
+    positions: torch.Tensor | None = None
+    scale: int | None = None
+    n_scales: int | None = None
+    uncond_logits: torch.Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """``step / (n_steps - 1)`` in [0, 1] (0 for one-step loops)."""
+        return 0.0 if self.n_steps <= 1 else min(1.0, self.step / (self.n_steps - 1))
+
+
+@attrs.define
+class SamplerContext:
+    """Handed once to ``Sampler.bind`` before a run decodes.
+
+    ``code_embeddings``: ``FloatTensor[V, D]`` from the tokenizer (may be None
+    when sampling outside a pipeline); ``token_embeddings``: the AR model's
+    input embedding table ``[V', D']`` (None outside a pipeline);
+    ``vocab_size``: the tokenizer vocabulary ``V``.
+    """
+
+    vocab_size: int
+    code_embeddings: torch.Tensor | None = None
+    token_embeddings: torch.Tensor | None = None
+
+
+@attrs.define
+class Known:
+    """Codes fixed in advance for zero-shot inpainting/outpainting:
+    ``codes`` ``LongTensor[B, L]`` and ``mask`` ``BoolTensor[B, L]`` (True where
+    the code is given and must be kept)."""
+
+    codes: torch.Tensor
+    mask: torch.Tensor
+
+
+@attrs.define
+class MetricContext:
+    """Everything a metric may ask for; fields a metric did not declare in
+    ``requires`` may be None.
+
+    - ``real``: ``FloatTensor[N, C, H, W]`` reference images in [-1, 1];
+    - ``generated``: ``FloatTensor[M, C, H, W]`` generated images;
+    - ``real_labels`` / ``generated_labels``: class labels ``LongTensor``;
+    - ``codes``: ``LongTensor[N, L]`` codes of real images; ``reconstructed``:
+      decode(encode(real));
+    - ``stats``: run statistics (``nfe``, ``seconds_per_image``, ...);
+    - ``tokenizer``, ``model``, ``generator``: the run's components;
+    - ``seed``: the run seed; ``device``: where to compute.
+    """
+
+    real: torch.Tensor | None = None
+    generated: torch.Tensor | None = None
+    real_labels: torch.Tensor | None = None
+    generated_labels: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    reconstructed: torch.Tensor | None = None
+    stats: dict[str, float] = attrs.Factory(dict)
+    tokenizer: Any = None
+    model: Any = None
+    generator: Any = None
+    data: Any = None
+    seed: int = 0
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------
+# Input checks shared by all components
+# ---------------------------------------------------------------------------
+
+
+def check_images(images: Any, image_shape: tuple[int, int, int], *, where: str = "images") -> torch.Tensor:
+    """Validate a batch of images: a float32 tensor ``[B, C, H, W]`` matching
+    ``image_shape`` with finite values in [-1, 1]. Raises :class:`InputError`
+    naming the problem."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{where}: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.float32:
+        raise InputError(
+            f"{where}: expected dtype float32 in [-1, 1], got {images.dtype} "
+            "(convert with images.float() / 127.5 - 1 for uint8 data)"
+        )
+    if images.dim() != 4:
+        raise InputError(f"{where}: expected shape [B, C, H, W], got {tuple(images.shape)}")
+    if tuple(images.shape[1:]) != tuple(image_shape):
+        raise InputError(
+            f"{where}: expected images of shape C×H×W = {tuple(image_shape)}, got {tuple(images.shape[1:])}"
+        )
+    if images.numel() and not torch.isfinite(images).all():
+        raise InputError(f"{where}: contains NaN or infinite values")
+    if images.numel() and (images.min() < -1.0 - 1e-5 or images.max() > 1.0 + 1e-5):
+        raise InputError(
+            f"{where}: values must lie in [-1, 1], got range [{images.min().item():.3g}, {images.max().item():.3g}]"
+        )
+    return images
+
+
+def check_codes(codes: Any, length: int, vocab_size: int, *, where: str = "codes") -> torch.Tensor:
+    """Validate codes: an integer tensor ``[B, L]`` with values in
+    ``[0, vocab_size)``. Raises :class:`InputError` naming the problem."""
+    if not isinstance(codes, torch.Tensor):
+        raise InputError(f"{where}: expected a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dtype.is_complex:
+        raise InputError(f"{where}: expected an integer tensor, got {codes.dtype}")
+    if codes.dim() != 2 or codes.shape[1] != length:
+        raise InputError(f"{where}: expected shape [B, {length}], got {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= vocab_size):
+        raise InputError(
+            f"{where}: values must lie in [0, {vocab_size}), got range "
+            f"[{codes.min().item()}, {codes.max().item()}]"
+        )
+    return codes.long()
+
+
+def check_logits(logits: torch.Tensor, info: StepInfo | None = None, *, where: str = "logits") -> None:
+    """Raise :class:`InputError` for rows containing NaN or entirely ``-inf``
+    (nothing left to sample), naming the decoding step."""
+    step = f" at step {info.step}" if info is not None else ""
+    if logits.dim() != 2:
+        raise InputError(f"{where}{step}: expected shape [B, V], got {tuple(logits.shape)}")
+    if torch.isnan(logits).any():
+        rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()
+        raise InputError(f"{where}{step}: NaN in rows {rows[:8]}")
+    dead = torch.isneginf(logits).all(-1) if logits.shape[-1] else torch.ones(logits.shape[0], dtype=torch.bool)
+    if dead.any():
+        rows = dead.nonzero().flatten().tolist()
+        raise InputError(f"{where}{step}: every entry is -inf in rows {rows[:8]} (nothing left to sample)")
+    if torch.isposinf(logits).any():
+        raise InputError(f"{where}{step}: +inf logits")
+
+
+# ---------------------------------------------------------------------------
+# Component bases
+# ---------------------------------------------------------------------------
+
+
+class Tokenizer(nn.Module):
+    """Images ``[B, C, H, W]`` in [-1, 1]  <->  codes ``LongTensor[B, L]``.
+
+    Subclasses set ``self.layout`` (:class:`TokenLayout`) and
+    ``self.vocab_size`` in ``__init__`` and implement :meth:`encode`,
+    :meth:`decode` and :meth:`code_embeddings`; trainable tokenizers also
+    implement :meth:`fit`. All learnable state lives in parameters/buffers, so
+    ``state_dict()`` is the checkpoint (core saves it as safetensors with the
+    config beside it). ``encode`` and ``decode`` must validate their inputs with
+    :func:`check_images` / :func:`check_codes` (the conformance kit checks that
+    bad inputs raise :class:`~tokenloom.errors.InputError`).
+    """
+
+    Config: ClassVar[type]
+    layout: TokenLayout
+    vocab_size: int
+
+    def __init__(self, config: Any, *, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.config = config
+        self.image_shape = tuple(int(s) for s in image_shape)
+
+    def fit(self, images: torch.Tensor, *, steps: int | None = None, progress: bool = True) -> dict[str, float]:
+        """Train on ``images`` (``[N, C, H, W]`` float32 in [-1, 1]) for
+        ``steps`` optimiser steps (None: the config's default). Returns
+        training statistics. Training-free tokenizers return ``{}`` at once."""
+        return {}
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` float32 in [-1, 1] -> ``LongTensor[B, L]`` in ``[0, V)``."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, L]`` -> ``FloatTensor[B, C, H, W]`` in [-1, 1]."""
+        raise NotImplementedError
+
+    def code_embeddings(self) -> torch.Tensor:
+        """``FloatTensor[V, D]``: the geometry of the code space — a learned
+        codebook, or the implicit one of FSQ/LFQ/pixel/frequency codes. Relaxed
+        acceptance rules (LANTERN) use distances in it."""
+        raise NotImplementedError
+
+    # convenience for subclasses
+    def check_images(self, images: Any) -> torch.Tensor:
+        return check_images(images, self.image_shape, where=f"{type(self).__name__}.encode: images")
+
+    def check_codes(self, codes: Any) -> torch.Tensor:
+        return check_codes(codes, self.layout.length, self.vocab_size, where=f"{type(self).__name__}.decode: codes")
+
+
+@runtime_checkable
+class MultiScaleInputs(Protocol):
+    """Optional tokenizer capability (VAR): teacher-forcing inputs for the
+    next-scale order.
+
+    ``scale_inputs(codes)`` maps ``LongTensor[B, L]`` to
+    ``FloatTensor[B, L - h0*w0, D]``: for every scale after the first, the
+    accumulated reconstruction f̂ of all earlier scales (through the
+    tokenizer's own upsampling and φ path) downsampled to that scale's grid,
+    flattened row-major and concatenated over scales. ``embed_dim`` is ``D``.
+    """
+
+    embed_dim: int
+
+    def scale_inputs(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+
+class Generator:
+    """A generation order: how a model is trained (teacher forcing) and how it
+    decodes.
+
+    ``__init__(config, *, tokenizer)`` binds the order to the tokenizer it
+    decodes for and must raise :class:`~tokenloom.errors.ConfigError` when the
+    tokenizer does not fit (e.g. next-scale with a single-scale layout).
+
+    - :meth:`model_spec` — what the backbone must provide;
+    - :meth:`training_batch` — teacher-forcing inputs/targets/masks from codes;
+    - :meth:`generate` — decode ``B`` code sequences with ``model`` (core's
+      instrumented backbone, which counts forward passes and time itself) and
+      a sampler chain; all randomness comes from ``rng`` (a
+      :class:`tokenloom.rng.RowRNG`, seeded per image), so image *i* never
+      depends on its batch neighbours.
+    """
+
+    Config: ClassVar[type]
+    supports_known: ClassVar[bool] = False
+    #: True when :meth:`log_likelihood` is an exact likelihood of the codes
+    #: (raster, random, next-scale, depth-stack); masked, block and
+    #: neighbour orders report none rather than a misleading number.
+    exact_likelihood: ClassVar[bool] = False
+
+    def __init__(self, config: Any, *, tokenizer: Tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def model_spec(self) -> ModelSpec:
+        raise NotImplementedError
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
+        raise NotImplementedError
+
+    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, *, rng: Any, known: Known | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_likelihood(self, model: Any, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[B]``: log p(codes | cond) in nats under ``model``;
+        only meaningful when ``exact_likelihood`` is True."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
+
+
+class Sampler:
+    """A logits processor: ``processor(logits, info) -> new logits``.
+
+    Subclasses implement :meth:`process`; ``__call__`` validates the input
+    (NaN or all ``-inf`` rows are an :class:`~tokenloom.errors.InputError`
+    naming the step) and calls it. A processor must never modify its input
+    tensor — acceptance rules compare the processed distributions, and
+    in-place filtering would silently corrupt them. Removed entries are
+    ``-inf``; at least one entry per row stays finite.
+
+    Class attributes: ``needs_uncond`` (the generator must supply
+    ``info.uncond_logits``: classifier-free guidance), ``greedy`` (the chain's
+    final draw is argmax instead of a categorical draw), ``role``
+    (``"processor"`` or ``"acceptance"``).
+    """
+
+    Config: ClassVar[type]
+    role: ClassVar[str] = "processor"
+    needs_uncond: ClassVar[bool] = False
+    greedy: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def bind(self, context: SamplerContext) -> None:
+        """Called once per run before decoding."""
+
+    def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        info = info if info is not None else StepInfo()
+        check_logits(logits, info, where=f"{type(self).__name__}: logits")
+        return self.process(logits, info)
+
+
+class AcceptanceRule(Sampler):
+    """How speculative/Jacobi decoding accepts a drafted token (a sampler of
+    role ``"acceptance"``; a chain holds at most one; ``exact`` is the default).
+
+    ``p`` is the target's and ``q`` the draft's *processed* distribution
+    (``FloatTensor[B, V]``, after the chain), ``drafted`` the drafted tokens
+    ``LongTensor[B]`` and ``u`` uniforms ``FloatTensor[B]``.
+    ``accept`` returns ``BoolTensor[B]``; ``residual`` returns the
+    distribution ``[B, V]`` to resample from on rejection (exact rule:
+    ``norm(max(p - q, 0))``). As a processor it is the identity.
+    """
+
+    role: ClassVar[str] = "acceptance"
+
+    def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return logits
+
+    def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Metric:
+    """A number (or several) computed at the end of a run.
+
+    ``requires`` names what :meth:`compute` reads from the
+    :class:`MetricContext`: any of ``"real"``, ``"generated"``, ``"codes"``,
+    ``"reconstructed"``, ``"stats"``, ``"tokenizer"``, ``"model"``.
+    :meth:`compute` returns ``{key: float}`` (None for "not applicable", never a
+    made-up number); :meth:`eval_card` describes the protocol so that two
+    numbers are comparable exactly when their cards match.
+    """
+
+    Config: ClassVar[type]
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def compute(self, ctx: MetricContext) -> Mapping[str, float | None]:
+        raise NotImplementedError
+
+    def eval_card(self) -> dict[str, Any]:
+        return {"metric": type(self).__name__, "config": attrs.asdict(self.config)}
+
+
+BASES: dict[str, type] = {
+    "tokenizer": Tokenizer,
+    "generator": Generator,
+    "sampler": Sampler,
+    "metric": Metric,
+}
+
+
+__all__ = [
+    "KINDS",
+    "BASES",
+    "TokenLayout",
+    "ModelSpec",
+    "TrainBatch",
+    "StepInfo",
+    "SamplerContext",
+    "Known",
+    "MetricContext",
+    "Tokenizer",
+    "MultiScaleInputs",
+    "Generator",
+    "Sampler",
+    "AcceptanceRule",
+    "Metric",
+    "check_images",
+    "check_codes",
+    "check_logits",
+]

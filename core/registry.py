@@ -1,0 +1,341 @@
+"""The component registry: discovers plugins through entry points, one at a
+time, so that one broken plugin is recorded instead of taking the host down.
+
+The global registry is built lazily by :func:`get_registry` on first use —
+never at ``import tokenloom``. Tests and embedders can build their own from
+named plugin modules with :meth:`Registry.from_plugins`.
+
+Environment:
+
+- ``TOKENLOOM_STRICT_PLUGINS=1``: any load failure raises :class:`PluginError`
+  naming the plugin and its distribution;
+- ``TOKENLOOM_DISABLE_PLUGINS=a,b``: skip the entry points named ``a`` and ``b``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import threading
+from importlib import metadata
+from typing import Any, Iterable
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownComponentError
+from .interfaces import BASES, KINDS
+
+GROUP = "tokenloom"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@attrs.frozen
+class Entry:
+    """One registered component and where it came from."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    dist: str
+    version: str
+
+    @property
+    def module(self) -> str:
+        return self.cls.__module__
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "class": f"{self.cls.__module__}.{self.cls.__qualname__}",
+            "module": self.module,
+            "plugin": self.plugin,
+            "distribution": self.dist,
+            "version": self.version,
+        }
+
+
+@attrs.frozen
+class Failure:
+    """A plugin that could not be loaded, or something it registered that was
+    rejected."""
+
+    plugin: str
+    dist: str
+    version: str
+    value: str
+    stage: str  # "import", "register-plugin", "hook", "component", "duplicate"
+    error: str
+
+    def describe(self) -> str:
+        return f"plugin '{self.plugin}' ({self.dist} {self.version}, {self.value}): {self.stage}: {self.error}"
+
+    def as_dict(self) -> dict[str, str]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class PluginSource:
+    """A plugin to load: its entry point name, distribution and a loader."""
+
+    name: str
+    dist: str
+    version: str
+    value: str
+    load: Any  # () -> module or object with hook implementations
+
+
+def _validate_component(kind: str, name: Any, cls: Any) -> str | None:
+    """Why ``cls`` cannot be registered as ``name``, or None if it can."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        return (
+            f"invalid {kind} name {name!r}: use lower case letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit"
+        )
+    base = BASES[kind]
+    if not isinstance(cls, type):
+        return f"{kind} '{name}': expected a class deriving from tokenloom.{base.__name__}, got {cls!r}"
+    if not issubclass(cls, base):
+        return f"{kind} '{name}': class {cls.__qualname__} does not derive from tokenloom.{base.__name__}"
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and attrs.has(config)):
+        return f"{kind} '{name}': class {cls.__qualname__} has no nested attrs class 'Config'"
+    if kind == "sampler" and getattr(cls, "role", None) not in ("processor", "acceptance"):
+        return f"sampler '{name}': role must be 'processor' or 'acceptance', got {getattr(cls, 'role', None)!r}"
+    return None
+
+
+class Registry:
+    """Components by kind and name, with the record of what failed to load."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self._conflicts: dict[tuple[str, str], list[Entry]] = {}
+        self.failures: list[Failure] = []
+        self.plugins: list[PluginSource] = []
+        self.disabled: list[str] = []
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+
+    # -- building -----------------------------------------------------------
+
+    @classmethod
+    def from_entry_points(
+        cls,
+        group: str = GROUP,
+        *,
+        disabled: Iterable[str] | None = None,
+        strict: bool | None = None,
+    ) -> "Registry":
+        """Walk the entry points of ``group`` one by one (defaults from the
+        environment variables described in the module docstring)."""
+        if disabled is None:
+            disabled = [s.strip() for s in os.environ.get("TOKENLOOM_DISABLE_PLUGINS", "").split(",") if s.strip()]
+        if strict is None:
+            strict = os.environ.get("TOKENLOOM_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes", "on")
+        disabled = set(disabled)
+        sources = []
+        reg = cls()
+        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            dname = dist.metadata["Name"] if dist is not None else "unknown"
+            dver = dist.version if dist is not None else "unknown"
+            if ep.name in disabled:
+                reg.disabled.append(ep.name)
+                continue
+            sources.append(PluginSource(ep.name, dname, dver, ep.value, ep.load))
+        reg._load(sources, strict=strict)
+        return reg
+
+    @classmethod
+    def from_plugins(
+        cls, plugins: Iterable[tuple[str, Any]], *, dist: str = "local", version: str = "0", strict: bool = False
+    ) -> "Registry":
+        """Build a registry from ``(name, module_or_object)`` pairs — what the
+        test suite uses so that it does not depend on whatever happens to be
+        installed."""
+        sources = [
+            PluginSource(name, dist, version, getattr(obj, "__name__", repr(obj)), (lambda o=obj: o))
+            for name, obj in plugins
+        ]
+        reg = cls()
+        reg._load(sources, strict=strict)
+        return reg
+
+    def _fail(self, src: PluginSource, stage: str, error: str) -> None:
+        self.failures.append(Failure(src.name, src.dist, src.version, src.value, stage, error))
+
+    def _load(self, sources: list[PluginSource], *, strict: bool) -> None:
+        loaded: list[tuple[PluginSource, Any]] = []
+        for src in sources:
+            try:
+                obj = src.load()
+            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything, even SystemExit
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._fail(src, "import", f"{type(exc).__name__}: {exc}")
+                continue
+            try:
+                self.pm.register(obj, name=src.name)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(src, "register-plugin", f"{type(exc).__name__}: {exc}")
+                continue
+            self.plugins.append(src)
+            loaded.append((src, obj))
+
+        for kind in KINDS:
+            caller = getattr(self.pm.hook, hookspecs.HOOKS[kind])
+            impls = {impl.plugin_name: impl for impl in caller.get_hookimpls()}
+            for src, _obj in loaded:
+                impl = impls.get(src.name)
+                if impl is None:
+                    continue
+                pending: list[tuple[str, type]] = []
+
+                def register(name: str, component: type, _pending=pending) -> None:
+                    _pending.append((name, component))
+
+                try:
+                    impl.function(**{arg: register for arg in impl.argnames})
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(src, "hook", f"{hookspecs.HOOKS[kind]} raised {type(exc).__name__}: {exc}")
+                    continue
+                for name, component in pending:
+                    problem = _validate_component(kind, name, component)
+                    if problem:
+                        self._fail(src, "component", problem)
+                        continue
+                    self._add(Entry(kind, name, component, src.name, src.dist, src.version))
+
+        if strict and self.failures:
+            raise PluginError(
+                "plugin loading failed (TOKENLOOM_STRICT_PLUGINS is set):\n"
+                + "\n".join(f"  {f.describe()}" for f in self.failures)
+            )
+
+    def _add(self, entry: Entry) -> None:
+        table = self._entries[entry.kind]
+        key = (entry.kind, entry.name)
+        if key in self._conflicts:
+            self._conflicts[key].append(entry)
+        elif entry.name in table:
+            first = table.pop(entry.name)
+            self._conflicts[key] = [first, entry]
+        else:
+            table[entry.name] = entry
+            return
+        entries = self._conflicts[key]
+        who = " and ".join(f"distribution '{e.dist}' (plugin '{e.plugin}')" for e in entries)
+        src = PluginSource(entry.plugin, entry.dist, entry.version, entry.module, None)
+        self._fail(src, "duplicate", f"{entry.kind} name '{entry.name}' is registered by {who}")
+
+    # -- queries ------------------------------------------------------------
+
+    @staticmethod
+    def _check_kind(kind: str) -> str:
+        if kind not in KINDS:
+            singular = kind[:-1] if kind.endswith("s") else kind
+            if singular in KINDS:
+                return singular
+            raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")
+        return kind
+
+    def available(self, kind: str) -> list[str]:
+        kind = self._check_kind(kind)
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        kinds = KINDS if kind is None else (self._check_kind(kind),)
+        return [e for k in kinds for _, e in sorted(self._entries[k].items())]
+
+    def unknown_message(self, kind: str, name: Any) -> str:
+        kind = self._check_kind(kind)
+        names = self.available(kind)
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        listing = ", ".join(names) if names else "none registered"
+        return f"unknown {kind} {name!r} ({hint}available: {listing})"
+
+    def get(self, kind: str, name: str) -> Entry:
+        kind = self._check_kind(kind)
+        if (kind, name) in self._conflicts:
+            who = " and ".join(f"'{e.dist}' (plugin '{e.plugin}')" for e in self._conflicts[(kind, name)])
+            raise PluginError(
+                f"{kind} '{name}' is registered by several distributions: {who}; "
+                "uninstall one or skip it with TOKENLOOM_DISABLE_PLUGINS=<plugin>"
+            )
+        try:
+            return self._entries[kind][name]
+        except KeyError:
+            raise UnknownComponentError(self.unknown_message(kind, name)) from None
+
+    def report(self) -> dict[str, Any]:
+        """What was loaded, from which distribution and version, and what failed."""
+        plugins = []
+        for src in self.plugins:
+            comps = {k: sorted(e.name for e in self._entries[k].values() if e.plugin == src.name) for k in KINDS}
+            plugins.append(
+                {
+                    "name": src.name,
+                    "distribution": src.dist,
+                    "version": src.version,
+                    "value": src.value,
+                    "components": {k: v for k, v in comps.items() if v},
+                }
+            )
+        return {
+            "components": {k: [e.as_dict() for e in self.entries(k)] for k in KINDS},
+            "plugins": plugins,
+            "failures": [f.as_dict() for f in self.failures],
+            "disabled": sorted(self.disabled),
+        }
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built from entry points on first call."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                _registry = Registry.from_entry_points()
+    return _registry
+
+
+def set_registry(registry: Registry | None) -> Registry | None:
+    """Replace the process-wide registry (None: rebuild on next use). Returns
+    the previous one — for tests and embedders."""
+    global _registry
+    with _lock:
+        previous, _registry = _registry, registry
+    return previous
+
+
+def available(kind: str) -> list[str]:
+    """Names of the registered components of ``kind``."""
+    return get_registry().available(kind)
+
+
+def plugin_report() -> dict[str, Any]:
+    """What was loaded, from which distribution and version, and what failed."""
+    return get_registry().report()
+
+
+def create(kind: str, name: str, /, **config: Any) -> Any:
+    """Build a component from its name and configuration keys.
+
+    Reserved keyword arguments by kind: ``image_shape=(C, H, W)`` for
+    tokenizers (default ``(3, 32, 32)``), ``tokenizer=`` for generators. The
+    rest is structured into the class's ``Config``; problems raise
+    :class:`~tokenloom.errors.ConfigError` listing each with its key.
+    """
+    from .config import build_component
+
+    return build_component(get_registry(), kind, name, config, path=kind)

@@ -1,0 +1,119 @@
+"""The sampler chain and the final draw.
+
+A run's samplers form a :class:`SamplerChain`: processors applied in the
+configured order (the common convention is guidance -> temperature -> top-k
+-> top-p -> min-p -> typical), then core's final draw — argmax when a
+processor is ``greedy``, otherwise a categorical draw from the processed
+logits with the run's :class:`~tokenloom.rng.RowRNG`. At most one
+acceptance rule (speculative decoding) sits in a chain; it does not change
+logits.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .interfaces import AcceptanceRule, Sampler, SamplerContext, StepInfo, check_logits
+from .rng import RowRNG
+
+
+class SamplerChain:
+    """An ordered list of processors plus at most one acceptance rule."""
+
+    def __init__(self, samplers: Iterable[Sampler] = ()):
+        self.samplers: list[Sampler] = list(samplers)
+        rules = [s for s in self.samplers if s.role == "acceptance"]
+        if len(rules) > 1:
+            names = ", ".join(type(r).__name__ for r in rules)
+            raise ConfigError([f"sampler: a chain holds at most one acceptance rule, got {names}"])
+        self.acceptance: AcceptanceRule | None = rules[0] if rules else None  # type: ignore[assignment]
+        self.processors: list[Sampler] = [s for s in self.samplers if s.role != "acceptance"]
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether the generator must supply ``info.uncond_logits`` (CFG)."""
+        return any(s.needs_uncond for s in self.processors)
+
+    @property
+    def greedy(self) -> bool:
+        return any(s.greedy for s in self.processors)
+
+    def bind(self, context: SamplerContext) -> None:
+        for s in self.samplers:
+            s.bind(context)
+
+    def __call__(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """Processed logits ``[B, V]`` (``[B, k, V]`` is flattened and restored)."""
+        info = info if info is not None else StepInfo()
+        shape = logits.shape
+        if logits.dim() == 3:
+            logits = logits.reshape(-1, shape[-1])
+            if info.uncond_logits is not None and info.uncond_logits.dim() == 3:
+                info = StepInfo(
+                    info.step, info.n_steps, info.positions, info.scale, info.n_scales,
+                    info.uncond_logits.reshape(-1, shape[-1]),
+                )
+        check_logits(logits, info)
+        for s in self.processors:
+            logits = s(logits, info)
+        return logits.reshape(shape)
+
+    def probs(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """The processed distribution (one-hot at the argmax when greedy)."""
+        out = self(logits, info)
+        if self.greedy:
+            return torch.nn.functional.one_hot(out.argmax(-1), out.shape[-1]).to(torch.float32)
+        return torch.softmax(out.float(), dim=-1)
+
+    def draw(self, processed: torch.Tensor, rng: RowRNG, step: int, *, stream: int = 0) -> torch.Tensor:
+        """Core's final draw from already processed logits."""
+        if self.greedy:
+            return processed.argmax(-1)
+        return rng.categorical(processed, step, stream=stream)
+
+    def sample(self, logits: torch.Tensor, info: StepInfo, rng: RowRNG, *, stream: int = 0) -> torch.Tensor:
+        """Process ``logits`` ([B, V] or [B, k, V]) and draw one token per row."""
+        return self.draw(self(logits, info), rng, info.step, stream=stream)
+
+
+def build_chain(configs: Sequence[object] = (), *, registry=None) -> SamplerChain:
+    """Build a chain from :class:`~tokenloom.config.ComponentConfig` entries."""
+    from .config import build_component
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    samplers = [
+        build_component(registry, "sampler", c.name, dict(c.options), path=f"sampler[{i}]")
+        for i, c in enumerate(configs)
+    ]
+    return SamplerChain(samplers)
+
+
+def mass_ranked_before(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """For every entry ``j`` of each row, the total probability of the entries
+    ranked strictly before it, where a smaller ``key`` ranks first and equal
+    keys tie (so the result does not depend on how ties are ordered).
+
+    The building block of nucleus-style filters: "keep the smallest set, in
+    order of ``key``, whose mass reaches ``m``" is ``mass_ranked_before < m``.
+    ``probs`` and ``key`` are ``[B, V]``; computed in float64.
+    """
+    probs = probs.double()
+    skey, order = key.double().sort(dim=-1, stable=True)
+    sp = probs.gather(-1, order)
+    excl = torch.cat([torch.zeros_like(sp[..., :1]), torch.cumsum(sp, dim=-1)[..., :-1]], dim=-1)
+    idx = torch.arange(sp.shape[-1], device=sp.device).expand_as(sp)
+    new_group = torch.ones_like(skey, dtype=torch.bool)
+    new_group[..., 1:] = skey[..., 1:] != skey[..., :-1]
+    start = torch.where(new_group, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    before_sorted = excl.gather(-1, start)
+    return torch.empty_like(before_sorted).scatter_(-1, order, before_sorted)
+
+
+def filter_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A new tensor with the entries outside ``keep`` at ``-inf`` (never
+    modifies ``logits``); entries already at ``-inf`` stay there."""
+    return logits.masked_fill(~keep, float("-inf"))

@@ -1,0 +1,265 @@
+"""The conformance kit: the plugin contract as hypothesis properties.
+
+A third party checks their plugin from their own pytest suite::
+
+    import tokenloom.testing
+
+    def test_my_tokenizer_honours_the_contract():
+        tokenloom.testing.check("tokenizer", "mytok", bits=3)
+
+``check(kind, name, **config)`` builds the component through the registry
+(exactly as a config file would), runs every property for that kind, and
+raises ``AssertionError`` describing the first violation. tokenloom's own
+test suite runs it over every registered component, so a plugin is tested the
+moment it is registered.
+
+Keyword arguments besides the component's config:
+
+- ``image_shape=(C, H, W)`` for tokenizers (default ``(3, 16, 16)``);
+- ``fit_steps=N``: optimiser steps to fit a trainable tokenizer before the
+  properties run (default 2: the contract must hold for any weights);
+- ``max_examples=N``: hypothesis examples per property (default 20).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .errors import TokenloomError
+from .interfaces import AcceptanceRule, SamplerContext, StepInfo
+
+CHECKS: dict[str, Callable[..., None]] = {}
+
+
+def _settings(max_examples: int):
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def _expect_error(what: str, fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except TokenloomError:
+        return
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(
+            f"{what}: raised {type(exc).__name__}: {exc} — expected a clear tokenloom.InputError"
+        ) from exc
+    raise AssertionError(f"{what}: accepted silently — expected a clear tokenloom.InputError")
+
+
+def random_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Smooth-ish random images in [-1, 1] (low-resolution noise upsampled,
+    plus flat patches at the extremes), deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = image_shape
+    low = torch.randn(n, c, max(1, h // 4), max(1, w // 4), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    x = torch.tanh(x + 0.3 * torch.randn(n, c, h, w, generator=g))
+    if n and h >= 2 and w >= 2:
+        x[0, :, : h // 2, : w // 2] = 1.0
+        x[-1, :, h // 2 :, w // 2 :] = -1.0
+    return x.float()
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------
+
+
+def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16), fit_steps: int = 2,
+                    max_examples: int = 20, **config: Any) -> None:
+    from .checkpoint import load_component, save_tokenizer
+    from .config import build_component
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    image_shape = tuple(image_shape)
+    tok = build_component(registry, "tokenizer", name, {**config, "image_shape": image_shape}, path="tokenizer")
+    layout, V = tok.layout, tok.vocab_size
+    assert isinstance(V, int) and V >= 1, f"{name}: vocab_size must be a positive int, got {V!r}"
+    L = layout.length
+    train = random_images(32, image_shape, seed=1234)
+    stats = tok.fit(train, steps=fit_steps, progress=False)
+    assert isinstance(stats, dict), f"{name}: fit() must return a dict, got {type(stats).__name__}"
+    tok.eval()
+    c, h, w = image_shape
+
+    emb = tok.code_embeddings()
+    assert isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == V, (
+        f"{name}: code_embeddings() must be [V={V}, D], got {tuple(getattr(emb, 'shape', ()))}"
+    )
+    assert emb.dtype.is_floating_point and torch.isfinite(emb).all(), f"{name}: code_embeddings() not finite floats"
+
+    @_settings(max_examples)
+    @given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
+    def encode_decode(n: int, seed: int) -> None:
+        x = random_images(n, image_shape, seed)
+        with torch.no_grad():
+            codes = tok.encode(x)
+            assert codes.dtype == torch.long, f"{name}: encode must return int64 codes, got {codes.dtype}"
+            assert tuple(codes.shape) == (n, L), f"{name}: encode shape {tuple(codes.shape)} != {(n, L)} from the layout"
+            assert codes.min() >= 0 and codes.max() < V, f"{name}: codes outside [0, {V})"
+            again = tok.encode(x)
+            assert torch.equal(codes, again), f"{name}: encode is not deterministic in eval mode"
+            singles = torch.cat([tok.encode(x[i : i + 1]) for i in range(n)])
+            assert torch.equal(codes, singles), f"{name}: a batch encodes differently from its images one by one"
+            y = tok.decode(codes)
+            assert y.dtype == torch.float32 and tuple(y.shape) == (n, c, h, w), (
+                f"{name}: decode must return float32 {(n, c, h, w)}, got {y.dtype} {tuple(y.shape)}"
+            )
+            assert torch.isfinite(y).all() and y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, (
+                f"{name}: decoded images outside [-1, 1]"
+            )
+
+    @_settings(max_examples)
+    @given(n=st.integers(1, 3), seed=st.integers(0, 2**16))
+    def decode_any_codes(n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, V, (n, L), generator=g)
+        with torch.no_grad():
+            y = tok.decode(codes)
+            assert tuple(y.shape) == (n, c, h, w) and torch.isfinite(y).all(), f"{name}: decode of valid codes failed"
+            assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, f"{name}: decoded images outside [-1, 1]"
+            assert torch.equal(tok.decode(codes[:1]), y[:1]), f"{name}: decode of a batch differs from one by one"
+
+    encode_decode()
+    decode_any_codes()
+
+    # save -> load gives identical codes
+    x = random_images(3, image_shape, seed=7)
+    with torch.no_grad():
+        codes = tok.encode(x)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "tok.safetensors"
+        save_tokenizer(path, tok, name=name, options=dict(config))
+        loaded = load_component(path)
+        loaded.eval()
+        with torch.no_grad():
+            assert torch.equal(loaded.encode(x), codes), f"{name}: save -> load changes the codes"
+            assert torch.allclose(loaded.decode(codes), tok.decode(codes)), f"{name}: save -> load changes decode"
+
+    # bad inputs get a clear error
+    good = random_images(2, image_shape, seed=3)
+    _expect_error(f"{name}.encode(wrong channels)", lambda: tok.encode(random_images(2, (c + 1, h, w), 3)))
+    _expect_error(f"{name}.encode(wrong size)", lambda: tok.encode(random_images(2, (c, h + 1, w + 1), 3)))
+    nan = good.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    _expect_error(f"{name}.encode(NaN)", lambda: tok.encode(nan))
+    _expect_error(f"{name}.encode(uint8)", lambda: tok.encode(((good + 1) * 127.5).to(torch.uint8)))
+    _expect_error(f"{name}.encode(float64)", lambda: tok.encode(good.double()))
+    _expect_error(f"{name}.encode(values in [0, 255])", lambda: tok.encode((good + 1) * 127.5))
+    _expect_error(f"{name}.encode(a 3-D tensor)", lambda: tok.encode(good[0]))
+    _expect_error(f"{name}.encode(a numpy array)", lambda: tok.encode(good.numpy()))
+    _expect_error(f"{name}.decode(code = vocab_size)", lambda: tok.decode(torch.full((1, L), V)))
+    _expect_error(f"{name}.decode(code = -1)", lambda: tok.decode(torch.full((1, L), -1)))
+    _expect_error(f"{name}.decode(wrong length)", lambda: tok.decode(torch.zeros(1, L + 1, dtype=torch.long)))
+    _expect_error(f"{name}.decode(float codes)", lambda: tok.decode(torch.zeros(1, L)))
+
+
+CHECKS["tokenizer"] = check_tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def logits_strategy(draw, max_batch: int = 4, max_vocab: int = 64) -> torch.Tensor:
+    """Random ``[B, V]`` logits: several scales, integer-valued rows with ties,
+    ``-inf`` entries (at least one finite entry per row)."""
+    b = draw(st.integers(1, max_batch))
+    v = draw(st.integers(1, max_vocab))
+    seed = draw(st.integers(0, 2**16))
+    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0, 100.0]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, v, generator=g) * scale
+    if draw(st.booleans()):  # ties
+        x = torch.round(x)
+    if draw(st.booleans()) and v > 1:  # -inf entries
+        dead = torch.rand(b, v, generator=g) < 0.4
+        dead[torch.arange(b), torch.randint(0, v, (b,), generator=g)] = False
+        x = x.masked_fill(dead, float("-inf"))
+    return x
+
+
+def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **config: Any) -> None:
+    from .config import build_component
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    proc = build_component(registry, "sampler", name, dict(config), path="sampler")
+
+    @_settings(max_examples)
+    @given(logits=logits_strategy(), step=st.integers(0, 15))
+    def contract(logits: torch.Tensor, step: int) -> None:
+        V = logits.shape[-1]
+        g = torch.Generator().manual_seed(V * 7 + step)
+        proc.bind(SamplerContext(vocab_size=V, code_embeddings=torch.randn(V, 4, generator=g),
+                                 token_embeddings=torch.randn(V, 8, generator=g)))
+        uncond = None
+        if proc.needs_uncond:
+            uncond = (torch.randn(logits.shape, generator=g) * 3).masked_fill(torch.isneginf(logits), float("-inf"))
+        info = StepInfo(step=step, n_steps=16, uncond_logits=uncond)
+        before = logits.clone()
+        uncond_before = uncond.clone() if uncond is not None else None
+        out = proc(logits, info)
+        assert torch.equal(logits, before), f"{name}: modified its input logits"
+        if uncond is not None:
+            assert torch.equal(uncond, uncond_before), f"{name}: modified info.uncond_logits"
+        assert isinstance(out, torch.Tensor) and out.shape == logits.shape, f"{name}: output shape {tuple(out.shape)}"
+        assert out is not logits, f"{name}: returned its input tensor object (return a new tensor)"
+        assert not torch.isnan(out).any(), f"{name}: produced NaN"
+        assert not torch.isposinf(out).any(), f"{name}: produced +inf"
+        assert torch.isfinite(out).any(-1).all(), f"{name}: left a row with no finite entry"
+        assert torch.isneginf(out[torch.isneginf(logits)]).all(), f"{name}: revived a -inf entry"
+        if isinstance(proc, AcceptanceRule):
+            p = torch.softmax(out, -1)
+            q = torch.softmax(torch.randn(logits.shape, generator=g), -1)
+            drafted = q.argmax(-1)
+            u = torch.rand(logits.shape[0], generator=g)
+            acc = proc.accept(p, q, drafted, u)
+            assert acc.dtype == torch.bool and acc.shape == drafted.shape, f"{name}: accept must return BoolTensor[B]"
+            assert proc.accept(p, p, p.argmax(-1), u).all(), f"{name}: rejected a draft whose q equals p"
+            r = proc.residual(p, q)
+            assert r.shape == p.shape and (r >= 0).all(), f"{name}: residual must be a distribution [B, V]"
+            assert torch.allclose(r.sum(-1), torch.ones(r.shape[0], dtype=r.dtype), atol=1e-4), (
+                f"{name}: residual rows must sum to 1"
+            )
+
+    contract()
+
+    # bad rows are a clear error naming the step
+    dead = torch.zeros(2, 5)
+    dead[1] = float("-inf")
+    info = StepInfo(step=3, n_steps=8, uncond_logits=torch.zeros(2, 5) if proc.needs_uncond else None)
+    _expect_error(f"{name}(an all -inf row)", lambda: proc(dead, info))
+    nan = torch.zeros(2, 5)
+    nan[0, 2] = float("nan")
+    _expect_error(f"{name}(a NaN entry)", lambda: proc(nan, info))
+
+
+CHECKS["sampler"] = check_sampler
+
+
+def check(kind: str, name: str, **config: Any) -> None:
+    """Run the conformance properties of ``kind`` on the component ``name``
+    built with ``config``; raises ``AssertionError`` on the first violation."""
+    from .registry import Registry
+
+    kind = Registry._check_kind(kind)
+    if kind not in CHECKS:
+        raise NotImplementedError(f"no conformance properties for kind {kind!r} yet")
+    CHECKS[kind](name, **config)
