@@ -130,7 +130,18 @@ class ModelSpec:
     - ``cache_ops``: cache operations the decoding loop uses
       (``"append"``, ``"truncate"``);
     - ``train_order``: name of the training recipe;
-    - ``extra``: anything else the backbone needs, as sorted key/value pairs.
+    - ``extra``: anything else the backbone needs, as sorted key/value pairs
+      (the backbone reads ``("target_aware", True)``: RAR's additive
+      embedding of the position to be predicted, and ``("block_sizes", (n, ...))``
+      for ``"block-causal"`` attention);
+    - ``layout``: the tokenizer's :class:`TokenLayout`; position ids in
+      ``TrainBatch.positions`` are flat code positions ``[0, layout.length)``
+      of it (the backbone derives 2-D rotary coordinates from them), and
+      ``-1`` marks a token with no grid position (the class token).
+
+    Sequence convention: index 0 of every sequence is the class token — its
+    input value is ignored and the backbone puts the class embedding of
+    ``cond`` there (the null class ``n_classes`` for unconditional rows).
     """
 
     seq_len: int
@@ -143,14 +154,24 @@ class ModelSpec:
     attention: str = "causal"
     cache_ops: frozenset[str] = frozenset({"append"})
     extra: tuple[tuple[str, Any], ...] = ()
+    layout: "TokenLayout | None" = None
 
     def key(self) -> dict[str, Any]:
         """A JSON-able description used in cache keys."""
         d = attrs.asdict(self, recurse=False)
         d["cache_ops"] = sorted(self.cache_ops)
         d["heads"] = list(self.heads)
-        d["extra"] = [list(kv) for kv in self.extra]
+        d["extra"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.extra]
+        if self.layout is None:
+            del d["layout"]
+        else:
+            d["layout"] = {"scales": [list(s) for s in self.layout.scales], "depth": self.layout.depth,
+                           "residual": self.layout.residual}
         return d
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of ``name`` in ``extra`` (``default`` if absent)."""
+        return dict(self.extra).get(name, default)
 
 
 @attrs.define
@@ -162,8 +183,9 @@ class TrainBatch:
     - ``targets``: ``LongTensor[B, T]`` (or ``[B, T, n_heads]`` for several
       heads); entries where ``loss_mask`` is False are ignored;
     - ``positions``: ``LongTensor[B, T]`` or ``[T]`` — the 2-D grid position
-      index each input sits at (for rotary/learned position embeddings), or
-      None for the default ``arange(T)``;
+      index each input sits at (for rotary/learned position embeddings): a
+      flat code position of ``ModelSpec.layout``, ``-1`` for none (the class
+      token); None for the default ``[-1, 0, 1, ..., T - 2]``;
     - ``attn_mask``: ``BoolTensor[T, T]`` or ``[B, T, T]``, True where a query
       may attend to a key; None means the spec's ``attention`` pattern;
     - ``loss_mask``: ``BoolTensor[B, T]`` (or ``[B, T, n_heads]``), True where
@@ -443,6 +465,19 @@ class Generator:
         only meaningful when ``exact_likelihood`` is True."""
         raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
 
+    def expected_nfe(self) -> int | None:
+        """Forward passes :meth:`generate` takes per batch (the order's NFE
+        formula, e.g. ``L`` for raster, ``T`` for masked), or None when it
+        depends on the data (speculative orders). The conformance kit checks
+        it against the instrumented backbone's count."""
+        return None
+
+    def on_train_step(self, step: int, n_steps: int) -> None:
+        """Called by the trainer before each :meth:`training_batch` — for
+        recipes that change over training (RAR's annealed permutation
+        probability). :meth:`training_batch` may draw from torch's global
+        random generator: the trainer seeds it from ``(seed, step)``."""
+
 
 class Sampler:
     """A logits processor: ``processor(logits, info) -> new logits``.
@@ -487,20 +522,24 @@ class AcceptanceRule(Sampler):
     ``p`` is the target's and ``q`` the draft's *processed* distribution
     (``FloatTensor[B, V]``, after the chain), ``drafted`` the drafted tokens
     ``LongTensor[B]`` and ``u`` uniforms ``FloatTensor[B]``.
-    ``accept`` returns ``BoolTensor[B]``; ``residual`` returns the
-    distribution ``[B, V]`` to resample from on rejection (exact rule:
-    ``norm(max(p - q, 0))``). As a processor it is the identity.
+    ``accept`` returns ``BoolTensor[B]``; ``residual(p, q, drafted)`` returns
+    the distribution ``[B, V]`` to resample from on rejection (exact rule:
+    ``norm(max(p - q, 0))``). As a processor it is the identity. Rules that
+    need geometry read it in :meth:`bind` (``code_embeddings`` for LANTERN,
+    ``token_embeddings`` for GSD).
     """
 
     role: ClassVar[str] = "acceptance"
 
     def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        return logits
+        return logits.clone()
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def residual(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor | None = None) -> torch.Tensor:
+        """Distribution ``[B, V]`` to resample from after rejecting ``drafted``
+        (rules whose relaxed target depends on the drafted token use it)."""
         raise NotImplementedError
 
 

@@ -117,3 +117,13 @@ def filter_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """A new tensor with the entries outside ``keep`` at ``-inf`` (never
     modifies ``logits``); entries already at ``-inf`` stay there."""
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def speculative_residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(p - q, 0))`` row by row — the distribution to resample from
+    after a rejection in exact speculative sampling (Leviathan et al. 2023;
+    Chen et al. 2023). Rows where ``p <= q`` everywhere (then p == q) return p."""
+    r = (p.double() - q.double()).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    out = torch.where(total > 0, r / total.clamp(min=1e-300), p.double())
+    return out.to(p.dtype)

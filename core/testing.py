@@ -233,7 +233,7 @@ def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **
             acc = proc.accept(p, q, drafted, u)
             assert acc.dtype == torch.bool and acc.shape == drafted.shape, f"{name}: accept must return BoolTensor[B]"
             assert proc.accept(p, p, p.argmax(-1), u).all(), f"{name}: rejected a draft whose q equals p"
-            r = proc.residual(p, q)
+            r = proc.residual(p, q, drafted)
             assert r.shape == p.shape and (r >= 0).all(), f"{name}: residual must be a distribution [B, V]"
             assert torch.allclose(r.sum(-1), torch.ones(r.shape[0], dtype=r.dtype), atol=1e-4), (
                 f"{name}: residual rows must sum to 1"
