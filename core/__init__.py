@@ -15,7 +15,14 @@ at import.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
 from importlib import metadata as _metadata
+
+if "torch" not in _sys.modules:
+    # OpenMP threads that spin while waiting make small matmuls ~1000x slower
+    # when the few cores are shared with other processes; wait passively.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import CheckpointError, ConfigError, InputError, PluginError, TokenloomError, UnknownComponentError
 from .hookspecs import hookimpl, hookspec
@@ -39,6 +46,10 @@ from .interfaces import (
 )
 from .registry import available, create, get_registry, plugin_report
 
+#: Position id of a token without a grid position (the class token); see
+#: :class:`tokenloom.ModelSpec`.
+NO_POSITION = -1
+
 try:
     __version__ = _metadata.version("tokenloom")
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -46,6 +57,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "__version__",
+    "NO_POSITION",
     "available",
     "create",
     "plugin_report",

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# before torch is first imported: OpenMP threads that spin while waiting make
+# small matmuls ~1000x slower on a shared 2-core machine (see tokenloom/__init__)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

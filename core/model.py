@@ -1,0 +1,478 @@
+"""The backbone: a decoder transformer that every generation order shares.
+
+Read it like nanoGPT (Karpathy, https://github.com/karpathy/nanoGPT): a
+pre-norm GPT-2 block (LayerNorm, attention, 4×GELU MLP), with what visual
+autoregression adds on top:
+
+- **class conditioning** — index 0 of every sequence is the class token; its
+  embedding comes from ``cond`` (``n_classes + 1`` rows, the last one the
+  *null class* used for classifier-free guidance, LlamaGen §2.3);
+- **positions** — ``pos = "learned"`` (an embedding per flat code position)
+  or ``"rope2d"`` (LlamaGen's 2-D rotary embedding: half of each head's
+  dimensions rotate with the row, half with the column). Position ids are
+  flat code positions of ``spec.layout``; ``-1`` is "no position" (the class
+  token: identity rotation, its own learned row);
+- **target-aware positions** (RAR, Yu et al. 2024) when the spec asks for
+  them: an additive embedding of the position the token *predicts*;
+- **attention** through ``F.scaled_dot_product_attention`` with any mask a
+  generator asks for: causal, bidirectional, block-causal, or a custom
+  ``[T, S]`` / ``[B, T, S]`` boolean mask (True = may attend);
+- **output heads** — one linear head per entry of ``spec.heads``;
+- **a preallocated KV cache** (:class:`KVCache`) with ``append`` (every
+  forward writes its keys/values after the current length) and ``truncate``
+  (roll back, for speculative and Jacobi decoding).
+
+:class:`InstrumentedModel` is what generators receive: it counts forward
+passes (NFE), tokens scored and wall time, and the run's cost metrics come
+from it — plugins never report their own cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ConfigError, InputError
+from .interfaces import ModelSpec, TokenLayout
+
+#: Position id of a token without a grid position (the class token).
+NO_POSITION = -1
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------
+
+
+class KVCache:
+    """Static, preallocated keys and values for ``n_layer`` layers:
+    ``k``/``v`` are ``[n_layer, B, n_head, max_len, head_dim]``.
+
+    A forward pass with a cache attends to the cached ``[0, length)`` plus its
+    own ``T`` tokens and appends them (``length += T``). :meth:`truncate`
+    rolls back to a shorter prefix (rejected speculative drafts); the stale
+    entries beyond ``length`` are simply overwritten later.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` (``[B, H, T, hd]``) after the current length and
+        return the keys/values ``[B, H, length + T, hd]`` to attend to."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first ``length`` cached tokens."""
+        if not 0 <= length <= self.length:
+            raise InputError(f"KV cache truncate({length}): must lie in [0, {self.length}]")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ---------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------
+
+
+def layout_coordinates(layout: TokenLayout) -> torch.Tensor:
+    """``FloatTensor[L, 4]``: (row, column, scale, depth) of each flat code
+    position. Rows/columns of coarser scales are mapped onto the finest grid
+    (cell centres), so a scale's tokens rotate like the area they cover."""
+    H, W = layout.grid
+    rows = []
+    for s, (h, w) in enumerate(layout.scales):
+        r = (torch.arange(h, dtype=torch.float64) + 0.5) * H / h - 0.5
+        c = (torch.arange(w, dtype=torch.float64) + 0.5) * W / w - 0.5
+        rr, cc = torch.meshgrid(r, c, indexing="ij")
+        rc = torch.stack([rr.flatten(), cc.flatten()], -1).repeat_interleave(layout.depth, 0)
+        d = torch.arange(layout.depth, dtype=torch.float64).repeat(h * w)
+        rows.append(torch.cat([rc, torch.full_like(d, s)[:, None], d[:, None]], -1))
+    return torch.cat(rows).float()
+
+
+def rope2d_table(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[P + 1, head_dim // 2]`` for P positions with (row, col)
+    ``coords`` (LlamaGen's 2-D RoPE); the last row (no position) is the
+    identity rotation."""
+    if head_dim % 4:
+        raise ConfigError(f"model: pos = 'rope2d' needs d_model / n_head divisible by 4, got head_dim {head_dim}")
+    n = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(n, dtype=torch.float64) * 2 / (head_dim // 2))  # (n,)
+    ang = torch.cat([coords[:, :1].double() * freqs, coords[:, 1:2].double() * freqs], -1)  # (P, hd/2)
+    ang = torch.cat([ang, torch.zeros(1, ang.shape[1], dtype=ang.dtype)])  # no-position row
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of ``x`` (``[B, H, T, hd]``) by the angles
+    whose cos/sin are ``[B or 1, 1, T, hd/2]``."""
+    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b = x2[..., 0], x2[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)
+    return out.flatten(-2).type_as(x)
+
+
+def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """``BoolTensor[T, T]``: block ``i`` sees every block ``<= i`` (VAR's
+    next-scale mask; causal between blocks, bidirectional inside)."""
+    block = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return block[:, None] >= block[None, :]
+
+
+# ---------------------------------------------------------------------------
+# The transformer
+# ---------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, hd)
+        is_causal = isinstance(mask, str)  # "causal": the fused path
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if isinstance(mask, str) else mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.drop(self.attn(self.ln_1(x), rope, mask, cache, layer))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder transformer built from a generator's :class:`ModelSpec` and the
+    ``[model]`` config. ``forward`` returns logits ``[B, T, V_head]`` (a
+    tuple of them when the spec has several heads)."""
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig, *, n_classes: int):
+        super().__init__()
+        if n_classes < 1:
+            raise ConfigError(f"model: n_classes must be >= 1, got {n_classes}")
+        if spec.input_kind not in ("tokens", "embeddings"):
+            raise ConfigError(f"model: unknown input_kind {spec.input_kind!r} (tokens, embeddings)")
+        if spec.attention not in ("causal", "bidirectional", "block-causal", "custom"):
+            raise ConfigError(f"model: unknown attention {spec.attention!r}")
+        self.spec, self.config, self.n_classes = spec, config, n_classes
+        d = config.d_model
+        self.layout = spec.layout or TokenLayout(scales=((1, spec.seq_len),))
+        self.n_pos = self.layout.length  # position ids [0, n_pos); n_pos = none
+        coords = layout_coordinates(self.layout)
+
+        if spec.input_kind == "tokens":
+            self.tok_emb = nn.Embedding(spec.vocab_size, d)
+        else:
+            self.in_proj = nn.Linear(spec.input_dim, d)
+        self.cls_emb = nn.Embedding(n_classes + 1, d)  # row n_classes: the null class
+        if config.pos == "learned":
+            self.pos_emb = nn.Embedding(self.n_pos + 1, d)
+        else:
+            cos, sin = rope2d_table(coords, d // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        # multi-scale / residual-depth layouts: which scale and depth a position is
+        self.register_buffer("pos_scale", torch.cat([coords[:, 2].long(), torch.zeros(1, dtype=torch.long)]),
+                             persistent=False)
+        self.register_buffer("pos_depth", torch.cat([coords[:, 3].long(), torch.zeros(1, dtype=torch.long)]),
+                             persistent=False)
+        self.scale_emb = nn.Embedding(self.layout.n_scales, d) if self.layout.n_scales > 1 else None
+        self.depth_emb = nn.Embedding(self.layout.depth, d) if self.layout.depth > 1 else None
+        self.tgt_emb = nn.Embedding(self.n_pos + 1, d) if spec.option("target_aware", False) else None
+
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in spec.heads)
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.d_model // self.config.n_head
+
+    def n_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            for m in (getattr(self, "tok_emb", None), self.cls_emb, getattr(self, "pos_emb", None), self.tgt_emb,
+                      self.scale_emb, self.depth_emb):
+                if m is not None:
+                    n -= m.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: ``6 N`` for the
+        weights plus ``12 · n_layer · d · T`` for attention (Kaplan et al. 2020;
+        PaLM appendix B)."""
+        T = seq_len or self.spec.seq_len
+        return 6 * self.n_params() + 12 * self.config.n_layer * self.config.d_model * T
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_len or self.spec.seq_len,
+                       self.head_dim, dtype=p.dtype, device=p.device)
+
+    def token_embeddings(self) -> torch.Tensor | None:
+        return self.tok_emb.weight if self.spec.input_kind == "tokens" else None
+
+    # -- forward -------------------------------------------------------------
+
+    def _mask(self, T: int, start: int, attn_mask: torch.Tensor | None, device: torch.device) -> Any:
+        """What SDPA gets: None, ``"causal"`` (the fused path) or a boolean
+        ``[T, S]`` / ``[B, 1, T, S]`` mask over the ``S = start + T`` keys."""
+        S = start + T
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (T, S):
+                raise InputError(
+                    f"attn_mask: expected a BoolTensor [.., {T}, {S}] (queries × keys), "
+                    f"got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+                )
+            return attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
+        kind = self.spec.attention
+        if kind == "bidirectional":
+            return None
+        if kind == "causal":
+            if start == 0:
+                return "causal"
+            if T == 1:
+                return None  # one query sees every cached key
+            q = torch.arange(start, S, device=device)
+            return torch.arange(S, device=device)[None, :] <= q[:, None]
+        if kind == "block-causal" and self.spec.option("block_sizes") is not None:
+            return block_causal_mask(tuple(self.spec.option("block_sizes")), device)[start:S, :S]
+        raise InputError(f"attention {kind!r}: the generator must supply attn_mask")
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        target_positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``inputs``: ``LongTensor[B, T]`` ids (or ``[B, T, D]`` embeddings);
+        ``cond``: ``LongTensor[B]`` classes, used at sequence index 0;
+        ``positions`` / ``target_positions``: ``[T]`` or ``[B, T]`` flat code
+        positions (``-1``: none); with a ``cache`` the tokens continue the
+        cached sequence. Returns logits ``[B, T, V]`` (``[B, 1, V]`` with
+        ``last_only``) per head."""
+        B, T = inputs.shape[:2]
+        start = cache.length if cache is not None else 0
+        dev = inputs.device
+        if self.spec.input_kind == "tokens":
+            if inputs.dtype.is_floating_point or inputs.dim() != 2:
+                raise InputError(f"inputs: expected LongTensor[B, T] of ids, got {inputs.dtype} {tuple(inputs.shape)}")
+            ids = inputs.long()
+            if start == 0:  # the class slot's value is ignored
+                ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
+                raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
+            x = self.tok_emb(ids)  # (B, T, C)
+        else:
+            x = self.in_proj(inputs)
+        if start == 0:  # sequence index 0: the class token
+            if cond is None:
+                cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
+            x = torch.cat([self.cls_emb(cond.long())[:, None], x[:, 1:]], 1)
+
+        if positions is None:
+            positions = torch.arange(start - 1, start - 1 + T, device=dev)
+        pos = torch.where(positions < 0, self.n_pos, positions).long()  # no position -> n_pos
+        if pos.numel() and pos.max() > self.n_pos:
+            raise InputError(f"positions: must lie in [-1, {self.n_pos}), got {positions.max().item()}")
+        if self.config.pos == "learned":
+            x = x + self.pos_emb(pos)
+            rope = None
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # ([B,] T, hd/2)
+            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3)) if pos.dim() == 2 else (cos, sin)
+        has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
+        if self.scale_emb is not None:
+            x = x + self.scale_emb(self.pos_scale[pos]) * has
+        if self.depth_emb is not None:
+            x = x + self.depth_emb(self.pos_depth[pos]) * has
+        if self.tgt_emb is not None:
+            if target_positions is None:
+                raise InputError("this model has target-aware positions (RAR): pass target_positions")
+            x = x + self.tgt_emb(torch.where(target_positions < 0, self.n_pos, target_positions).long())
+
+        mask = self._mask(T, start, attn_mask, dev)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.ln_f(x[:, -1:] if last_only else x)
+        logits = tuple(head(x) for head in self.heads)
+        return logits[0] if len(logits) == 1 else logits
+
+
+def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: int = 0) -> Transformer:
+    """The backbone for ``spec`` (what :func:`tokenloom.pipeline.run` trains),
+    its initial weights a pure function of ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformer(spec, config, n_classes=n_classes)
+
+
+# ---------------------------------------------------------------------------
+# Instrumentation
+# ---------------------------------------------------------------------------
+
+
+class InstrumentedModel:
+    """The backbone as generators see it: calling it runs one forward pass
+    (no gradients) and counts it.
+
+    Counters: ``nfe`` (forward passes), ``tokens`` (input tokens scored,
+    rows × T), ``seconds`` (wall time inside the backbone) and
+    ``kv_cache_bytes`` (the largest cache allocated). :meth:`reset` zeroes them.
+    """
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.nfe = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.kv_cache_bytes = 0
+
+    def counters(self) -> dict[str, float]:
+        return {"nfe": self.nfe, "tokens": self.tokens, "seconds": self.seconds,
+                "kv_cache_bytes": self.kv_cache_bytes}
+
+    # what generators need to know
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def n_classes(self) -> int:
+        return self.model.n_classes
+
+    @property
+    def null_class(self) -> int:
+        """The class id of unconditional rows (classifier-free guidance)."""
+        return self.model.n_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_embeddings(self) -> torch.Tensor | None:
+        return self.model.token_embeddings()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        cache = self.model.new_cache(batch_size, max_len)
+        self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes)
+        return cache
+
+    def __call__(self, inputs: torch.Tensor, cond: torch.Tensor | None = None, **kwargs: Any):
+        cuda = inputs.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model(inputs, cond, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.nfe += 1
+        self.tokens += inputs.shape[0] * inputs.shape[1]
+        return out
+
+
+__all__ = [
+    "NO_POSITION",
+    "KVCache",
+    "Transformer",
+    "InstrumentedModel",
+    "build_model",
+    "block_causal_mask",
+    "layout_coordinates",
+    "rope2d_table",
+    "apply_rope",
+]

@@ -1,0 +1,150 @@
+"""``random``: RandAR — a decoder-only model that generates in any order
+(Pang et al. 2025, "RandAR: Decoder-only Autoregressive Visual Generation
+in Random Orders", https://arxiv.org/abs/2412.01827).
+
+**Training.** Each image's tokens are put in a uniformly random order π and
+a *position-instruction token* is inserted before every image token, telling
+the model which position to predict next: the sequence is
+``[cls, p_π0, x_π0, p_π1, x_π1, ..., p_π(L-1), x_π(L-1)]`` (2L + 1 tokens; the
+last image token is never an input, so the model sees 2L). A position
+instruction is one shared learned token (id ``V``) placed at the grid
+position it asks for (2-D RoPE or a learned position embedding), the image
+token after it sits at the same position. The loss is taken only at the
+instruction tokens, whose targets are the image tokens that follow. Causal
+attention: the model learns p(x_πt | x_π<t, π≤t) for every order.
+
+**Decoding.** Draw an order π per image (from the image's own random
+stream), then one forward pass per token with a KV cache, feeding
+``[x_π(t-1), p_πt]`` and sampling x_πt at the instruction — NFE = L.
+
+**Zero-shot inpainting/outpainting** (RandAR §4.4): with ``known`` the known
+positions come first in the order and are fed as they are (their samples are
+discarded), so every unknown token is generated after seeing all of the
+known ones.
+
+**Likelihood.** Exact for any fixed order; ``log_likelihood`` uses raster
+order (one teacher-forced pass), comparable with the ``raster`` order.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import tokenloom
+from tokenloom.sampling import SamplerChain
+
+_ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order
+
+
+class RandomOrderGenerator(tokenloom.Generator):
+    supports_known = True
+    exact_likelihood = True
+
+    @attrs.frozen
+    class Config:
+        pass
+
+    def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
+        super().__init__(config, tokenizer=tokenizer)
+        self.L = tokenizer.layout.length
+        self.V = tokenizer.vocab_size
+        self.instruction = self.V  # id of the position-instruction token
+
+    def model_spec(self) -> tokenloom.ModelSpec:
+        return tokenloom.ModelSpec(
+            seq_len=2 * self.L,
+            vocab_size=self.V + 1,
+            n_extra_tokens=1,
+            heads=(self.V,),
+            train_order="random",
+            attention="causal",
+            cache_ops=frozenset({"append"}),
+            layout=self.tokenizer.layout,
+        )
+
+    def expected_nfe(self) -> int:
+        return self.L
+
+    def sequence(self, codes: torch.Tensor, order: torch.Tensor) -> tokenloom.TrainBatch:
+        """The interleaved teacher-forcing sequence of ``codes`` (``[B, L]``)
+        in the orders ``order`` (``[B, L]``, a permutation per row)."""
+        B, L = codes.shape
+        x = codes.gather(1, order)  # (B, L) tokens in decoding order
+        inputs = torch.zeros(B, 2 * L, dtype=torch.long, device=codes.device)
+        inputs[:, 1::2] = self.instruction
+        inputs[:, 2::2] = x[:, :-1]
+        positions = torch.full_like(inputs, tokenloom.NO_POSITION)
+        positions[:, 1::2] = order
+        positions[:, 2::2] = order[:, :-1]
+        targets = torch.zeros_like(inputs)
+        targets[:, 1::2] = x
+        loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
+        loss_mask[:, 1::2] = True
+        return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask,
+                                    cond=torch.zeros(B, dtype=torch.long, device=codes.device), positions=positions)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
+        codes = tokenloom.check_codes(codes, self.L, self.V, where="random.training_batch: codes")
+        order = torch.rand(codes.shape[0], self.L).argsort(-1).to(codes.device)
+        batch = self.sequence(codes, order)
+        batch.cond = cond.long()
+        return batch
+
+    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+        B, dev, L = cond.shape[0], model.device, self.L
+        cond = cond.to(dev).long()
+        key = rng.uniform(0, L, stream=_ORDER_STREAM).to(dev)  # (B, L) in (0, 1)
+        if known is not None:
+            kcodes, kmask = _check_known(known, B, L, self.V, dev)
+            key = key - kmask.float()  # known positions first
+        order = key.argsort(-1)  # (B, L)
+        guided = sampler.needs_uncond
+        reps = 2 if guided else 1
+        rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
+        order_r = order.repeat(reps, 1)
+        cache = model.new_cache(rows.shape[0], 2 * L)
+        codes = torch.zeros(B, L, dtype=torch.long, device=dev)
+        prev = torch.zeros(rows.shape[0], dtype=torch.long, device=dev)  # t = 0: the class slot
+        instr = torch.full_like(prev, self.instruction)
+        for t in range(L):
+            pos_prev = order_r[:, t - 1] if t > 0 else torch.full_like(prev, tokenloom.NO_POSITION)
+            inputs = torch.stack([prev, instr], 1)  # (rows, 2): [x_π(t-1) or cls, p_πt]
+            positions = torch.stack([pos_prev, order_r[:, t]], 1)
+            logits = model(inputs, rows, positions=positions, cache=cache, last_only=True)[:, -1]  # (rows, V)
+            pos = order[:, t]
+            info = tokenloom.StepInfo(step=t, n_steps=L, positions=pos, uncond_logits=logits[B:] if guided else None)
+            tok = sampler.sample(logits[:B], info, rng)
+            if known is not None:
+                given = kmask.gather(1, pos[:, None])[:, 0]
+                tok = torch.where(given, kcodes.gather(1, pos[:, None])[:, 0], tok)
+            codes.scatter_(1, pos[:, None], tok[:, None])
+            prev = tok.repeat(reps)
+        return codes
+
+    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
+        codes = tokenloom.check_codes(codes, self.L, self.V, where="random.log_likelihood: codes")
+        dev = model.device
+        codes = codes.to(dev)
+        order = torch.arange(self.L, device=dev).expand_as(codes)
+        batch = self.sequence(codes, order)
+        logits = model(batch.inputs, cond.to(dev).long(), positions=batch.positions)[:, 1::2]  # (B, L, V)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0]
+        return logp.sum(-1)
+
+
+def _check_known(known: tokenloom.Known, B: int, L: int, V: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = tokenloom.check_codes(known.codes, L, V, where="known.codes").to(dev)
+    mask = known.mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, L):
+        raise tokenloom.InputError(f"known.mask: expected a BoolTensor [{B}, {L}], got "
+                                   f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+    if codes.shape[0] != B:
+        raise tokenloom.InputError(f"known.codes: expected {B} rows (one per image), got {codes.shape[0]}")
+    return codes, mask.to(dev)
+
+
+@tokenloom.hookimpl
+def register_generators(register):
+    register("random", RandomOrderGenerator)

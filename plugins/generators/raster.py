@@ -1,0 +1,153 @@
+"""``raster``: next-token prediction in raster order — LlamaGen (Sun et al.
+2024, "Autoregressive Model Beats Diffusion: Llama for Scalable Image
+Generation", https://arxiv.org/abs/2406.06525), with an option for RAR's
+training schedule (Yu et al. 2024, "Randomized Autoregressive Visual
+Generation", https://arxiv.org/abs/2411.00776).
+
+**Training.** The sequence is ``[cls, x_0, ..., x_{L-2}]`` and the target at
+index t is ``x_t`` (teacher forcing under a causal mask); the input at index
+t + 1 sits at grid position t (2-D RoPE or learned positions), the class
+token at none. With ``rar = true`` each sequence is instead permuted into a
+random factorisation order π with probability r, where r starts at 1 and
+decays linearly to 0 between the fractions ``rar_start`` and ``rar_end`` of
+training (RAR §3.2), and every input carries RAR's *target-aware*
+positional embedding of the position it predicts next (π(t)), so the model
+always knows which token it is asked for. At the end of training r = 0: the
+model is a plain raster-order model.
+
+**Decoding.** One forward pass per token with a KV cache: the class token
+first, then each sampled token is appended — NFE = L. With classifier-free
+guidance the conditional and null-class rows run in one batched pass.
+
+**Likelihood.** Exact: one teacher-forced pass gives log p(x) = Σ_t log
+p(x_t | x_<t, c).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import tokenloom
+from tokenloom.sampling import SamplerChain
+
+
+def _fraction(_inst, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {value}")
+
+
+class RasterGenerator(tokenloom.Generator):
+    exact_likelihood = True
+
+    @attrs.frozen
+    class Config:
+        rar: bool = False
+        rar_start: float = attrs.field(default=0.0, validator=_fraction)
+        rar_end: float = attrs.field(default=1.0, validator=_fraction)
+
+        def __attrs_post_init__(self) -> None:
+            if self.rar_end < self.rar_start:
+                raise ValueError(f"rar_end ({self.rar_end}) must be >= rar_start ({self.rar_start})")
+
+    def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
+        super().__init__(config, tokenizer=tokenizer)
+        self.L = tokenizer.layout.length
+        self.V = tokenizer.vocab_size
+        self._progress = 1.0  # RAR: fraction of training done (1.0: raster)
+
+    def model_spec(self) -> tokenloom.ModelSpec:
+        return tokenloom.ModelSpec(
+            seq_len=self.L,
+            vocab_size=self.V,
+            heads=(self.V,),
+            train_order="raster-rar" if self.config.rar else "raster",
+            attention="causal",
+            cache_ops=frozenset({"append"}),
+            extra=(("target_aware", True),) if self.config.rar else (),
+            layout=self.tokenizer.layout,
+        )
+
+    def expected_nfe(self) -> int:
+        return self.L
+
+    # -- training -------------------------------------------------------------
+
+    def on_train_step(self, step: int, n_steps: int) -> None:
+        self._progress = step / max(n_steps, 1)
+
+    def permute_probability(self) -> float:
+        """RAR's r at the current training progress: 1 before ``rar_start``,
+        linear down to 0 at ``rar_end``."""
+        cfg = self.config
+        if not cfg.rar:
+            return 0.0
+        if self._progress <= cfg.rar_start:
+            return 1.0
+        if self._progress >= cfg.rar_end:
+            return 0.0
+        return 1.0 - (self._progress - cfg.rar_start) / (cfg.rar_end - cfg.rar_start)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
+        codes = tokenloom.check_codes(codes, self.L, self.V, where="raster.training_batch: codes")
+        B, L = codes.shape
+        dev = codes.device
+        order = torch.arange(L, device=dev).expand(B, L)  # (B, L) position decoded at step t
+        r = self.permute_probability()
+        if r > 0:
+            perm = torch.rand(B, L).argsort(-1).to(dev)
+            permute = (torch.rand(B) < r).to(dev)
+            order = torch.where(permute[:, None], perm, order)
+        x = codes.gather(1, order)  # (B, L) tokens in decoding order
+        inputs = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # [cls, x_π0, ..., x_π(L-2)]
+        none = torch.full_like(order[:, :1], tokenloom.NO_POSITION)
+        positions = torch.cat([none, order[:, :-1]], 1)  # where each input sits
+        batch = tokenloom.TrainBatch(inputs=inputs, targets=x, loss_mask=torch.ones_like(x, dtype=torch.bool),
+                                     cond=cond.long(), positions=positions)
+        if self.config.rar:
+            batch.extra["target_positions"] = order  # RAR: the position each input predicts
+        return batch
+
+    # -- decoding -------------------------------------------------------------
+
+    def _step_kwargs(self, t: int, B: int, dev: torch.device) -> dict:
+        pos = torch.tensor([t - 1 if t > 0 else tokenloom.NO_POSITION], device=dev)
+        kw = {"positions": pos}
+        if self.config.rar:
+            kw["target_positions"] = torch.tensor([t], device=dev)
+        return kw
+
+    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+        if known is not None:
+            raise tokenloom.InputError("raster does not support known= (use 'random' or 'masked' to inpaint)")
+        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+        B, dev = cond.shape[0], model.device
+        cond = cond.to(dev).long()
+        guided = sampler.needs_uncond
+        rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
+        cache = model.new_cache(rows.shape[0], self.L)
+        codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)  # the class slot
+        for t in range(self.L):
+            logits = model(token, rows, cache=cache, **self._step_kwargs(t, B, dev))[:, -1]  # (rows, V)
+            info = tokenloom.StepInfo(step=t, n_steps=self.L, positions=torch.full((B,), t, device=dev),
+                                      uncond_logits=logits[B:] if guided else None)
+            codes[:, t] = sampler.sample(logits[:B], info, rng)
+            token = codes[:, t : t + 1].repeat(2, 1) if guided else codes[:, t : t + 1]
+        return codes
+
+    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
+        codes = tokenloom.check_codes(codes, self.L, self.V, where="raster.log_likelihood: codes")
+        dev = model.device
+        codes, cond = codes.to(dev), cond.to(dev).long()
+        inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)
+        positions = torch.arange(-1, self.L - 1, device=dev)
+        kw = {"target_positions": torch.arange(self.L, device=dev)} if self.config.rar else {}
+        logits = model(inputs, cond, positions=positions, **kw)  # (B, L, V)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0]
+        return logp.sum(-1)
+
+
+@tokenloom.hookimpl
+def register_generators(register):
+    register("raster", RasterGenerator)
