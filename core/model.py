@@ -58,6 +58,16 @@ class KVCache:
     own ``T`` tokens and appends them (``length += T``). :meth:`truncate`
     rolls back to a shorter prefix (rejected speculative drafts); the stale
     entries beyond ``length`` are simply overwritten later.
+
+    **Per-row lengths.** ``truncate(LongTensor[B])`` rolls every row back to
+    its own length (speculative and Jacobi decoding, where each image keeps
+    its own accepted prefix). From then on the cache is *ragged*:
+    ``lengths`` holds the rows' lengths, ``length`` their maximum; a forward
+    pass writes row ``b``'s ``T`` tokens at ``[lengths[b], lengths[b] + T)``,
+    and the backbone masks each row's keys beyond its own prefix (causal
+    attention), puts row ``b``'s default positions after its own prefix and
+    the class embedding wherever a row's token sits at sequence index 0.
+    With ``lengths`` None (the default) nothing changes.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -67,6 +77,18 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.lengths: torch.Tensor | None = None  # LongTensor[B] once ragged
+
+    @property
+    def ragged(self) -> bool:
+        """Whether rows have their own lengths (after a per-row truncate)."""
+        return self.lengths is not None
+
+    def row_lengths(self) -> torch.Tensor:
+        """``LongTensor[B]``: every row's cached length."""
+        if self.lengths is not None:
+            return self.lengths.clone()
+        return torch.full((self.batch_size,), self.length, dtype=torch.long, device=self.k.device)
 
     @property
     def batch_size(self) -> int:
@@ -79,24 +101,53 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` (``[B, H, T, hd]``) after the current length and
         return the keys/values ``[B, H, length + T, hd]`` to attend to."""
-        start, end = self.length, self.length + k.shape[2]
+        T = k.shape[2]
+        start, end = self.length, self.length + T
         if end > self.max_len:
             raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        if self.lengths is not None:  # ragged: row b writes at [lengths[b], lengths[b] + T)
+            B = k.shape[0]
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            cols = self.lengths.to(k.device)[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            self.k[layer][rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd)
+            self.v[layer][rows, :, cols] = v.transpose(1, 2)
+        else:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
-        self.length += n
+        if self.lengths is not None:
+            self.lengths = self.lengths + n
+            self.length = int(self.lengths.max()) if self.lengths.numel() else 0
+        else:
+            self.length += n
 
-    def truncate(self, length: int) -> None:
-        """Roll back to the first ``length`` cached tokens."""
-        if not 0 <= length <= self.length:
+    def truncate(self, length: "int | torch.Tensor") -> None:
+        """Roll back to the first ``length`` cached tokens — one length for
+        every row (an int), or each row its own (``LongTensor[B]``, which
+        makes the cache ragged)."""
+        if isinstance(length, torch.Tensor) and length.dim() > 0:
+            lengths = length.to(device=self.k.device, dtype=torch.long)
+            if lengths.shape != (self.batch_size,):
+                raise InputError(f"KV cache truncate: expected {self.batch_size} row lengths, got {tuple(lengths.shape)}")
+            current = self.row_lengths()
+            if (lengths < 0).any() or (lengths > current).any():
+                raise InputError(f"KV cache truncate: row lengths must lie in [0, current length], got "
+                                 f"{lengths.tolist()[:8]} for {current.tolist()[:8]}")
+            self.lengths = lengths.clone()
+            self.length = int(lengths.max()) if lengths.numel() else 0
+            return
+        length = int(length)
+        if not 0 <= length <= (int(self.row_lengths().min()) if self.lengths is not None else self.length):
             raise InputError(f"KV cache truncate({length}): must lie in [0, {self.length}]")
         self.length = length
+        if self.lengths is not None:
+            self.lengths = torch.full_like(self.lengths, length)
 
     def reset(self) -> None:
         self.length = 0
+        self.lengths = None
 
 
 # ---------------------------------------------------------------------------
@@ -340,24 +391,35 @@ class Transformer(nn.Module):
         B, T = inputs.shape[:2]
         start = cache.length if cache is not None else 0
         dev = inputs.device
+        ragged = cache is not None and cache.ragged  # rows continue their own prefixes
+        if ragged:
+            slot = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T) sequence index
+            is_cls = slot == 0
         if self.spec.input_kind == "tokens":
             if inputs.dtype.is_floating_point or inputs.dim() != 2:
                 raise InputError(f"inputs: expected LongTensor[B, T] of ids, got {inputs.dtype} {tuple(inputs.shape)}")
             ids = inputs.long()
-            if start == 0:  # the class slot's value is ignored
+            if ragged:
+                ids = ids.masked_fill(is_cls, 0)
+            elif start == 0:  # the class slot's value is ignored
                 ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
                 raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
             x = self.tok_emb(ids)  # (B, T, C)
         else:
             x = self.in_proj(inputs)
-        if start == 0:  # sequence index 0: the class token
+        if ragged:  # sequence index 0 of any row: the class token
+            if is_cls.any():
+                if cond is None:
+                    cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
+                x = torch.where(is_cls[..., None], self.cls_emb(cond.long())[:, None].to(x.dtype), x)
+        elif start == 0:  # sequence index 0: the class token
             if cond is None:
                 cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
             x = torch.cat([self.cls_emb(cond.long())[:, None], x[:, 1:]], 1)
 
         if positions is None:
-            positions = torch.arange(start - 1, start - 1 + T, device=dev)
+            positions = slot - 1 if ragged else torch.arange(start - 1, start - 1 + T, device=dev)
         pos = torch.where(positions < 0, self.n_pos, positions).long()  # no position -> n_pos
         if pos.numel() and pos.max() > self.n_pos:
             raise InputError(f"positions: must lie in [-1, {self.n_pos}), got {positions.max().item()}")
@@ -377,6 +439,10 @@ class Transformer(nn.Module):
                 raise InputError("this model has target-aware positions (RAR): pass target_positions")
             x = x + self.tgt_emb(torch.where(target_positions < 0, self.n_pos, target_positions).long())
 
+        if ragged and attn_mask is None and self.spec.attention == "causal":
+            # row b's query t sees its own prefix and the new tokens up to t
+            keys = torch.arange(start + T, device=dev)  # (S,)
+            attn_mask = keys[None, None, :] <= slot[:, :, None]  # (B, T, S)
         mask = self._mask(T, start, attn_mask, dev)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
