@@ -1,0 +1,947 @@
+"""Shared plumbing for the metrics computed by torch-fidelity (``fid``,
+``isc``, ``kid``, ``precision-recall``, and ``reconstruction``'s rFID).
+
+The numbers themselves come from ``torch_fidelity.calculate_metrics`` — never
+re-implemented here. This module decides *what* torch-fidelity sees and
+records *how*, so that two numbers are comparable exactly when their eval
+cards match:
+
+- **inputs**: images ``[N, C, H, W]`` float32 in [-1, 1] become uint8
+  ``round((x + 1) · 127.5)`` tensors ``[N, 3, H, W]`` (torch-fidelity's input
+  format); 1-channel images are replicated to 3 channels and the card says so;
+- **feature extractors**, offline only (nothing downloads at run time):
+
+  - ``tokenloom-cnn`` (default): a small CNN classifier trained once on the
+    built-in data sets from a seeded :class:`ExtractorRecipe`, cached as a
+    safetensors file (with its SHA-256) under the cache directory, and
+    registered with ``torch_fidelity.register_feature_extractor``; features:
+    ``features`` (global-average-pooled last conv block, ``4·width`` dims) and
+    ``logits`` (its class logits, for IS);
+  - ``inception-v3-compat`` (torch-fidelity's TF-compatible Inception, giving
+    numbers comparable with papers) — only with a local weights file;
+  - ``vgg16`` (torch-fidelity's, default for precision/recall in the
+    literature) — only with a local weights file;
+
+- **options**: every keyword handed to ``calculate_metrics`` is checked
+  against ``torch_fidelity.defaults.DEFAULTS`` (it ignores unknown keys
+  silently), and the user's pass-through ``options`` table too;
+- **caches**: the reference set's features are cached by torch-fidelity under
+  ``<cache_dir>/fidelity`` with an input name built from the reference
+  images' content hash *and* the extractor's weights hash;
+- **edge inputs** get a clear :class:`~tokenloom.errors.InputError` before
+  torch-fidelity sees them (KID subset larger than the sample count, IS on an
+  extractor without class logits, too few samples for the IS splits or the
+  precision/recall neighbourhood); FID with fewer samples than the feature
+  dimension + 1 is computed but warned about (the covariance is singular),
+  with the number needed, and the warning is written into the card.
+
+Heavy imports (torch_fidelity, torchvision) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, InputError
+
+#: Extractors tokenloom accepts; all but ``tokenloom-cnn`` need a local weights file.
+EXTRACTORS: tuple[str, ...] = ("tokenloom-cnn", "inception-v3-compat", "vgg16")
+CNN_NAME = "tokenloom-cnn"
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+VGG16_HINT = "torchvision's vgg16 ImageNet state_dict (vgg16-397923af.pth), saved with torch.save"
+
+#: torch-fidelity keywords tokenloom sets itself; a user ``options`` table may not override them.
+RESERVED_OPTIONS: frozenset[str] = frozenset({
+    "input1", "input2", "cuda", "isc", "fid", "kid", "prc", "ppl", "feature_extractor",
+    "feature_extractor_weights_path", "cache_root", "cache", "input1_cache_name", "input2_cache_name",
+    "datasets_root", "datasets_download", "verbose", "rng_seed", "batch_size", "save_cpu_ram",
+    "isc_splits", "kid_subsets", "kid_subset_size", "prc_neighborhood", "feature_extractor_compile",
+})
+#: The options a user may pass through (and their metric).
+PASS_THROUGH = {
+    "feature_layer_isc": "isc", "feature_layer_fid": "fid", "feature_layer_kid": "kid",
+    "feature_layer_prc": "prc", "feature_extractor_internal_dtype": None, "samples_shuffle": None,
+    "kid_kernel": "kid", "kid_kernel_poly_degree": "kid", "kid_kernel_poly_gamma": "kid",
+    "kid_kernel_poly_coef0": "kid", "kid_kernel_rbf_sigma": "kid", "prc_batch_size": "prc",
+}
+
+# feature dimension of each layer of torch-fidelity's own extractors
+_KNOWN_DIMS = {
+    "inception-v3-compat": {"64": 64, "192": 192, "768": 768, "2048": 2048, "logits_unbiased": 1008, "logits": 1008},
+    "vgg16": {"fc2": 4096, "fc2_relu": 4096},
+}
+_LOGIT_LAYERS = {"inception-v3-compat": ("logits_unbiased", "logits"), "vgg16": (), CNN_NAME: ("logits",)}
+_RESIZE = {
+    "inception-v3-compat": "bilinear (TF1-compatible) to 299×299 inside inception-v3-compat",
+    "vgg16": "bilinear (TF1-compatible) to 224×224 inside vgg16",
+}
+_METRIC_NAMES = {"fid": "FID", "isc": "Inception Score", "kid": "KID", "prc": "precision/recall"}
+
+
+# ---------------------------------------------------------------------------
+# Cache directory
+# ---------------------------------------------------------------------------
+
+
+def cache_dir(configured: str | None = None, ctx: Any = None) -> Path:
+    """Where extractor weights and feature caches live: the metric's
+    ``cache_dir`` option, else ``ctx.cache_dir`` (the run's), else
+    ``$TOKENLOOM_CACHE_DIR``, else ``~/.cache/tokenloom``."""
+    for candidate in (configured, getattr(ctx, "cache_dir", None), os.environ.get("TOKENLOOM_CACHE_DIR")):
+        if candidate:
+            return Path(candidate).expanduser()
+    return Path.home() / ".cache" / "tokenloom"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (memoised by path, size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+# ---------------------------------------------------------------------------
+# The in-project feature extractor
+# ---------------------------------------------------------------------------
+
+
+class ExtractorNet(nn.Module):
+    """A small CNN classifier on images resized to ``size``×``size``
+    (bilinear, antialiased): a 3×3 conv stem (``width`` channels), then two
+    blocks of two 3×3 convs (``2·width``, ``4·width`` channels), each conv
+    followed by batch normalisation (running statistics at evaluation, so an
+    image's features never depend on its batch) and ReLU, with 2× average
+    pooling before each block; then global average pooling — the
+    ``features``, ``4·width`` dims, non-negative like Inception's pool3 — and
+    a linear classifier — the ``logits``. An optional auxiliary head
+    (``n_aux`` binary attributes, e.g. the colours and count of a ``shapes``
+    scene) only shapes the features during training."""
+
+    def __init__(self, *, width: int, n_classes: int, size: int, n_aux: int = 0):
+        super().__init__()
+        self.width, self.n_classes, self.size, self.n_aux = int(width), int(n_classes), int(size), int(n_aux)
+        w = self.width
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *conv(3, w), nn.AvgPool2d(2),  # (B, w, s/2, s/2)
+            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.AvgPool2d(2),  # (B, 2w, s/4, s/4)
+            *conv(2 * w, 4 * w), *conv(4 * w, 4 * w),  # (B, 4w, s/4, s/4)
+        )
+        self.head = nn.Linear(4 * w, self.n_classes)
+        self.aux = nn.Linear(4 * w, self.n_aux) if self.n_aux else None
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.width
+
+    def arch(self) -> dict[str, int]:
+        return {"width": self.width, "n_classes": self.n_classes, "size": self.size, "n_aux": self.n_aux}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, 3, H, W]`` float in [-1, 1] -> features ``[B, 4w]``."""
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return self.body(x).mean(dim=(2, 3))  # (B, 4w)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``[B, 3, H, W]`` float in [-1, 1] -> (features ``[B, 4w]``, logits ``[B, K]``)."""
+        f = self.features(x)
+        return f, self.head(f)
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def train_extractor(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    *,
+    aux: torch.Tensor | None = None,
+    width: int = 16,
+    size: int = 32,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> tuple[ExtractorNet, dict[str, float]]:
+    """Train an :class:`ExtractorNet` to classify ``images`` (``[N, C, H, W]``
+    in [-1, 1], C = 1 or 3) into ``labels`` (``LongTensor[N]``), plus, when
+    ``aux`` (``FloatTensor[N, A]`` of 0/1 targets, NaN where unknown) is
+    given, to predict those binary attributes. All randomness
+    (initialisation, batch order) comes from ``seed``, and training runs on
+    one CPU thread (a fixed reduction order, and much faster than two
+    threads on a busy machine), so a recipe gives the same weights on the
+    same torch build and CPU. Returns the net (eval mode) and
+    ``{"train_loss", "train_accuracy", "holdout_accuracy"}``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(images, labels, n_classes, aux=aux, width=width, size=size, steps=steps,
+                      batch_size=batch_size, lr=lr, seed=seed, holdout=holdout, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(images, labels, n_classes, *, aux, width, size, steps, batch_size, lr, seed, holdout, progress):
+    from tqdm import tqdm
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) != len(labels) or len(images) == 0:
+        raise InputError(f"train_extractor: expected images [N, 1|3, H, W] and N labels, got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    if aux is not None and (aux.dim() != 2 or len(aux) != len(images)):
+        raise InputError(f"train_extractor: aux must be [N, A], got {tuple(aux.shape)}")
+    images = _as_rgb(images.float())
+    labels = labels.long()
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net = ExtractorNet(width=width, n_classes=n_classes, size=size, n_aux=0 if aux is None else aux.shape[1])
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 0
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, steps)))))
+    net.train()
+    losses, accs = [], []
+    for _ in tqdm(range(steps), desc=CNN_NAME, disable=not progress, leave=False):
+        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)
+        f, logits = net(images[idx])
+        loss = F.cross_entropy(logits, labels[idx])
+        if aux is not None:
+            target = aux[idx]
+            known = ~torch.isnan(target)
+            if known.any():
+                loss = loss + F.binary_cross_entropy_with_logits(net.aux(f)[known], target[known])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        accs.append((logits.argmax(-1) == labels[idx]).float().mean().item())
+    net.eval().requires_grad_(False)
+    tail = max(1, len(losses) // 10)
+    stats = {
+        "train_loss": float(sum(losses[-tail:]) / tail) if losses else float("nan"),
+        "train_accuracy": float(sum(accs[-tail:]) / tail) if accs else float("nan"),
+    }
+    if holdout is not None:
+        stats["holdout_accuracy"] = classifier_accuracy(net, *holdout)
+    return net, stats
+
+
+@torch.no_grad()
+def classifier_accuracy(net: ExtractorNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
+    """Fraction of ``images`` whose arg-max logit is their label."""
+    images = _as_rgb(images.float())
+    correct = 0
+    for i in range(0, len(images), batch):
+        _, logits = net(images[i : i + batch])
+        correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
+    return correct / max(1, len(images))
+
+
+def save_extractor(path: str | Path, net: ExtractorNet, info: Mapping[str, Any] | None = None) -> str:
+    """Write the net as safetensors (atomically, content hash in the metadata).
+    Returns the content hash — the ``weights_sha256`` of the eval card."""
+    from .checkpoint import save_tensors
+
+    meta = {
+        "tokenloom_extractor": CNN_NAME,
+        "arch": json.dumps(net.arch(), sort_keys=True),
+        "info": json.dumps(dict(info or {}), sort_keys=True, default=str),
+    }
+    return save_tensors(path, dict(net.state_dict()), meta)
+
+
+def load_extractor(path: str | Path) -> tuple[ExtractorNet, dict[str, Any], str]:
+    """Load a net written by :func:`save_extractor`; returns (net, info, content hash).
+    A missing, corrupt or foreign file is a :class:`CheckpointError`."""
+    from .checkpoint import load_tensors
+
+    tensors, meta = load_tensors(path)
+    if meta.get("tokenloom_extractor") != CNN_NAME:
+        raise CheckpointError(f"{path}: not a {CNN_NAME} weights file (written by tokenloom.fidelity.save_extractor?)")
+    try:
+        arch = json.loads(meta["arch"])
+        info = json.loads(meta.get("info", "{}"))
+        net = ExtractorNet(**arch)
+        net.load_state_dict(tensors, strict=True)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: malformed {CNN_NAME} weights file ({exc})") from None
+    net.eval().requires_grad_(False)
+    return net, info, meta["sha256"]
+
+
+@attrs.frozen
+class ExtractorRecipe:
+    """How the default ``tokenloom-cnn`` is trained.
+
+    Data: the ``train`` split of ``shapes`` at each of ``sizes`` (``n``
+    scenes per size, a different data seed per size) and all of ``digits``
+    (at 16 and 32 px), so that the features know small and large, coloured
+    and grey images; every image is resized to ``size`` inside the net.
+    Targets: one joint label space (the 3 shape classes, then the 10 digits)
+    and, for ``shapes``, auxiliary binary attributes — which palette colours
+    occur and how many shapes there are — so that the features also encode
+    colour and count, not only the class. ``steps`` Adam steps of
+    ``batch_size``. Reproducible from ``seed``: the same recipe on the same
+    torch build gives the same weights hash."""
+
+    sizes: tuple[int, ...] = (16, 32, 64)
+    n: int = 2000
+    n_holdout: int = 300
+    size: int = 32
+    steps: int = 500
+    batch_size: int = 64
+    width: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**self.as_dict(), "v": 2}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**attrs.asdict(self), "sizes": list(self.sizes)}
+
+
+def _builtin_training_data(recipe: ExtractorRecipe) -> dict[str, Any]:
+    from .config import DataConfig
+    from .data import SHAPES_COLOURS, load_dataset
+
+    colours = list(SHAPES_COLOURS)
+    n_aux = len(colours) + 3  # colour present (6), count 1/2/3 (3)
+
+    def shapes_aux(attributes: list[dict]) -> torch.Tensor:
+        out = torch.zeros(len(attributes), n_aux)
+        for i, a in enumerate(attributes):
+            for c in a["colours"]:
+                out[i, colours.index(c)] = 1.0
+            out[i, len(colours) + min(max(a["count"], 1), 3) - 1] = 1.0
+        return out
+
+    xs, ys, auxs = [], [], []
+    for j, size in enumerate(recipe.sizes):
+        cfg = DataConfig(name="shapes", size=size, n=recipe.n, n_holdout=0, channels=3)
+        train = load_dataset(cfg, split="train", seed=recipe.seed * 1000 + j + 1)
+        xs.append(train.images)
+        ys.append(train.labels)
+        auxs.append(shapes_aux(train.attributes))
+    n_shapes = 3
+    digits_cfg = {"n": 1797 - 500, "n_holdout": 500, "channels": 3}
+    for size in (16, 32):
+        train = load_dataset(DataConfig(name="digits", size=size, **digits_cfg), split="train", seed=recipe.seed)
+        xs.append(train.images)
+        ys.append(train.labels + n_shapes)
+        auxs.append(torch.full((len(train.labels), n_aux), float("nan")))
+    held_s = load_dataset(DataConfig(name="shapes", size=recipe.size, n=recipe.n, n_holdout=recipe.n_holdout,
+                                     channels=3), split="holdout", seed=recipe.seed * 1000 + 999)
+    held_d = load_dataset(DataConfig(name="digits", size=recipe.size, **digits_cfg), split="holdout",
+                          seed=recipe.seed)
+    return {
+        "images": torch.cat([F.interpolate(x, size=(recipe.size, recipe.size), mode="bilinear",
+                                           align_corners=False, antialias=True) if x.shape[-1] != recipe.size else x
+                             for x in xs]).clamp(-1, 1),
+        "labels": torch.cat(ys),
+        "aux": torch.cat(auxs),
+        "n_classes": n_shapes + 10,
+        "holdout": (torch.cat([held_s.images, held_d.images]), torch.cat([held_s.labels, held_d.labels + n_shapes])),
+        "classes": [*(f"shapes:{c}" for c in held_s.class_names), *(f"digits:{c}" for c in held_d.class_names)],
+        "aux_names": [*(f"colour:{c}" for c in colours), "count:1", "count:2", "count:3"],
+    }
+
+
+def default_extractor_path(recipe: ExtractorRecipe | None = None, root: str | Path | None = None,
+                           *, progress: bool = False) -> Path:
+    """The cached ``tokenloom-cnn`` weights for ``recipe`` under
+    ``<root>/extractors/``, training it first if absent (well under a minute
+    on a laptop CPU). The file records the recipe, the class names of its
+    logits and the held-out classification accuracy."""
+    recipe = recipe or ExtractorRecipe()
+    root = Path(root) if root is not None else cache_dir()
+    path = root / "extractors" / f"{CNN_NAME}-{recipe.key()}.safetensors"
+    if path.is_file():
+        try:
+            load_extractor(path)
+            return path
+        except CheckpointError:
+            pass  # corrupt cache entry: retrain and replace atomically
+    data = _builtin_training_data(recipe)
+    net, stats = train_extractor(
+        data["images"], data["labels"], data["n_classes"], aux=data["aux"], width=recipe.width, size=recipe.size,
+        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed,
+        holdout=data["holdout"], progress=progress,
+    )
+    save_extractor(path, net, {"recipe": recipe.as_dict(), "classes": data["classes"],
+                               "aux": data["aux_names"], "n_train": int(len(data["labels"])), **stats})
+    return path
+
+
+def _cnn_fidelity_class() -> type:
+    """The torch-fidelity wrapper of :class:`ExtractorNet`, defined and
+    registered (as ``tokenloom-cnn``) on first use."""
+    global _CNN_CLASS
+    if _CNN_CLASS is not None:
+        return _CNN_CLASS
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class TokenloomCNNExtractor(FeatureExtractorBase):
+        """torch-fidelity adapter: uint8 ``[B, 3, H, W]`` -> (features, logits)."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise InputError(f"{CNN_NAME}: no weights file given (tokenloom passes the cached one)")
+            self.net, _, _ = load_extractor(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+        def forward(self, x):
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+                raise InputError(f"{CNN_NAME}: expected uint8 [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            f, logits = self.net(x.float() / 127.5 - 1.0)
+            out = {"features": f, "logits": logits}
+            return tuple(out[k] for k in self.features_list)
+
+    if CNN_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(CNN_NAME, TokenloomCNNExtractor)
+    _CNN_CLASS = FEATURE_EXTRACTORS_REGISTRY[CNN_NAME]
+    return _CNN_CLASS
+
+
+_CNN_CLASS: type | None = None
+
+
+# ---------------------------------------------------------------------------
+# Options shared by the torch-fidelity metrics
+# ---------------------------------------------------------------------------
+
+
+def _check_options(_inst: Any, _attr: Any, value: Mapping[str, Any]) -> None:
+    if not value:
+        return
+    from torch_fidelity.defaults import DEFAULTS
+
+    problems = []
+    for key, v in value.items():
+        if key not in DEFAULTS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"'{key}' is not a torch-fidelity option{hint} — torch-fidelity would ignore it silently")
+        elif key in RESERVED_OPTIONS:
+            problems.append(f"'{key}' is set by tokenloom (use the metric's own keys: extractor, weights, "
+                            "batch_size, seed, splits, subsets, subset_size, neighborhood, cache)")
+        elif key not in PASS_THROUGH:
+            problems.append(f"'{key}' does not apply to tokenloom's in-memory inputs "
+                            f"(options that apply: {', '.join(sorted(PASS_THROUGH))})")
+        else:
+            default = DEFAULTS[key]
+            if default is not None and not isinstance(v, type(default)) and not (
+                isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool)
+            ):
+                problems.append(f"'{key}' expects {type(default).__name__}, got {v!r}")
+            if key == "kid_kernel" and v not in ("poly", "rbf"):
+                problems.append(f"'kid_kernel' must be 'poly' or 'rbf', got {v!r}")
+            if key == "feature_extractor_internal_dtype" and v not in ("float32", "float64"):
+                problems.append(f"'feature_extractor_internal_dtype' must be 'float32' or 'float64', got {v!r}")
+    if problems:
+        raise ValueError("options: " + "; ".join(problems))
+
+
+def _extractor_name(_inst: Any, _attr: Any, value: str) -> None:
+    if value not in EXTRACTORS:
+        raise ValueError(f"must be one of {', '.join(EXTRACTORS)}, got {value!r}")
+
+
+def _positive_int(_inst: Any, attr: Any, value: Any) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+
+
+def missing_weights_message(extractor: str, key: str = "weights", metric: str = "fid") -> str:
+    if extractor == "inception-v3-compat":
+        return (
+            f"extractor 'inception-v3-compat' needs a local weights file, and tokenloom never downloads at run "
+            f"time. Download it once on a machine with network access: {INCEPTION_URL} (or convert TensorFlow's "
+            f"with torch-fidelity's util_convert_inception_weights), then set `[metrics.{metric}] {key} = "
+            f"\"/path/to/weights-inception-2015-12-05-6726825d.pth\"`; or use extractor = \"{CNN_NAME}\" "
+            "(the offline default)"
+        )
+    return (f"extractor '{extractor}' needs a local weights file ({VGG16_HINT}); set `[metrics.{metric}] {key} = "
+            f"\"/path/to/file\"`, or use extractor = \"{CNN_NAME}\" (the offline default)")
+
+
+@attrs.frozen
+class FidelityOptions:
+    """Keys shared by every torch-fidelity metric (a metric's ``Config``
+    derives from this class):
+
+    - ``extractor``: ``tokenloom-cnn`` (default, offline), or
+      ``inception-v3-compat`` / ``vgg16`` with a local ``weights`` file;
+    - ``weights``: path to the extractor weights (for ``tokenloom-cnn``: a
+      file written by :func:`save_extractor`; absent = the cached default,
+      trained on first use from ``recipe_steps`` / ``recipe_seed``);
+    - ``batch_size``: images per extractor batch (does not change results);
+    - ``seed``: torch-fidelity's ``rng_seed`` (IS shuffling, KID subsets);
+    - ``cache`` / ``cache_dir``: reuse reference-set features (keyed by the
+      images' content hash, the extractor and its weights hash);
+    - ``options``: further torch-fidelity keywords (``kid_kernel``,
+      ``feature_layer_fid``, ...), checked against its DEFAULTS.
+    """
+
+    extractor: str = attrs.field(default=CNN_NAME, validator=_extractor_name)
+    weights: str | None = None
+    batch_size: int = attrs.field(default=64, validator=_positive_int)
+    seed: int = attrs.field(default=2020, validator=attrs.validators.ge(0))
+    cache: bool = True
+    cache_dir: str | None = None
+    recipe_steps: int = attrs.field(default=500, validator=_positive_int)
+    recipe_seed: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    options: dict[str, Any] = attrs.field(factory=dict, validator=_check_options)
+
+    def __attrs_post_init__(self) -> None:
+        if self.extractor != CNN_NAME and self.weights is None:
+            raise ConfigError([f"weights: {missing_weights_message(self.extractor)}"])
+
+    def recipe(self) -> ExtractorRecipe:
+        return ExtractorRecipe(steps=self.recipe_steps, seed=self.recipe_seed)
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def to_uint8_rgb(images: Any, *, where: str) -> tuple[torch.Tensor, list[str]]:
+    """``[N, C, H, W]`` float32 in [-1, 1] (C = 1 or 3) -> uint8 ``[N, 3, H, W]``
+    = ``round((x + 1) · 127.5)``, plus notes for the card (channel replication)."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{where}: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise InputError(f"{where}: expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    if not images.dtype.is_floating_point:
+        raise InputError(f"{where}: expected float images in [-1, 1], got {images.dtype}")
+    if images.shape[1] not in (1, 3):
+        raise InputError(f"{where}: expected 1 or 3 channels, got {images.shape[1]}")
+    if images.numel() and not torch.isfinite(images).all():
+        raise InputError(f"{where}: contains NaN or infinite values")
+    if images.numel() and (images.min() < -1 - 1e-5 or images.max() > 1 + 1e-5):
+        raise InputError(f"{where}: values must lie in [-1, 1], got [{images.min().item():.3g}, "
+                         f"{images.max().item():.3g}]")
+    notes = []
+    x = images.detach().to("cpu", torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+        notes.append(f"{where}: 1-channel images replicated to 3 channels")
+    u8 = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).contiguous()
+    return u8, notes
+
+
+def images_digest(u8: torch.Tensor) -> str:
+    """SHA-256 of a uint8 image set (shape and bytes)."""
+    h = hashlib.sha256(f"{tuple(u8.shape)}|".encode())
+    h.update(u8.numpy().tobytes())
+    return h.hexdigest()
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    def __init__(self, u8: torch.Tensor):
+        self.u8 = u8
+
+    def __len__(self) -> int:
+        return len(self.u8)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.u8[i]
+
+
+class _NoImages(torch.utils.data.Dataset):
+    """Stand-in input2 when the reference comes as precomputed statistics
+    (torch-fidelity reads them from its cache and never iterates this)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # pragma: no cover
+        raise IndexError(i)
+
+
+# ---------------------------------------------------------------------------
+# Resolving an extractor
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Extractor:
+    """A resolved extractor: its torch-fidelity name, weights file and hash,
+    feature dimension per layer, logit layers, and what it does to inputs."""
+
+    name: str
+    weights_path: str
+    weights_sha256: str
+    dims: dict[str, int]
+    logit_layers: tuple[str, ...]
+    resize: str
+    info: dict[str, Any] = attrs.Factory(dict)
+
+    def default_layer(self, metric: str) -> str:
+        if self.name == CNN_NAME:
+            return _cnn_fidelity_class().get_default_feature_layer_for_metric(metric)
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
+
+
+def resolve_extractor(opts: FidelityOptions, ctx: Any = None, *, metric: str = "fid",
+                      progress: bool = False) -> Extractor:
+    """Find (or train, for the default ``tokenloom-cnn``) the weights file and
+    describe the extractor. Raises a clear error instead of downloading."""
+    root = cache_dir(opts.cache_dir, ctx)
+    if opts.extractor == CNN_NAME:
+        path = Path(opts.weights).expanduser() if opts.weights else default_extractor_path(
+            opts.recipe(), root, progress=progress)
+        if not path.is_file():
+            raise ConfigError([f"metrics.{metric}.weights: no such file: {path}"])
+        net, info, digest = load_extractor(path)
+        _cnn_fidelity_class()
+        return Extractor(
+            CNN_NAME, str(path), digest, {"features": net.feature_dim, "logits": net.n_classes}, ("logits",),
+            f"bilinear (antialiased) to {net.size}×{net.size} inside {CNN_NAME}",
+            {k: info[k] for k in ("recipe", "holdout_accuracy", "n_train") if k in info},
+        )
+    if opts.weights is None:  # caught by the config already; kept for direct use
+        raise ConfigError([f"metrics.{metric}.weights: {missing_weights_message(opts.extractor, metric=metric)}"])
+    path = Path(opts.weights).expanduser()
+    if not path.is_file():
+        raise ConfigError([f"metrics.{metric}.weights: no such file: {path} — "
+                           + missing_weights_message(opts.extractor, metric=metric)])
+    return Extractor(opts.extractor, str(path), file_sha256(path), dict(_KNOWN_DIMS[opts.extractor]),
+                     _LOGIT_LAYERS[opts.extractor], _RESIZE[opts.extractor])
+
+
+# ---------------------------------------------------------------------------
+# Running torch-fidelity
+# ---------------------------------------------------------------------------
+
+
+def backend_version() -> str:
+    import torch_fidelity
+
+    return f"torch-fidelity {torch_fidelity.__version__}"
+
+
+def _checked_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    from torch_fidelity.defaults import DEFAULTS
+
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    if unknown:  # a programming error in tokenloom, not a user error
+        raise AssertionError(f"not torch-fidelity options (they would be ignored silently): {unknown}")
+    return kwargs
+
+
+def _protocol_warn(card: dict[str, Any], message: str) -> None:
+    card.setdefault("warnings", []).append(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def run_fidelity(
+    which: Mapping[str, Mapping[str, Any]],
+    generated: torch.Tensor,
+    reference: torch.Tensor | None,
+    opts: FidelityOptions,
+    ctx: Any = None,
+    *,
+    metric: str,
+    reference_name: str = "real",
+    reference_stats: str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Compute torch-fidelity metrics ``which`` (keys among ``isc``, ``fid``,
+    ``kid``, ``prc``, each with its own keywords such as ``isc_splits``) of
+    ``generated`` (torch-fidelity's input1) against ``reference`` (input2),
+    or against the ``mu``/``sigma`` in the ``.npz`` ``reference_stats`` (FID
+    only). Returns torch-fidelity's result dict and the eval card."""
+    import torch_fidelity
+
+    which = {k: dict(v) for k, v in which.items()}
+    if not which or set(which) - set(_METRIC_NAMES):
+        raise ValueError(f"run_fidelity: unknown metrics {sorted(which)}")
+    ext = resolve_extractor(opts, ctx, metric=metric, progress=progress)
+    gen_u8, notes = to_uint8_rgb(generated, where=f"{metric}: generated images")
+    card: dict[str, Any] = {
+        "metric": metric,
+        "backend": backend_version(),
+        "extractor": ext.name,
+        "weights_sha256": ext.weights_sha256,
+        "feature_layers": {},
+        "input": "float [-1, 1] -> uint8 round((x + 1) * 127.5)",
+        "resize": ext.resize,
+        "crop": "none",
+        "n_generated": int(len(gen_u8)),
+        "seed": opts.seed,
+        "options": dict(sorted(opts.options.items())),
+    }
+    if ext.info:
+        card["extractor_info"] = ext.info
+    binary = any(k in which for k in ("fid", "kid", "prc"))
+    ref_u8 = None
+    if binary and reference_stats is None:
+        if reference is None:
+            raise InputError(f"{metric}: needs reference images (ctx.real) or reference statistics")
+        ref_u8, ref_notes = to_uint8_rgb(reference, where=f"{metric}: reference images")
+        notes += ref_notes
+        card["reference"] = {"set": reference_name, "n": int(len(ref_u8)), "sha256": images_digest(ref_u8)}
+    if notes:
+        card["input_notes"] = notes
+
+    layers: dict[str, str] = {}
+    for m in which:
+        layer = opts.options.get(f"feature_layer_{m}") or ext.default_layer(m)
+        if layer not in ext.dims:
+            raise ConfigError([f"metrics.{metric}.options.feature_layer_{m}: extractor '{ext.name}' has no layer "
+                               f"{layer!r} (layers: {', '.join(ext.dims)})"])
+        layers[m] = layer
+    card["feature_layers"] = layers
+
+    n_gen = len(gen_u8)
+    n_ref = len(ref_u8) if ref_u8 is not None else None
+    if "isc" in which:
+        if layers["isc"] not in ext.logit_layers:
+            have = ", ".join(ext.logit_layers) or "none"
+            raise InputError(
+                f"{metric}: the Inception Score needs class logits, but layer {layers['isc']!r} of extractor "
+                f"'{ext.name}' is not a logits layer (its logits layers: {have}); use extractor = \"{CNN_NAME}\" "
+                "or \"inception-v3-compat\" (with weights)"
+            )
+        splits = which["isc"]["isc_splits"]
+        if n_gen < splits:
+            raise InputError(f"{metric}: {n_gen} generated images cannot make {splits} IS splits; generate at "
+                             f"least {splits} images or set splits <= {n_gen}")
+        card["isc_splits"] = splits
+    if "kid" in which:
+        size = which["kid"]["kid_subset_size"]
+        if size is None:
+            size = min(1000, n_gen, n_ref if n_ref is not None else n_gen)
+            which["kid"]["kid_subset_size"] = size
+        smallest = min(n_gen, n_ref)
+        if size > smallest:
+            raise InputError(
+                f"{metric}: KID subset size {size} is larger than the number of samples (generated: {n_gen}, "
+                f"reference: {n_ref}); set `[metrics.{metric}] subset_size` to at most {smallest} or use more samples"
+            )
+        if size < 2:
+            raise InputError(f"{metric}: KID needs subsets of at least 2 samples, got {size}")
+        card["kid_subsets"] = which["kid"]["kid_subsets"]
+        card["kid_subset_size"] = size
+    if "prc" in which:
+        k = which["prc"]["prc_neighborhood"]
+        if min(n_gen, n_ref) <= k:
+            raise InputError(f"{metric}: precision/recall with neighbourhood k = {k} needs more than {k} samples "
+                             f"in each set (generated: {n_gen}, reference: {n_ref})")
+        card["prc_neighborhood"] = k
+    if "fid" in which:
+        dim = ext.dims[layers["fid"]]
+        for label, n in (("generated", n_gen), ("reference", n_ref)):
+            if n is not None and n < 2:
+                raise InputError(f"{metric}: FID needs at least 2 {label} images, got {n}")
+            if n is not None and n < dim + 1:
+                _protocol_warn(card, f"{metric}: {n} {label} images are fewer than the feature dimension + 1 "
+                                     f"({dim + 1}) of layer {layers['fid']!r}: the covariance is singular and FID is "
+                                     f"unreliable; use at least {dim + 1} images")
+
+    root = cache_dir(opts.cache_dir, ctx) / "fidelity"
+    kwargs: dict[str, Any] = {
+        "input1": _UInt8Images(gen_u8),
+        "cuda": str(getattr(ctx, "device", "cpu") or "cpu").startswith("cuda"),
+        "batch_size": opts.batch_size,
+        "feature_extractor": ext.name,
+        "feature_extractor_weights_path": ext.weights_path,
+        "cache": opts.cache,
+        "cache_root": str(root),
+        "rng_seed": opts.seed,
+        "save_cpu_ram": True,  # no DataLoader worker processes for in-memory tensors
+        "verbose": False,
+        "datasets_download": False,
+        **{m: True for m in which},
+        **{k: v for extra in which.values() for k, v in extra.items()},
+        **opts.options,
+    }
+    tag = f"{ext.name}-w{ext.weights_sha256[:12]}"
+    if reference_stats is not None:
+        if set(which) != {"fid"}:
+            raise ConfigError([f"metrics.{metric}.reference_stats: precomputed statistics serve FID only"])
+        kwargs["input2"] = _NoImages()
+        kwargs["input2_cache_name"], card["reference"] = _seed_stats_cache(
+            reference_stats, root, ext, layers["fid"], tag)
+        kwargs["cache"] = True
+    elif binary:
+        kwargs["input2"] = _UInt8Images(ref_u8)
+        kwargs["input2_cache_name"] = f"tl-{card['reference']['sha256'][:20]}-{tag}"
+    card["cache_key"] = tag
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            result = torch_fidelity.calculate_metrics(**_checked_kwargs(kwargs))
+    except ValueError as exc:  # torch-fidelity's vassert
+        raise InputError(f"{metric}: torch-fidelity rejected the inputs: {exc}") from None
+    return {k: float(v) for k, v in result.items()}, card
+
+
+def _seed_stats_cache(path_str: str, root: Path, ext: Extractor, layer: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """Put ``mu``/``sigma`` from an ``.npz`` where torch-fidelity's FID cache
+    looks for the reference statistics, so ``calculate_metrics`` uses them."""
+    import numpy as np
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ConfigError([f"reference_stats: no such file: {path}"])
+    try:
+        with np.load(path) as npz:
+            mu, sigma = np.asarray(npz["mu"]), np.asarray(npz["sigma"])
+    except KeyError as exc:
+        raise InputError(f"reference_stats {path}: missing array {exc} (expected 'mu' and 'sigma')") from None
+    except Exception as exc:  # noqa: BLE001 - numpy raises several kinds
+        raise InputError(f"reference_stats {path}: unreadable .npz ({exc})") from None
+    dim = ext.dims[layer]
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise InputError(f"reference_stats {path}: mu {mu.shape} / sigma {sigma.shape} do not match layer "
+                         f"{layer!r} of '{ext.name}' ({dim} dims) — statistics must come from the same extractor")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InputError(f"reference_stats {path}: contains NaN or infinite values")
+    digest = file_sha256(path)
+    name = f"tlstats-{digest[:20]}-{tag}"
+    target = root / f"{name}-{ext.name}-stat-fid-{layer}.pt"
+    # torch-fidelity's own statistics have float32 mu and float64 sigma
+    stats = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
+    from .checkpoint import atomic_write
+
+    with atomic_write(target) as fh:
+        torch.save(stats, fh)
+    return name, {"stats": str(path), "sha256": digest}
+
+
+def protocol_card(metric: str, opts: FidelityOptions, **extra: Any) -> dict[str, Any]:
+    """The protocol a torch-fidelity metric will follow, as known from its
+    configuration alone (before :meth:`compute` fills in the extractor's
+    weights hash, the reference set and the sample counts)."""
+    card = {
+        "metric": metric,
+        "backend": "torch-fidelity",
+        "extractor": opts.extractor,
+        "weights": opts.weights if opts.weights else f"cached default (recipe {opts.recipe().as_dict()})",
+        "input": "float [-1, 1] -> uint8 round((x + 1) * 127.5)",
+        "crop": "none",
+        "seed": opts.seed,
+        "options": dict(sorted(opts.options.items())),
+        **extra,
+        "computed": False,
+    }
+    return card
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between two Gaussians with scipy's ``sqrtm`` — an
+    independent reference for tests, not what the metrics use."""
+    import numpy as np
+    from scipy import linalg
+
+    covmean, _ = linalg.sqrtm(np.asarray(sigma1) @ np.asarray(sigma2), disp=False)
+    covmean = covmean.real
+    diff = np.asarray(mu1) - np.asarray(mu2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, opts: FidelityOptions, ctx: Any = None, *, layer: str | None = None,
+                     metric: str = "fid") -> torch.Tensor:
+    """Features of ``images`` exactly as torch-fidelity's extractor computes
+    them (same uint8 conversion, same module) — for tests and analyses."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    ext = resolve_extractor(opts, ctx, metric=metric)
+    layer = layer or ext.default_layer("fid")
+    fe = create_feature_extractor(ext.name, [layer], cuda=False, feature_extractor_weights_path=ext.weights_path,
+                                  verbose=False)
+    u8, _ = to_uint8_rgb(images, where="images")
+    out = [fe(u8[i : i + opts.batch_size])[0] for i in range(0, len(u8), opts.batch_size)]
+    return torch.cat(out)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)`` when it is a finite number, else None."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+__all__ = [
+    "EXTRACTORS",
+    "ExtractorNet",
+    "ExtractorRecipe",
+    "Extractor",
+    "FidelityOptions",
+    "cache_dir",
+    "default_extractor_path",
+    "train_extractor",
+    "save_extractor",
+    "load_extractor",
+    "resolve_extractor",
+    "run_fidelity",
+    "to_uint8_rgb",
+    "images_digest",
+    "frechet_distance",
+    "extract_features",
+    "backend_version",
+    "missing_weights_message",
+    "protocol_card",
+]

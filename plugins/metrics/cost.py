@@ -1,0 +1,80 @@
+"""``cost``: what a run spent, as measured by core's instrumented backbone —
+the cost axis of every quality-versus-speed comparison (number of function
+evaluations as in the parallel-decoding papers, e.g. MaskGIT, Chang et al.
+2022, https://arxiv.org/abs/2202.04200; latency and throughput as in VAR,
+Tian et al. 2024, https://arxiv.org/abs/2404.02905).
+
+Read from ``ctx.stats`` (never measured or estimated here; plugins do not
+report their own cost):
+
+- ``nfe``: forward passes of the backbone per generated batch;
+- ``seconds_per_image``: wall-clock generation time per image;
+- ``tokens_per_second``: generated tokens per second;
+- ``peak_memory_bytes``: peak accelerator (or process) memory while generating;
+- ``kv_cache_bytes``: size of the key/value cache at its largest;
+- ``train_tokens`` / ``train_flops``: tokens seen and FLOPs spent training
+  the backbone.
+
+A key the run did not record is reported as None, never invented. Time and
+memory depend on the device, so the card records it: compare them only
+between cells whose cards match.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+import tokenloom
+
+KEYS: dict[str, str] = {
+    "nfe": "backbone forward passes per generated batch",
+    "seconds_per_image": "wall-clock generation seconds per image",
+    "tokens_per_second": "generated tokens per second",
+    "peak_memory_bytes": "peak memory while generating (bytes)",
+    "kv_cache_bytes": "largest key/value cache (bytes)",
+    "train_tokens": "tokens seen while training the backbone",
+    "train_flops": "FLOPs spent training the backbone",
+}
+
+
+def read_stat(stats: Any, key: str, *, metric: str, upper: float | None = None) -> float | None:
+    """``stats[key]`` as a float, None when absent; a present value that is
+    not a finite non-negative number (at most ``upper``) is an InputError."""
+    if stats is None or key not in stats or stats[key] is None:
+        return None
+    value = stats[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
+            or value < 0 or (upper is not None and value > upper):
+        bound = f" in [0, {upper:g}]" if upper is not None else " >= 0"
+        raise tokenloom.InputError(f"{metric}: ctx.stats[{key!r}] must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+class Cost(tokenloom.Metric):
+    requires = frozenset({"stats"})
+
+    @attrs.frozen
+    class Config:
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._card: dict[str, Any] | None = None
+
+    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+        out = {k: read_stat(ctx.stats, k, metric="cost") for k in KEYS}
+        self._card = {"metric": "cost", "source": "ctx.stats (core's instrumented backbone)", "keys": KEYS,
+                      "device": str(ctx.device), "recorded": sorted(k for k, v in out.items() if v is not None)}
+        return out
+
+    def eval_card(self) -> dict[str, Any]:
+        return self._card or {"metric": "cost", "source": "ctx.stats (core's instrumented backbone)", "keys": KEYS,
+                              "computed": False}
+
+
+@tokenloom.hookimpl
+def register_metrics(register):
+    register("cost", Cost)
