@@ -254,6 +254,155 @@ def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **
 CHECKS["sampler"] = check_sampler
 
 
+# ---------------------------------------------------------------------------
+# Generators
+# ---------------------------------------------------------------------------
+
+
+def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: int = 0) -> Any:
+    from .config import ModelConfig
+    from .model import InstrumentedModel, build_model
+
+    return InstrumentedModel(build_model(spec, ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos),
+                                         n_classes=n_classes, seed=seed).eval())
+
+
+def _logits_of(model: Any, batch: Any) -> torch.Tensor:
+    out = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
+                target_positions=batch.extra.get("target_positions"))
+    out = out if isinstance(out, tuple) else (out,)
+    return torch.stack([o.float() for o in out], -2)  # (B, T, n_heads, V) when the heads agree in V
+
+
+def _seeded_batch(gen: Any, codes: torch.Tensor, cond: torch.Tensor, seed: int) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return gen.training_batch(codes, cond)
+
+
+def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, dict] | None = None,
+                    max_examples: int = 8, **config: Any) -> None:
+    """Generator properties, over random token layouts (grids of 1–4 × 1–4
+    pixel tokens, with and without residual depth) unless ``tokenizer=(name,
+    options)`` (with ``image_shape`` among the options) fixes one:
+
+    - the spec and teacher-forcing batch are well formed;
+    - no leak: changing a code leaves the logits that predict it unchanged
+      (untrained model, fp32, 1e-5);
+    - ``generate`` returns ``[B, L]`` codes in range; NFE equals
+      ``expected_nfe()``, with and without classifier-free guidance (one
+      batched pass for both rows);
+    - same seed → identical codes, and image i is the same alone or in a batch;
+    - with ``supports_known``, every known token is kept;
+    - with ``exact_likelihood``, ``log_likelihood`` is a log-probability and
+      sums to 1 over every sequence of a small layout.
+    """
+    from .config import build_component
+    from .interfaces import Known
+    from .registry import get_registry
+    from .rng import RowRNG
+    from .sampling import SamplerChain
+
+    registry = registry or get_registry()
+
+    def make(tok_name: str, tok_opts: dict) -> tuple[Any, Any]:
+        tok = build_component(registry, "tokenizer", tok_name, dict(tok_opts), path="tokenizer")
+        gen = build_component(registry, "generator", name, {**config, "tokenizer": tok}, path="generator")
+        return tok, gen
+
+    def pixel_layout(gh: int, gw: int, depth3: bool) -> tuple[str, dict]:
+        return ("pixel", {"bits": 1, "pool": 2, "per_channel": depth3, "image_shape": (3, 2 * gh, 2 * gw)})
+
+    def chain(kind: int) -> SamplerChain:
+        build = lambda n, **kw: build_component(registry, "sampler", n, kw, path="sampler")  # noqa: E731
+        return SamplerChain([[], [build("top-k", k=3)], [build("cfg", scale=2.0), build("temperature", t=0.9)]][kind])
+
+    @_settings(max_examples)
+    @given(gh=st.integers(1, 4), gw=st.integers(1, 4), depth3=st.booleans(), seed=st.integers(0, 2**16),
+           pos=st.sampled_from(["learned", "rope2d"]), kind=st.integers(0, 2))
+    def properties(gh: int, gw: int, depth3: bool, seed: int, pos: str, kind: int) -> None:
+        tok, gen = make(*(tokenizer or pixel_layout(gh, gw, depth3)))
+        L, V = tok.layout.length, tok.vocab_size
+        spec = gen.model_spec()
+        assert spec.seq_len >= 1 and spec.vocab_size >= V and spec.heads, f"{name}: malformed model_spec {spec}"
+        g = torch.Generator().manual_seed(seed)
+        B = 4
+        codes = torch.randint(0, V, (B, L), generator=g)
+        cond = torch.randint(0, 3, (B,), generator=g)
+        model = _tiny_model(spec, pos=pos, seed=seed)
+
+        # the teacher-forcing batch
+        batch = _seeded_batch(gen, codes, cond, seed)
+        T = batch.inputs.shape[1]
+        assert T <= spec.seq_len, f"{name}: training sequence {T} longer than spec.seq_len {spec.seq_len}"
+        assert batch.targets.shape[:2] == (B, T) and batch.loss_mask.shape[:2] == (B, T), (
+            f"{name}: targets/loss_mask must be [B, T] like inputs {tuple(batch.inputs.shape)}")
+        assert batch.loss_mask.dtype == torch.bool and batch.loss_mask.any(), f"{name}: empty or non-bool loss_mask"
+        tm = batch.targets[batch.loss_mask]
+        assert tm.min() >= 0 and tm.max() < max(spec.heads), f"{name}: targets outside the head vocabulary"
+        if spec.input_kind == "tokens":
+            assert batch.inputs.min() >= 0 and batch.inputs.max() < spec.vocab_size, f"{name}: input ids out of range"
+
+        # no leak: the logits that predict code j do not see code j
+        j = int(torch.randint(0, L, (1,), generator=g))
+        other = codes.clone()
+        other[:, j] = (codes[:, j] + 1 + torch.randint(0, max(V - 1, 1), (B,), generator=g)) % V
+        batch2 = _seeded_batch(gen, other, cond, seed)
+        assert torch.equal(batch.loss_mask, batch2.loss_mask), f"{name}: loss_mask depends on the code values"
+        changed = (batch.targets != batch2.targets) & batch.loss_mask
+        if changed.dim() == 3:
+            changed = changed.any(-1)
+        if changed.any():
+            a, b = _logits_of(model, batch), _logits_of(model, batch2)
+            diff = (a - b).abs()[changed].max().item()
+            assert diff <= 1e-5, (
+                f"{name}: the training mask leaks: changing code {j} changes the logits that predict it by {diff:.3g}")
+
+        # generation: shapes, NFE, determinism, batch independence
+        sampler = chain(kind)
+        sampler.bind(SamplerContext(vocab_size=V, code_embeddings=tok.code_embeddings(),
+                                    token_embeddings=model.token_embeddings()))
+        model.reset()
+        out = gen.generate(model, sampler, cond, rng=RowRNG(seed, torch.arange(B)))
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.long and tuple(out.shape) == (B, L), (
+            f"{name}: generate must return LongTensor[{B}, {L}], got {getattr(out, 'dtype', None)} "
+            f"{tuple(getattr(out, 'shape', ()))}")
+        assert out.min() >= 0 and out.max() < V, f"{name}: generated codes outside [0, {V})"
+        expected = gen.expected_nfe()
+        if expected is not None:
+            assert model.nfe == expected, f"{name}: {model.nfe} forward passes, expected_nfe() says {expected}"
+        again = gen.generate(model, sampler, cond, rng=RowRNG(seed, torch.arange(B)))
+        assert torch.equal(out, again), f"{name}: the same seed gave different codes"
+        i = int(torch.randint(0, B, (1,), generator=g))
+        alone = gen.generate(model, sampler, cond[i : i + 1], rng=RowRNG(seed, [i]))
+        assert torch.equal(alone[0], out[i]), f"{name}: image {i} differs when generated alone vs in a batch"
+
+        if getattr(gen, "supports_known", False):
+            mask = torch.rand(B, L, generator=g) < 0.5
+            got = gen.generate(model, sampler, cond, rng=RowRNG(seed, torch.arange(B)), known=Known(codes, mask))
+            assert torch.equal(got[mask], codes[mask]), f"{name}: inpainting changed a known token"
+
+        if getattr(gen, "exact_likelihood", False):
+            ll = gen.log_likelihood(model, codes, cond)
+            assert tuple(ll.shape) == (B,) and torch.isfinite(ll).all() and (ll <= 1e-4).all(), (
+                f"{name}: log_likelihood must be finite log-probabilities [B], got {ll}")
+
+    properties()
+
+    if getattr(registry.get("generator", name).cls, "exact_likelihood", False) and tokenizer is None:
+        # an exact likelihood sums to one over every sequence (V = 2, L = 6: 64 sequences)
+        tok, gen = make("pixel", {"bits": 1, "image_shape": (1, 2, 3)})
+        L, V = tok.layout.length, tok.vocab_size
+        model = _tiny_model(gen.model_spec(), pos="rope2d", seed=1)
+        every = torch.cartesian_prod(*[torch.arange(V)] * L).reshape(-1, L)
+        for c in (0, 3):
+            total = torch.logsumexp(gen.log_likelihood(model, every, torch.full((every.shape[0],), c)).double(), 0)
+            assert abs(total.item()) < 1e-4, f"{name}: exp(log_likelihood) sums to {total.exp().item():.6f} over all codes"
+
+
+CHECKS["generator"] = check_generator
+
+
 def check(kind: str, name: str, **config: Any) -> None:
     """Run the conformance properties of ``kind`` on the component ``name``
     built with ``config``; raises ``AssertionError`` on the first violation."""

@@ -136,10 +136,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 def save_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                         meta: dict[str, str] | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    scalars = []  # 0-d tensors (AdamW's step) are stored as [1] and restored
     for i, state in optimizer.state_dict()["state"].items():
         for k, v in state.items():
-            tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    save_tensors(path, tensors, {**(meta or {}), "step": str(step)})
+            v = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            if v.dim() == 0:
+                scalars.append(f"optim.{i}.{k}")
+                v = v.reshape(1)
+            tensors[f"optim.{i}.{k}"] = v
+    save_tensors(path, tensors, {**(meta or {}), "step": str(step), "scalars": ",".join(scalars)})
 
 
 def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -152,7 +157,10 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
         raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
     if optimizer is not None:
         state: dict[int, dict[str, torch.Tensor]] = {}
+        scalars = set(filter(None, meta.get("scalars", "").split(",")))
         for k, v in tensors.items():
+            if k in scalars:
+                v = v.reshape(())
             if k.startswith("optim."):
                 _, i, name = k.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
