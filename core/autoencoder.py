@@ -1,0 +1,176 @@
+"""Encoder → quantiser → decoder tokenizers: the shared skeleton.
+
+A learned tokenizer plugin derives from :class:`AutoencoderTokenizer`, gives
+its ``Config`` the common fields of :class:`AutoencoderConfig` (by
+inheriting it) and implements only its quantiser:
+
+- ``quantize(z)``: ``z`` ``(B, D, h, w)`` from the encoder →
+  :class:`QuantOut` (the decoder's input with straight-through gradients, the
+  codes ``LongTensor[B, L]`` in the layout's flat order, the quantiser's own
+  losses in training mode, statistics);
+- ``dequantize(codes)``: ``LongTensor[B, L]`` → the decoder's input;
+- ``code_embeddings()``.
+
+The base class builds the :mod:`tokenloom.convnet` encoder and decoder,
+validates inputs, clamps decoded images to [-1, 1], and trains with
+:func:`tokenloom.tokenizer_train.train_tokenizer` (AdamW on the MSE
+reconstruction loss plus the quantiser's losses). All initial weights come
+from ``config.seed``, never from the global random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from .convnet import DOWNSAMPLE_FACTORS, Decoder, Encoder
+from .errors import ConfigError
+from .interfaces import Tokenizer
+
+
+def _in(*choices: int):
+    def check(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"'{attribute.name}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class AutoencoderConfig:
+    """Fields every learned tokenizer shares (a plugin's ``Config`` inherits them).
+
+    - ``downsample``: encoder stride (2, 4 or 8; 1 only for tests) — the token
+      grid is ``H/downsample × W/downsample``;
+    - ``channels``: width of the first encoder level (deeper levels: 2×);
+    - ``steps``, ``batch_size``, ``lr``, ``weight_decay``: the training run
+      :meth:`~AutoencoderTokenizer.fit` does by default (AdamW, linear warm-up
+      then cosine decay to 10 % of ``lr``);
+    - ``seed``: initial weights and training batches.
+    """
+
+    downsample: int = attrs.field(default=4, validator=_in(*DOWNSAMPLE_FACTORS))
+    channels: int = attrs.field(default=16, validator=[attrs.validators.ge(4), attrs.validators.le(1024)])
+    steps: int = attrs.field(default=1500, validator=attrs.validators.ge(0))
+    batch_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    lr: float = attrs.field(default=2e-3, validator=attrs.validators.gt(0.0))
+    weight_decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    seed: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+
+@attrs.define
+class QuantOut:
+    """What a quantiser returns.
+
+    - ``latent``: the decoder's input ``(B, D', h, w)`` (straight-through in
+      training mode);
+    - ``codes``: ``LongTensor[B, L]`` in the layout's flat order;
+    - ``loss``: the quantiser's own loss (commitment, codebook, entropy), a
+      scalar tensor (zero in eval mode or when there is none);
+    - ``stats``: floats for the progress bar and the fit report;
+    - ``aux_latents``: further decoder inputs whose decoded images are also
+      pulled towards the input (FlexVAR's coarse scales), averaged into the
+      reconstruction loss.
+    """
+
+    latent: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    stats: dict[str, float] = attrs.Factory(dict)
+    aux_latents: list[torch.Tensor] = attrs.Factory(list)
+
+
+class AutoencoderTokenizer(Tokenizer):
+    """Base of the learned tokenizers (see the module docstring)."""
+
+    def __init__(self, config: Any, *, image_shape: tuple[int, int, int], latent_channels: int,
+                 decoder_channels: int | None = None):
+        super().__init__(config, image_shape=image_shape)
+        c, h, w = self.image_shape
+        ds = config.downsample
+        if h % ds or w % ds:
+            raise ConfigError(f"downsample = {ds} does not divide the image size {h}×{w}")
+        self.grid = (h // ds, w // ds)
+        self.latent_channels = latent_channels
+        with self.seeded(0):
+            self.encoder = Encoder(c, latent_channels, downsample=ds, channels=config.channels)
+            self.decoder = Decoder(decoder_channels or latent_channels, c, downsample=ds, channels=config.channels)
+
+    @contextlib.contextmanager
+    def seeded(self, offset: int = 1) -> Iterator[None]:
+        """Run a block (e.g. building the quantiser) with the global torch RNG
+        seeded from ``config.seed`` and ``offset``, restoring it afterwards."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.config.seed) * 1000003 + offset)
+            yield
+
+    # -- to implement -------------------------------------------------------
+    def quantize(self, z: torch.Tensor) -> QuantOut:
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        """Called after each optimiser step (e.g. dead-code restart); returns stats."""
+        return {}
+
+    # -- the contract -------------------------------------------------------
+    # encode/decode run image by image: convolution and matmul kernels pick
+    # different blockings for different batch sizes, and image i's codes and
+    # pixels must not depend on its batch neighbours (bit for bit).
+    @staticmethod
+    def _per_image(fn: Any, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= 1:
+            return fn(x)
+        return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        images = self.check_images(images)
+        return self._per_image(lambda x: self.quantize(self.encoder(x)).codes, images)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = self.check_codes(codes)
+        return self._per_image(lambda c: self.decoder(self.dequantize(c)).clamp(-1.0, 1.0).float(), codes)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(images))`` without the round trip through codes."""
+        images = self.check_images(images)
+        return self._per_image(lambda x: self.decoder(self.quantize(self.encoder(x)).latent).clamp(-1.0, 1.0), images)
+
+    def training_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """MSE reconstruction loss plus the quantiser's losses on one batch."""
+        q = self.quantize(self.encoder(images))
+        rec = F.mse_loss(self.decoder(q.latent), images)
+        if q.aux_latents:
+            aux = torch.stack([F.mse_loss(self.decoder(a), images) for a in q.aux_latents]).mean()
+            rec = 0.5 * (rec + aux)
+        loss = rec + q.loss
+        return loss, {"loss": float(loss.detach()), "rec": float(rec.detach()), **q.stats}
+
+    def fit(self, images: torch.Tensor, *, steps: int | None = None, progress: bool = True,
+            checkpoint: Any = None, checkpoint_every: int = 100) -> dict[str, float]:
+        """Train for ``steps`` (default ``config.steps``) AdamW steps on
+        ``images``; with ``checkpoint`` (a path) the training state is saved
+        atomically every ``checkpoint_every`` steps and a run resumes from it."""
+        from .tokenizer_train import train_tokenizer
+
+        cfg = self.config
+        return train_tokenizer(
+            self, images, steps=cfg.steps if steps is None else steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            weight_decay=cfg.weight_decay, seed=cfg.seed, progress=progress, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+        )
+
+
+def grid_to_codes(idx: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w)`` or ``(B, h, w, D)`` indices -> ``LongTensor[B, L]``
+    row-major, depth-minor (the layout's flat order)."""
+    return idx.reshape(idx.shape[0], -1).long()
+
+
+__all__ = ["AutoencoderConfig", "AutoencoderTokenizer", "QuantOut", "grid_to_codes"]

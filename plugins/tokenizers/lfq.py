@@ -1,0 +1,76 @@
+"""``lfq``: lookup-free (binary) quantisation (MAGVIT-v2: Yu et al. 2024,
+"Language Model Beats Diffusion — Tokenizer is Key to Visual Generation",
+https://arxiv.org/abs/2310.05737; binary spherical variant BSQ: Zhao et al.
+2024, https://arxiv.org/abs/2406.07548).
+
+The encoder emits ``K`` channels per grid position; each is quantised to its
+sign, ``q_i = sign(z_i) ∈ {−1, +1}``, with a straight-through gradient, and the
+token is the binary number of the bits (``Σ 2^(K−1−i)·[z_i > 0]``), so
+``V = 2^K`` with no codebook lookup. Training adds MAGVIT-v2's entropy loss —
+the mean per-position entropy of the soft assignment over all ``2^K`` codes
+minus ``diversity_gamma`` times the entropy of the batch-averaged assignment
+(confident tokens, all codes used) — weighted 0.1, and a commitment loss
+weighted 0.25 (Open-MAGVIT2's settings). ``spherical = true`` l2-normalises
+``z`` and the codes first (BSQ).
+
+Quantiser: ``vector_quantize_pytorch.LFQ``, which implements exactly these
+equations. One scale of ``H/downsample × W/downsample`` tokens;
+``code_embeddings()`` is the implicit ±1 codebook ``[V, K]`` (scaled to unit
+norm when spherical).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import tokenloom
+from tokenloom.autoencoder import AutoencoderConfig, AutoencoderTokenizer, QuantOut
+
+
+class LFQTokenizer(AutoencoderTokenizer):
+    @attrs.frozen
+    class Config(AutoencoderConfig):
+        bits: int = attrs.field(default=10, validator=[attrs.validators.ge(1), attrs.validators.le(18)])
+        entropy_weight: float = attrs.field(default=0.1, validator=attrs.validators.ge(0.0))
+        commitment_weight: float = attrs.field(default=0.25, validator=attrs.validators.ge(0.0))
+        diversity_gamma: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
+        spherical: bool = False
+
+    def __init__(self, config: Config, *, image_shape: tuple[int, int, int]):
+        from vector_quantize_pytorch import LFQ
+
+        super().__init__(config, image_shape=image_shape, latent_channels=config.bits)
+        self.lfq = LFQ(dim=config.bits, codebook_size=2**config.bits, entropy_loss_weight=config.entropy_weight,
+                       commitment_loss_weight=config.commitment_weight, diversity_gamma=config.diversity_gamma,
+                       spherical=config.spherical)
+        self.layout = tokenloom.TokenLayout(scales=(self.grid,))
+        self.vocab_size = 2**config.bits
+
+    def quantize(self, z: torch.Tensor) -> QuantOut:  # z: (B, K, h, w)
+        B, K, h, w = z.shape
+        zq, idx, aux = self.lfq(z.permute(0, 2, 3, 1).reshape(B, h * w, K))  # (B, N, K), (B, N), ()
+        latent = zq.reshape(B, h, w, K).permute(0, 3, 1, 2)
+        loss = aux if self.training else z.new_zeros(())
+        return QuantOut(latent, idx.reshape(B, -1).long(), loss, {"aux": float(loss.detach())})
+
+    def codes_to_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """Indices (any shape) -> code vectors (shape + ``(K,)``), ±1 (or unit-norm)."""
+        return self.lfq.indices_to_codes(idx.long().reshape(-1, 1), project_out=False).reshape(*idx.shape, -1)
+
+    def vectors_to_codes(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors -> the index of their sign pattern."""
+        bits = (vectors > 0).long()
+        return (bits * (2 ** torch.arange(self.config.bits - 1, -1, -1, device=bits.device))).sum(-1)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        return self.codes_to_vectors(codes).reshape(-1, h, w, self.config.bits).permute(0, 3, 1, 2)
+
+    def code_embeddings(self) -> torch.Tensor:
+        return self.codes_to_vectors(torch.arange(self.vocab_size)).detach().float().clone()
+
+
+@tokenloom.hookimpl
+def register_tokenizers(register):
+    register("lfq", LFQTokenizer)
