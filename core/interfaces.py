@@ -478,6 +478,34 @@ class Generator:
         probability). :meth:`training_batch` may draw from torch's global
         random generator: the trainer seeds it from ``(seed, step)``."""
 
+    # -- optional: extra models and run statistics (speculative decoding) -----
+
+    def auxiliary_models(self, model: Any) -> dict[str, Any]:
+        """Models this order needs besides the target, ``{name: ModelConfig}``
+        derived from the run's ``[model]`` config ``model`` (e.g. a small
+        draft model). The pipeline trains each on this generator's spec and
+        teacher-forcing batches, exactly like the target, caches it by its
+        own key and hands it over through :meth:`attach_models`."""
+        return {}
+
+    def auxiliary_train_steps(self, name: str, steps: int) -> int:
+        """Training steps for auxiliary model ``name`` (default: the run's
+        ``[train].steps``)."""
+        return steps
+
+    def attach_models(self, models: dict[str, Any]) -> None:
+        """Receive the trained auxiliary models (instrumented backbones)."""
+
+    def stats(self) -> dict[str, float]:
+        """Run statistics of the :meth:`generate` calls since
+        :meth:`reset_stats` (e.g. ``acceptance_rate``,
+        ``mean_accepted_length``); the pipeline merges them into the run's
+        stats, where metrics read them."""
+        return {}
+
+    def reset_stats(self) -> None:
+        """Forget the statistics gathered so far."""
+
 
 class Sampler:
     """A logits processor: ``processor(logits, info) -> new logits``.

@@ -145,6 +145,15 @@ class KVCache:
         if self.lengths is not None:
             self.lengths = torch.full_like(self.lengths, length)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (``LongTensor[B']``, in that
+        order) — e.g. to drop images that finished decoding."""
+        rows = rows.to(self.k.device)
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.lengths is not None:
+            self.lengths = self.lengths[rows]
+            self.length = int(self.lengths.max()) if self.lengths.numel() else 0
+
     def reset(self) -> None:
         self.length = 0
         self.lengths = None

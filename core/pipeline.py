@@ -167,6 +167,32 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     return model.eval(), record, key
 
 
+def train_auxiliary(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                    tok_hash: str, cache: Path, *, device: torch.device, progress: bool,
+                    data_id: str) -> dict[str, dict]:
+    """Train (or load) the extra models the generator asks for
+    (``generator.auxiliary_models``, e.g. speculative decoding's draft) —
+    each through :func:`train_or_load` with its own ``[model]`` config and
+    step count, so it is cached by its own key — and attach them. Returns
+    each one's training record and key."""
+    from .model import InstrumentedModel
+
+    wanted = generator.auxiliary_models(cfg.model)
+    if not wanted:
+        return {}
+    models, records = {}, {}
+    for name, mcfg in wanted.items():
+        steps = generator.auxiliary_train_steps(name, cfg.train.steps)
+        aux_cfg = attrs.evolve(cfg, model=mcfg, train=attrs.evolve(cfg.train, steps=steps))
+        _say(progress, f"auxiliary model '{name}' for {cfg.generator.name}")
+        model, record, key = train_or_load(aux_cfg, generator, codes, labels, n_classes, tok_hash, cache,
+                                           device=device, progress=progress, data_id=data_id)
+        models[name] = InstrumentedModel(model)
+        records[name] = {**record, "key": key, "model": attrs.asdict(mcfg)}
+    generator.attach_models(models)
+    return records
+
+
 def region_mask(layout: TokenLayout, region: str) -> torch.Tensor:
     """``BoolTensor[L]``: True where a code is *known* (kept) when
     ``region`` is regenerated — ``center`` (inpainting the middle half),
@@ -389,6 +415,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash,
                                               cache, device=device, progress=progress, data_id=data_id)
     wrapped = InstrumentedModel(model)
+    aux_records = train_auxiliary(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash, cache,
+                                  device=device, progress=progress, data_id=data_id)
 
     chain = build_chain(cfg.sampler, registry=registry)
     chain.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
@@ -415,8 +443,10 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     else:
         _say(progress, f"generating {n} samples ({cfg.generator.name}, NFE per batch "
                        f"{generator.expected_nfe() if generator.expected_nfe() is not None else 'adaptive'})")
+        generator.reset_stats()
         gen_codes, stats = generate_codes(generator, wrapped, chain, labels, seed=cfg.seed, known=known,
                                           progress=progress)
+        stats.update(generator.stats())  # e.g. acceptance_rate, mean_accepted_length
         save_tensors(spath, {"codes": gen_codes}, {"stats": json.dumps(stats)})
 
     with torch.no_grad():
@@ -428,6 +458,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     stats = dict(stats)
     stats["train_tokens"] = float(train_record.get("tokens", 0))
     stats["train_flops"] = float(train_record.get("flops", 0))
+    if aux_records:  # e.g. the draft model: training it is part of this order's cost
+        stats["auxiliary_train_flops"] = float(sum(r.get("flops", 0) for r in aux_records.values()))
     nll = heldout_nll(generator, wrapped, hold_codes, holdout.labels)
 
     metrics: dict[str, Any] = {"nfe": stats["nfe"], "seconds_per_image": stats["seconds_per_image"],
@@ -469,6 +501,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         "stats": stats,
         "nll": nll,
         "train": train_record,
+        "auxiliary_models": aux_records,
         "cache": {"tokenizer": tok_hash[:16], "tokenizer_reused": tok_reused, "model": mkey,
                   "model_reused": bool(train_record.get("reused"))},
         "eval_cards": cards,

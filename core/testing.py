@@ -267,6 +267,18 @@ def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: in
                                          n_classes=n_classes, seed=seed).eval())
 
 
+def _attach_tiny_auxiliary(gen: Any, spec: Any, *, pos: str, seed: int) -> None:
+    """Untrained auxiliary models (e.g. a speculative draft) for a generator
+    that asks for them, sized from the tiny target's config."""
+    from .config import ModelConfig
+    from .model import InstrumentedModel, build_model
+
+    wanted = gen.auxiliary_models(ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos))
+    if wanted:
+        gen.attach_models({name: InstrumentedModel(build_model(spec, cfg, n_classes=3, seed=seed + 1 + i).eval())
+                           for i, (name, cfg) in enumerate(wanted.items())})
+
+
 def _logits_of(model: Any, batch: Any) -> torch.Tensor:
     out = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
                 target_positions=batch.extra.get("target_positions"))
@@ -330,6 +342,7 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
         codes = torch.randint(0, V, (B, L), generator=g)
         cond = torch.randint(0, 3, (B,), generator=g)
         model = _tiny_model(spec, pos=pos, seed=seed)
+        _attach_tiny_auxiliary(gen, spec, pos=pos, seed=seed)
 
         # the teacher-forcing batch
         batch = _seeded_batch(gen, codes, cond, seed)

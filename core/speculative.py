@@ -1,0 +1,317 @@
+"""Shared machinery of the speculative decoding family (``speculative``,
+``sjd``): the raster target's spec and teacher forcing, the sampler chain
+applied over a window of positions, the draft-then-verify step, and the
+statistics every such loop reports.
+
+Speculative sampling (Leviathan, Kalman & Matias 2023, "Fast Inference from
+Transformers via Speculative Decoding", https://arxiv.org/abs/2211.17192;
+Chen et al. 2023, https://arxiv.org/abs/2302.01318): drafted tokens
+``d_j ~ q_j`` are judged left to right against the target's ``p_j``; the
+first rejected one is replaced by a draw from the acceptance rule's residual,
+and when every draft is accepted the target's next distribution gives one
+more token for free. With the ``exact`` rule (u < min(1, p/q), residual
+norm(max(p − q, 0))) the committed tokens are distributed exactly as
+next-token sampling from ``p`` — for *any* ``q``, as long as each draft is a
+fresh sample from its ``q`` (or a fixed token with ``q`` one-hot on it).
+
+``p`` and ``q`` are the *processed* distributions: the run's sampler chain
+(guidance, temperature, top-k, ...) is applied to both, position by position
+with the decoding step the raster order would give it, so exactness holds
+for the distribution the user asked for; a greedy chain makes both one-hot,
+and speculative decoding then reproduces greedy decoding token for token.
+
+Every loop here keeps a row's state (its committed length, drafts, KV-cache
+prefix) to itself and draws all its randomness from the run's
+:class:`~tokenloom.rng.RowRNG` at ``(iteration, stream)``, so image *i*
+depends only on ``(seed, i)``, never on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .interfaces import AcceptanceRule, ModelSpec, StepInfo, Tokenizer, TrainBatch, check_codes
+from .rng import RowRNG
+from .sampling import SamplerChain, speculative_residual
+
+NO_POSITION = -1
+
+# RowRNG streams of one decoding iteration (each an independent use)
+STREAM_ACCEPT = 101  # acceptance uniforms, one per window slot
+STREAM_NEXT = 102  # the resampled (or bonus) token
+STREAM_JACOBI = 103  # fresh drafts from the current distributions (SJD)
+STREAM_INIT = 104  # random initial drafts
+STREAM_DRAFT = 200  # + j: the draft model's j-th token
+
+
+# ---------------------------------------------------------------------------
+# The raster target: spec and teacher forcing shared with the `raster` order
+# ---------------------------------------------------------------------------
+
+
+def raster_spec(tokenizer: Tokenizer) -> ModelSpec:
+    """The spec of a plain raster (LlamaGen) model for ``tokenizer`` — equal
+    to the ``raster`` generator's (without RAR), so the pipeline trains one
+    model for raster, ``sjd`` and ``speculative``. Rolling back rejected
+    drafts (``KVCache.truncate``) needs nothing from the trained weights."""
+    L, V = tokenizer.layout.length, tokenizer.vocab_size
+    return ModelSpec(seq_len=L, vocab_size=V, heads=(V,), train_order="raster", attention="causal",
+                     cache_ops=frozenset({"append"}), extra=(), layout=tokenizer.layout)
+
+
+def raster_training_batch(codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str) -> TrainBatch:
+    """Raster teacher forcing: inputs ``[cls, x_0, ..., x_{L-2}]`` at
+    positions ``[-1, 0, ..., L-2]``, targets ``x`` (as ``raster`` without RAR)."""
+    codes = check_codes(codes, L, V, where=where)
+    inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)  # (B, L)
+    positions = torch.arange(-1, L - 1, device=codes.device)
+    return TrainBatch(inputs=inputs, targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
+                      cond=cond.long(), positions=positions)
+
+
+def raster_log_likelihood(model: Any, codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *,
+                          where: str) -> torch.Tensor:
+    """Exact log p(codes | cond) in nats under a raster model (one
+    teacher-forced pass)."""
+    codes = check_codes(codes, L, V, where=where)
+    dev = model.device
+    codes, cond = codes.to(dev), cond.to(dev).long()
+    inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)
+    logits = model(inputs, cond, positions=torch.arange(-1, L - 1, device=dev))  # (B, L, V)
+    return torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
+
+
+# ---------------------------------------------------------------------------
+# Distributions over a window of positions
+# ---------------------------------------------------------------------------
+
+
+def process_window(chain: SamplerChain, logits: torch.Tensor, positions: torch.Tensor, n_steps: int,
+                   uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the chain to ``logits`` ``[B, K, V]`` whose entry ``(b, k)``
+    predicts flat position ``positions[b, k]``: every position gets the
+    :class:`StepInfo` plain raster decoding would give it (``step`` = the
+    position), so scheduled processors (CFG ramps, temperature schedules)
+    see the same step. Positions ``>= n_steps`` (padding past the end) are
+    processed as the last one. Returns processed logits ``[B, K, V]``."""
+    B, K, V = logits.shape
+    pos = positions.clamp(0, n_steps - 1)
+    flat_logits = logits.reshape(B * K, V)
+    flat_uncond = uncond.reshape(B * K, V) if uncond is not None else None
+    flat_pos = pos.reshape(-1)
+    out = torch.empty_like(flat_logits)
+    for t in torch.unique(flat_pos).tolist():
+        sel = (flat_pos == t).nonzero().flatten()
+        info = StepInfo(step=int(t), n_steps=n_steps, positions=flat_pos[sel],
+                        uncond_logits=flat_uncond[sel] if flat_uncond is not None else None)
+        out[sel] = chain(flat_logits[sel], info)
+    return out.reshape(B, K, V)
+
+
+def to_probs(chain: SamplerChain, processed: torch.Tensor) -> torch.Tensor:
+    """The processed distribution as float64 probabilities (one-hot at the
+    argmax for a greedy chain)."""
+    if chain.greedy:
+        return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).double()
+    return torch.softmax(processed.double(), dim=-1)
+
+
+def draw(chain: SamplerChain, processed: torch.Tensor, rng: RowRNG, step: int, stream: int) -> torch.Tensor:
+    """Core's final draw from processed logits ``[B, V]`` or ``[B, K, V]``."""
+    return chain.draw(processed, rng, step, stream=stream)
+
+
+def draw_from_probs(chain: SamplerChain, probs: torch.Tensor, rng: RowRNG, step: int, stream: int) -> torch.Tensor:
+    """One draw per row from probabilities ``[B, V]`` (argmax when greedy)."""
+    if chain.greedy:
+        return probs.argmax(-1)
+    return rng.categorical(torch.log(probs.double()).float(), step, stream=stream)
+
+
+# ---------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------
+
+
+class ExactRule:
+    """Exact speculative acceptance, the default when the chain holds no
+    acceptance rule (the same rule as the ``exact`` sampler)."""
+
+    def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        px = p.gather(-1, drafted[:, None]).squeeze(-1).double()
+        qx = q.gather(-1, drafted[:, None]).squeeze(-1).double()
+        return u.double() * qx < px
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor | None = None) -> torch.Tensor:
+        return speculative_residual(p, q)
+
+
+def acceptance_rule(chain: SamplerChain) -> AcceptanceRule | ExactRule:
+    """The chain's acceptance rule, or exact acceptance when it has none."""
+    return chain.acceptance if chain.acceptance is not None else ExactRule()
+
+
+def verify(rule: Any, chain: SamplerChain, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+           n_valid: torch.Tensor, rng: RowRNG, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Judge drafts left to right and draw the token after the accepted prefix.
+
+    ``p``: ``[B, K + 1, V]`` target probabilities (entry k for draft k, entry
+    K for the position after the window); ``q``: ``[B, K, V]`` the
+    distributions the drafts ``[B, K]`` were drawn from; ``n_valid``: ``[B]``
+    how many drafts lie inside the image (the rest is padding past the end).
+
+    Returns ``(n_accepted [B], next_token [B], rejected [B])``: the accepted
+    prefix length ``a``; the token for slot ``a`` — drawn from the rule's
+    residual at the first rejection, otherwise from ``p[:, a]`` (the bonus
+    token; meaningless when ``a == n_valid < K``, i.e. past the end); and
+    whether a draft was rejected."""
+    B, K, V = q.shape
+    u = rng.uniform(step, K, stream=STREAM_ACCEPT)  # (B, K)
+    ok = rule.accept(p[:, :K].reshape(B * K, V), q.reshape(B * K, V), drafts.reshape(-1),
+                     u.reshape(-1).to(p.device)).reshape(B, K)
+    ok = ok & (torch.arange(K, device=p.device)[None, :] < n_valid[:, None])
+    a = ok.long().cumprod(-1).sum(-1)  # (B,) accepted prefix
+    rejected = a < n_valid
+    rows = torch.arange(B, device=p.device)
+    slot = a.clamp(max=K - 1)
+    residual = rule.residual(p[rows, slot], q[rows, slot], drafts[rows, slot]).double()  # (B, V)
+    target = torch.where(rejected[:, None], residual, p[rows, a])
+    nxt = draw_from_probs(chain, target, rng, step, STREAM_NEXT)
+    return a, nxt, rejected
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+class SpeculativeStats:
+    """Counters accumulated over ``generate`` calls (one per micro-batch)
+    until :meth:`reset`; :meth:`as_dict` gives the run statistics:
+
+    - ``acceptance_rate``: accepted drafts / drafts the rule judged (each
+      verification judges its accepted prefix and at most one rejection) —
+      the per-token acceptance probability, comparable between rules;
+    - ``mean_accepted_length``: tokens committed per verification pass (the
+      accepted drafts plus the resampled or bonus token), ≥ 1;
+    - ``nfe_per_image``: target forward passes per image (a batch takes as
+      many as its slowest image); ``draft_nfe_per_image`` for a draft model;
+    - ``drafted_per_image``: drafted tokens per image inside the image;
+    - ``speedup_nfe`` = L / ``nfe_per_image`` against next-token decoding;
+    - with a baseline measured: ``baseline_seconds_per_image``,
+      ``speculative_seconds_per_image`` and ``speedup_wallclock``.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.images = 0
+        self.tokens = 0
+        self.passes = 0  # per-image verification passes, summed over images
+        self.draft_passes = 0
+        self.judged = 0
+        self.accepted = 0
+        self.drafted = 0
+        self.seconds = 0.0
+        self.baseline_seconds = 0.0
+        self.baseline_images = 0
+
+    def record(self, *, accepted: torch.Tensor, rejected: torch.Tensor, committed: torch.Tensor,
+               drafted: torch.Tensor, draft_passes: int = 0) -> None:
+        """One verification pass of the rows in it (tensors ``[B]``)."""
+        self.passes += int(accepted.numel())
+        self.draft_passes += draft_passes * int(accepted.numel())
+        self.accepted += int(accepted.sum())
+        self.judged += int(accepted.sum() + rejected.long().sum())
+        self.tokens += int(committed.sum())
+        self.drafted += int(drafted.sum())
+
+    def as_dict(self, L: int) -> dict[str, float]:
+        if self.images == 0:
+            return {}
+        out = {
+            "acceptance_rate": self.accepted / self.judged if self.judged else 0.0,
+            "mean_accepted_length": self.tokens / self.passes if self.passes else 0.0,
+            "nfe_per_image": self.passes / self.images,
+            "drafted_per_image": self.drafted / self.images,
+            "speedup_nfe": L * self.images / self.passes if self.passes else 0.0,
+        }
+        if self.draft_passes:
+            out["draft_nfe_per_image"] = self.draft_passes / self.images
+        if self.baseline_images:
+            out["baseline_seconds_per_image"] = self.baseline_seconds / self.baseline_images
+            out["speculative_seconds_per_image"] = self.seconds / self.images
+            out["speedup_wallclock"] = (self.baseline_seconds / self.baseline_images) / max(
+                self.seconds / self.images, 1e-12)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Plain next-token decoding (the baseline every speed-up is measured against)
+# ---------------------------------------------------------------------------
+
+
+def autoregressive_decode(model: Any, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG, L: int) -> torch.Tensor:
+    """Plain raster next-token decoding with a KV cache — one forward pass
+    per token, the chain and the final draw exactly as the ``raster``
+    generator applies them. ``model`` is called as is (pass the bare
+    backbone to keep a measurement out of the instrumented counters)."""
+    B = cond.shape[0]
+    dev = next(model.parameters()).device if hasattr(model, "parameters") else model.device
+    cond = cond.to(dev).long()
+    null = getattr(model, "null_class", getattr(model, "n_classes", None))
+    guided = chain.needs_uncond
+    rows = torch.cat([cond, torch.full_like(cond, null)]) if guided else cond
+    cache = model.new_cache(rows.shape[0], L)
+    codes = torch.zeros(B, L, dtype=torch.long, device=dev)
+    token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        for t in range(L):
+            pos = torch.tensor([t - 1 if t > 0 else NO_POSITION], device=dev)
+            logits = model(token, rows, cache=cache, positions=pos)[:, -1]
+            info = StepInfo(step=t, n_steps=L, positions=torch.full((B,), t, device=dev),
+                            uncond_logits=logits[B:] if guided else None)
+            codes[:, t] = chain.sample(logits[:B], info, rng)
+            token = codes[:, t : t + 1].repeat(2, 1) if guided else codes[:, t : t + 1]
+    return codes
+
+
+def time_baseline(model: Any, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG, L: int) -> float:
+    """Wall-clock seconds of :func:`autoregressive_decode` on the bare
+    backbone behind ``model`` (not counted by the instrumentation)."""
+    inner = getattr(model, "model", model)
+    if next(inner.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    autoregressive_decode(inner, chain, cond, rng, L)
+    if next(inner.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def check_not_known(name: str, known: Any) -> None:
+    if known is not None:
+        raise InputError(f"{name} does not support known= (use 'random' or 'masked' to inpaint)")
+
+
+__all__ = [
+    "raster_spec",
+    "raster_training_batch",
+    "raster_log_likelihood",
+    "process_window",
+    "to_probs",
+    "draw",
+    "draw_from_probs",
+    "ExactRule",
+    "acceptance_rule",
+    "verify",
+    "SpeculativeStats",
+    "autoregressive_decode",
+    "time_baseline",
+    "check_not_known",
+]

@@ -1,0 +1,218 @@
+"""``sjd``: Speculative Jacobi Decoding — Teng et al. 2024, "Accelerating
+Auto-regressive Text-to-Image Generation with Training-free Speculative
+Jacobi Decoding", https://arxiv.org/abs/2410.01699 (ICLR 2025).
+
+Training-free on a raster (LlamaGen-style) model: the model drafts for
+itself. Each image keeps a window of ``window`` draft tokens after its
+committed prefix; one forward pass feeds the last committed token and the
+whole window under the causal mask and returns, for every window slot, the
+distribution p of that position given everything before it.
+
+1. **Verify** (probabilistic, as in speculative sampling): drafts are judged
+   left to right; draft x, drawn from q — the distribution its slot had in
+   the *previous* Jacobi iteration — is accepted when u < min(1, p(x)/q(x));
+   at the first rejection the token is redrawn from norm(max(p − q, 0)), and
+   when the whole window is accepted the last distribution gives one more
+   token. (Any acceptance rule in the chain — ``lantern``, ``gsd`` — replaces
+   this exact rule.)
+2. **Jacobi update**: the slots after the first rejection are not thrown
+   away: each gets a fresh draft sampled from its current p (which becomes
+   its q for the next iteration) — the fixed-point iteration of Jacobi
+   decoding, with the rejection step keeping the output distribution exact.
+3. **Initialisation**: the window then slides; new slots at its end are
+   initialised from spatially nearby tokens (the spatial-locality
+   initialisation of the SJD reference code and its follow-up, SJD++:
+   ``init = "left"`` copies the token to the left in the same image row,
+   ``"above"`` the token one image row up — either committed or the current
+   draft there — falling back to the other neighbour, then to a uniformly
+   random code; ``"random"`` is the paper's original random initialisation).
+   An initialised draft is a fixed token, so its q is one-hot on it, which
+   keeps the acceptance test exact.
+
+Each image advances by its own accepted length: its committed length, its
+window and its KV-cache prefix (rolled back with per-row
+``KVCache.truncate``) are its own, and all its randomness comes from the
+run's :class:`~tokenloom.rng.RowRNG` at (iteration, stream), so image *i*
+never depends on its batch neighbours. With a greedy chain every
+distribution is one-hot and the output equals greedy raster decoding token
+for token. NFE per image is the number of Jacobi iterations (< L; the paper
+reports about 2× fewer steps); a batch runs until its slowest image is done,
+and finished images leave the batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import torch
+
+import tokenloom
+from tokenloom import speculative as spec
+from tokenloom.rng import RowRNG
+from tokenloom.sampling import SamplerChain
+
+
+class SJDGenerator(tokenloom.Generator):
+    exact_likelihood = True  # the raster model's likelihood (decoding is exact with the exact rule)
+
+    @attrs.frozen
+    class Config:
+        window: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+        init: str = attrs.field(default="left", validator=attrs.validators.in_(("left", "above", "random")))
+        baseline: bool = False  # also time plain next-token decoding: speedup_wallclock
+
+    def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
+        super().__init__(config, tokenizer=tokenizer)
+        self.L = tokenizer.layout.length
+        self.V = tokenizer.vocab_size
+        layout = tokenizer.layout
+        # the 2-D grid spatial initialisation looks up (none for multi-scale layouts)
+        self.grid = (layout.grid[1], layout.depth) if layout.n_scales == 1 else None
+        self._stats = spec.SpeculativeStats()
+
+    # -- the raster model ------------------------------------------------------
+
+    def model_spec(self) -> tokenloom.ModelSpec:
+        return spec.raster_spec(self.tokenizer)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
+        return spec.raster_training_batch(codes, cond, self.L, self.V, where="sjd.training_batch: codes")
+
+    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
+        return spec.raster_log_likelihood(model, codes, cond, self.L, self.V, where="sjd.log_likelihood: codes")
+
+    # -- statistics ------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Acceptance statistics of the ``generate`` calls since
+        :meth:`reset_stats` (see :class:`tokenloom.speculative.SpeculativeStats`)."""
+        return self._stats.as_dict(self.L)
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    # -- decoding --------------------------------------------------------------
+
+    def _initial_draft(self, pos: torch.Tensor, committed: torch.Tensor, n: torch.Tensor, window: torch.Tensor,
+                       u: torch.Tensor) -> torch.Tensor:
+        """Spatial-locality initial drafts for flat positions ``pos`` [B]:
+        the neighbour's token (committed, or the current draft in ``window``
+        whose slot 0 is position ``n``), else a random code from ``u``."""
+        B = pos.shape[0]
+        rows = torch.arange(B, device=pos.device)
+        rand = (u * self.V).long().clamp(max=self.V - 1)
+        if self.config.init == "random" or self.grid is None:
+            return rand
+        w, depth = self.grid  # flat order: row-major cells, depth-minor
+        cell = pos // depth
+        left_ok, above_ok = (cell % w) > 0, cell >= w
+        left, above = pos - depth, pos - w * depth  # same depth, one cell left / one row up
+        if self.config.init == "left":
+            src = torch.where(left_ok, left, above)
+        else:
+            src = torch.where(above_ok, above, left)
+        has = left_ok | above_ok
+        src = src.clamp(min=0)
+        from_window = src >= n
+        tok_c = committed[rows, src.clamp(max=self.L - 1)]
+        tok_w = window[rows, (src - n).clamp(0, window.shape[1] - 1)]
+        tok = torch.where(from_window, tok_w, tok_c)
+        return torch.where(has, tok, rand)
+
+    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+        spec.check_not_known("sjd", known)
+        chain = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+        t0 = time.perf_counter()
+        codes = self._jacobi(model, chain, cond, rng)
+        self._stats.seconds += time.perf_counter() - t0
+        self._stats.images += cond.shape[0]
+        if self.config.baseline:
+            self._stats.baseline_seconds += spec.time_baseline(model, chain, cond, rng, self.L)
+            self._stats.baseline_images += cond.shape[0]
+        return codes
+
+    def _jacobi(self, model, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG) -> torch.Tensor:
+        rule = spec.acceptance_rule(chain)
+        L, V, dev = self.L, self.V, model.device
+        W = min(self.config.window, L)
+        B = cond.shape[0]
+        cond = cond.to(dev).long()
+        guided = chain.needs_uncond
+        out = torch.zeros(B, L, dtype=torch.long, device=dev)
+
+        # state of the active rows (finished rows leave the batch)
+        idx = torch.arange(B, device=dev)  # image rows still decoding
+        codes = torch.zeros(B, L, dtype=torch.long, device=dev)  # committed tokens
+        n = torch.zeros(B, dtype=torch.long, device=dev)  # committed length
+        drafts = torch.zeros(B, W, dtype=torch.long, device=dev)  # window: positions n .. n+W-1
+        q = torch.zeros(B, W, V, dtype=torch.float64, device=dev)
+        u0 = rng.uniform(0, W, stream=spec.STREAM_INIT).to(dev)
+        for j in range(W):  # the first window: initialised only
+            drafts[:, j] = self._initial_draft(torch.full((B,), j, device=dev), codes, n, drafts, u0[:, j])
+        q = torch.nn.functional.one_hot(drafts, V).double()
+
+        rows_of = lambda c: torch.cat([c, torch.full_like(c, model.null_class)]) if guided else c  # noqa: E731
+        cache = model.new_cache(2 * B if guided else B, L + W + 2)
+        last = torch.zeros(B, dtype=torch.long, device=dev)  # x_{n-1} (the class slot at n = 0)
+        it = 0
+        while idx.numel():
+            it += 1
+            sub = rng.subset(idx.cpu()) if idx.numel() != B else rng
+            k = idx.numel()
+            slots = n[:, None] + torch.arange(W + 1, device=dev)  # (k, W+1) sequence index of each input
+            inputs = torch.cat([last[:, None], drafts], 1)  # (k, W+1)
+            positions = (slots - 1).clamp(max=L - 1)
+            if guided:
+                inputs, positions = inputs.repeat(2, 1), positions.repeat(2, 1)
+            logits = model(inputs, rows_of(cond[idx]), cache=cache, positions=positions)  # (rows, W+1, V)
+            processed = spec.process_window(chain, logits[:k], slots, L, logits[k:] if guided else None)
+            p = spec.to_probs(chain, processed)  # (k, W+1, V)
+
+            n_valid = (L - n).clamp(max=W)
+            a, nxt, rejected = spec.verify(rule, chain, p, q, drafts, n_valid, sub, it)
+            new_n = (n + a + 1).clamp(max=L)
+            self._stats.record(accepted=a, rejected=rejected, committed=new_n - n, drafted=n_valid)
+
+            # commit the accepted prefix and the next token
+            ar = torch.arange(W, device=dev)
+            kr, kj = (ar[None, :] < a[:, None]).nonzero(as_tuple=True)
+            codes[kr, n[kr] + kj] = drafts[kr, kj]
+            put = (n + a) < L
+            rows = torch.arange(k, device=dev)
+            codes[rows[put], (n + a)[put]] = nxt[put]
+            lengths = new_n.clone()
+
+            # Jacobi update: slots after the commit get fresh drafts from their current p
+            fresh = spec.draw(chain, processed, sub, it, spec.STREAM_JACOBI)  # (k, W+1)
+            src = (a + 1)[:, None] + ar  # slot of this iteration's window feeding new slot j
+            carried = src <= W
+            srcc = src.clamp(max=W)
+            new_drafts = torch.where(carried, fresh.gather(1, srcc), torch.zeros_like(drafts))
+            new_q = torch.where(carried[..., None], p.gather(1, srcc[..., None].expand(k, W, V)),
+                                torch.zeros_like(q))
+            u = sub.uniform(it, W, stream=spec.STREAM_INIT).to(dev)
+            for j in range(W):  # initialise the slots that entered the window, left to right
+                need = ~carried[:, j]
+                if need.any():
+                    tok = self._initial_draft(new_n + j, codes, new_n, new_drafts, u[:, j])
+                    new_drafts[:, j] = torch.where(need, tok, new_drafts[:, j])
+            new_q = torch.where(carried[..., None], new_q, torch.nn.functional.one_hot(new_drafts, V).double())
+
+            last = codes[rows, (new_n - 1).clamp(min=0)]
+            n, drafts, q = new_n, new_drafts, new_q
+            cache.truncate(torch.cat([lengths, lengths]) if guided else lengths)
+
+            done = n >= L
+            if done.any():
+                out[idx[done]] = codes[done]
+                live = (~done).nonzero().flatten()
+                idx, codes, n, drafts, q, last = idx[live], codes[live], n[live], drafts[live], q[live], last[live]
+                if idx.numel():
+                    cache.select_rows(torch.cat([live, live + k]) if guided else live)
+        return out
+
+
+@tokenloom.hookimpl
+def register_generators(register):
+    register("sjd", SJDGenerator)
