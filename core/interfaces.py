@@ -268,7 +268,12 @@ class MetricContext:
       decode(encode(real));
     - ``stats``: run statistics (``nfe``, ``seconds_per_image``, ...);
     - ``tokenizer``, ``model``, ``generator``: the run's components;
-    - ``seed``: the run seed; ``device``: where to compute.
+      ``data``: the :class:`tokenloom.data.ImageSet` the real images come
+      from (its ``class_names`` and per-image ``attributes``);
+    - ``seed``: the run seed; ``device``: where to compute;
+    - ``cache_dir``: where metrics may cache expensive artifacts (feature
+      extractor weights, reference-set features); None: ``$TOKENLOOM_CACHE_DIR``
+      or ``~/.cache/tokenloom``.
     """
 
     real: torch.Tensor | None = None
@@ -284,6 +289,7 @@ class MetricContext:
     data: Any = None
     seed: int = 0
     device: str = "cpu"
+    cache_dir: str | None = None
 
 
 # ---------------------------------------------------------------------------
