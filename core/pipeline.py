@@ -56,6 +56,16 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+def component_key(c: Any) -> dict:
+    """A component's identity for cache keys: its name and *full* structured
+    config (defaults included, so a plugin changing a default invalidates
+    the cache) — the raw table when the config is not an attrs instance."""
+    cfg = c.config
+    if cfg is not None and attrs.has(type(cfg)):
+        return {"name": c.name, "config": attrs.asdict(cfg)}
+    return c.table()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +100,8 @@ def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry
     """The fitted tokenizer, its identity (a hash of its config key and
     weights) and whether it came from the cache."""
     shape = image_shape_of(cfg)
-    key = stable_hash({"tokenizer": cfg.tokenizer.table(), "data": data_id, "seed": cfg.seed, "image_shape": shape})
+    key = stable_hash({"tokenizer": component_key(cfg.tokenizer), "data": data_id, "seed": cfg.seed,
+                       "image_shape": shape})
     path = cache / f"tokenizer-{key}.safetensors"
     if path.is_file():
         tok = load_component(path, image_shape=shape)
@@ -434,7 +445,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     else:
         labels = torch.arange(n) % n_classes
 
-    skey = stable_hash({"model": mkey, "generator": cfg.generator.table(), "sampler": [s.table() for s in cfg.sampler],
+    skey = stable_hash({"model": mkey, "generator": component_key(cfg.generator),
+                        "sampler": [component_key(s) for s in cfg.sampler],
                         "n": n, "region": region, "seed": cfg.seed, "micro_batch": MICRO_BATCH})
     spath = cache / f"samples-{skey}.safetensors"
     if spath.is_file():
@@ -543,7 +555,7 @@ __all__ = ["run", "run_file", "heldout_nll", "generate_codes", "region_mask", "s
 #: tokenizer (4×4 codes), the raster order, top-k sampling.
 DEMO = {
     "seed": 0,
-    "data": {"name": "shapes", "size": 16, "n": 2000, "n_holdout": 200},
+    "data": {"name": "shapes", "size": 16, "n": 20000, "n_holdout": 200},
     "tokenizer": {"name": "vq", "codebook_size": 64, "downsample": 4, "steps": 600},
     "generator": {"name": "raster"},
     "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
