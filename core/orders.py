@@ -1,0 +1,246 @@
+"""Building blocks shared by the generation-order plugins.
+
+The orders that decode several tokens per forward pass (``next-block``,
+``next-cell``, ``par``, ``neighboring``, ``zipar``, ``random-parallel``,
+...) repeat a few pieces that belong in core rather than in any one plugin:
+
+- :func:`grid_of` — the single-scale ``(h, w, depth)`` of a tokenizer's
+  layout, or a :class:`~tokenloom.errors.ConfigError` naming the order;
+- :func:`guidance_rows` / :func:`sample_codes` — classifier-free guidance
+  rows batched with the conditional ones, and the chain's draw for ``k``
+  positions of every image at once;
+- :func:`check_known` — validation of ``known=`` inputs;
+- :class:`GroupOrder` — *next-group prediction*: the flat codes are put in a
+  decoding order and cut into equal groups; every token of group g predicts
+  the token at the same offset of group g + 1, attention is causal between
+  groups and bidirectional inside one (NBP's next-block prediction, and the
+  k×k cells of xAR's next-cell prediction);
+- :class:`MaskedCache` — an append-only KV cache whose keys carry a grid
+  position and a validity flag, for decoding loops that must hide stale
+  entries (a ZipAR stand-in token, a RandAR query re-fed with its token)
+  through an explicit attention mask instead of rewriting the cache.
+
+Everything here is deterministic and free of randomness: samples come from
+the run's :class:`~tokenloom.rng.RowRNG` through the sampler chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, InputError
+from .interfaces import Known, ModelSpec, StepInfo, TrainBatch, check_codes
+
+NO_POSITION = -1
+
+
+# ---------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------
+
+
+def grid_of(tokenizer: Any, who: str, *, allow_depth: bool = True) -> tuple[int, int, int]:
+    """``(h, w, depth)`` of a single-scale layout; a :class:`ConfigError`
+    naming ``who`` for multi-scale layouts (and for residual depth when
+    ``allow_depth`` is False)."""
+    layout = tokenizer.layout
+    if layout.n_scales != 1:
+        raise ConfigError(
+            f"{who} needs a single-scale token grid, but tokenizer {type(tokenizer).__name__} has "
+            f"{layout.n_scales} scales {list(layout.scales)} (use next-scale for multi-scale tokenizers)")
+    if not allow_depth and layout.depth != 1:
+        raise ConfigError(
+            f"{who} needs one code per grid position, but tokenizer {type(tokenizer).__name__} has residual "
+            f"depth {layout.depth} (use depth-stack for residual stacks)")
+    h, w = layout.scales[0]
+    return h, w, layout.depth
+
+
+def flat_index(h: int, w: int, depth: int) -> torch.Tensor:
+    """``LongTensor[h, w, depth]``: the flat code position of (row, col, d)
+    (row-major, depth minor — :class:`tokenloom.TokenLayout`'s order)."""
+    return torch.arange(h * w * depth).reshape(h, w, depth)
+
+
+# ---------------------------------------------------------------------------
+# Guidance rows and the draw
+# ---------------------------------------------------------------------------
+
+
+def guidance_rows(cond: torch.Tensor, sampler: Any, model: Any) -> tuple[torch.Tensor, bool]:
+    """The class rows a decoding loop feeds: ``cond`` alone, or ``cond``
+    followed by as many null-class rows when the chain needs unconditional
+    logits (classifier-free guidance in one batched pass)."""
+    guided = bool(getattr(sampler, "needs_uncond", False))
+    rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
+    return rows, guided
+
+
+def sample_codes(sampler: Any, logits: torch.Tensor, rng: Any, *, B: int, guided: bool, step: int, n_steps: int,
+                 positions: torch.Tensor, scale: int | None = None, n_scales: int | None = None) -> torch.Tensor:
+    """Process ``logits`` (``[rows, k, V]``: the conditional rows first, then
+    the unconditional ones when ``guided``) through the chain and draw one
+    code per row and position: ``LongTensor[B, k]``. ``positions`` is
+    ``[B, k]`` (flat code positions, for the samplers' ``StepInfo``)."""
+    info = StepInfo(step=step, n_steps=n_steps, positions=positions, scale=scale, n_scales=n_scales,
+                    uncond_logits=logits[B:] if guided else None)
+    return sampler.sample(logits[:B], info, rng)
+
+
+def check_known(known: Known, B: int, L: int, V: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``(codes [B, L], mask [B, L])`` of a :class:`Known`."""
+    codes = check_codes(known.codes, L, V, where="known.codes").to(device)
+    mask = known.mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, L):
+        raise InputError(f"known.mask: expected a BoolTensor [{B}, {L}], got "
+                         f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+    if codes.shape[0] != B:
+        raise InputError(f"known.codes: expected {B} rows (one per image), got {codes.shape[0]}")
+    return codes, mask.to(device)
+
+
+# ---------------------------------------------------------------------------
+# Next-group prediction (NBP blocks, xAR-style cells)
+# ---------------------------------------------------------------------------
+
+
+class GroupOrder:
+    """Next-group prediction over a fixed decoding order.
+
+    ``order``: ``LongTensor[L]``, the flat code positions in decoding order;
+    ``group``: codes per group (``L % group == 0``). With ``G = L / group``
+    groups and ``V`` the tokenizer vocabulary, the teacher-forcing sequence
+    (``T = L + 1``) is::
+
+        index 0                      the class token (no position)
+        index 1 + o                  START (id V) at the position of group 0, offset o
+        index 1 + g·n + o  (g >= 1)  the code of group g - 1, offset o, at its position
+
+    and the target at index ``1 + g·n + o`` is the code of group ``g``,
+    offset ``o``: each token predicts the token at the same offset of the
+    next group, and the START block (learned, one id, told apart by its
+    positions) predicts the first group. Attention is block-causal with
+    blocks ``(1, n, n, ..., n)`` — causal between groups, bidirectional
+    inside — so decoding takes ``G`` forward passes with a KV cache.
+    """
+
+    def __init__(self, order: torch.Tensor, group: int, *, vocab_size: int, layout: Any, train_order: str):
+        L = order.numel()
+        if group < 1 or L % group:
+            raise ConfigError(f"group size {group} does not divide the {L} codes")
+        self.order = order.long()
+        self.n = group
+        self.G = L // group
+        self.L = L
+        self.V = vocab_size
+        self.start_id = vocab_size
+        self.layout = layout
+        self.train_order = train_order
+
+    def block_sizes(self) -> tuple[int, ...]:
+        return (1,) + (self.n,) * self.G
+
+    def model_spec(self, **extra: Any) -> ModelSpec:
+        return ModelSpec(
+            seq_len=self.L + 1,
+            vocab_size=self.V + 1,
+            n_extra_tokens=1,
+            heads=(self.V,),
+            train_order=self.train_order,
+            attention="block-causal",
+            cache_ops=frozenset({"append"}),
+            extra=tuple(sorted({"block_sizes": self.block_sizes(), **extra}.items())),
+            layout=self.layout,
+        )
+
+    def positions(self, device: Any) -> torch.Tensor:
+        """``LongTensor[L + 1]``: the grid position of every input."""
+        order = self.order.to(device)
+        none = torch.full((1,), NO_POSITION, dtype=torch.long, device=device)
+        return torch.cat([none, order[: self.n], order[: self.L - self.n]])
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
+        B = codes.shape[0]
+        dev = codes.device
+        x = codes.gather(1, self.order.to(dev).expand(B, self.L))  # (B, L) codes in decoding order
+        start = torch.full((B, self.n), self.start_id, dtype=torch.long, device=dev)
+        inputs = torch.cat([torch.zeros_like(x[:, :1]), start, x[:, : self.L - self.n]], 1)  # (B, L + 1)
+        targets = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+        loss_mask = torch.ones_like(targets, dtype=torch.bool)
+        loss_mask[:, 0] = False
+        return TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
+                          positions=self.positions(dev))
+
+    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, rng: Any) -> torch.Tensor:
+        B, dev = cond.shape[0], model.device
+        cond = cond.to(dev).long()
+        rows, guided = guidance_rows(cond, sampler, model)
+        R = rows.shape[0]
+        order = self.order.to(dev)
+        pos = self.positions(dev)
+        cache = model.new_cache(R, self.L + 1)
+        codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        inputs = torch.cat([torch.zeros(R, 1, dtype=torch.long, device=dev),
+                            torch.full((R, self.n), self.start_id, dtype=torch.long, device=dev)], 1)
+        at = 0  # sequence index of the first input of this pass
+        for g in range(self.G):
+            T = inputs.shape[1]
+            logits = model(inputs, rows, positions=pos[at : at + T], cache=cache)[:, -self.n:]  # (R, n, V)
+            where = order[g * self.n : (g + 1) * self.n]  # (n,) flat positions of group g
+            new = sample_codes(sampler, logits, rng, B=B, guided=guided, step=g, n_steps=self.G,
+                               positions=where.expand(B, -1))
+            codes[:, where] = new
+            at += T
+            inputs = new.repeat(2, 1) if guided else new
+        return codes
+
+
+# ---------------------------------------------------------------------------
+# A KV cache with per-key positions and validity
+# ---------------------------------------------------------------------------
+
+
+class MaskedCache:
+    """Bookkeeping for an append-only KV cache read through explicit masks.
+
+    Every appended token records its flat grid position (``-1``: none) and
+    whether later queries may see it; :meth:`invalidate` hides a key from
+    then on (its slot stays, unused). :meth:`mask` builds the ``[T, S]``
+    boolean attention mask of the next pass from a rule ``visible(query,
+    key)`` evaluated on these records.
+    """
+
+    def __init__(self, model: Any, rows: int, max_len: int):
+        self.cache = model.new_cache(rows, max_len)
+        self.pos: list[int] = []
+        self.valid: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def append(self, positions: list[int]) -> list[int]:
+        """Record ``positions`` as the next keys; returns their slot indices."""
+        start = len(self.pos)
+        self.pos.extend(int(p) for p in positions)
+        self.valid.extend(True for _ in positions)
+        return list(range(start, len(self.pos)))
+
+    def invalidate(self, slot: int) -> None:
+        self.valid[slot] = False
+
+    def key_tensors(self, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.pos, dtype=torch.long, device=device),
+                torch.tensor(self.valid, dtype=torch.bool, device=device))
+
+
+__all__ = [
+    "grid_of",
+    "flat_index",
+    "guidance_rows",
+    "sample_codes",
+    "check_known",
+    "GroupOrder",
+    "MaskedCache",
+]

@@ -1,0 +1,184 @@
+"""``random-parallel``: RandAR's parallel decoding (Pang et al. 2025,
+"RandAR: Decoder-only Autoregressive Visual Generation in Random Orders",
+https://arxiv.org/abs/2412.01827, §3.3 and the reference code).
+
+**Training.** None of its own: ``model_spec()`` and ``training_batch()``
+are exactly ``random``'s (a position-instruction token before every image
+token, ``[cls, p_π0, x_π0, p_π1, x_π1, ...]``, random orders), so the
+pipeline trains one model for both orders.
+
+**Decoding.** A random order π per image (from the image's own random
+stream). A step queries several positions at once: it feeds one
+position-instruction token per position, and samples every queried token in
+the same pass. How many tokens step s decodes follows RandAR's cosine
+schedule over ``steps`` steps — after step s about
+``(1 − cos(π/2 · (s+1)/steps)) · L + 1`` tokens are done (few tokens early,
+many late; at least one per step). The next step feeds the sampled tokens
+back *interleaved with their instructions*, ``[x_a, p_b, x_b, ..., p_k, x_k,
+q_1, ..., q_m]`` (the first instruction ``p_a`` is kept from the step that
+queried it), followed by the new queries, so the cache holds exactly the
+training sequence ``… p_a, x_a, p_b, x_b …``. The reference code rewrites
+the stale instruction entries in its KV cache; here the cache is
+append-only and the stale entries are hidden by an explicit mask. One
+deliberate difference: a query attends to the context and itself but not
+to the other queries of its step (in the reference they attend causally to
+one another), which is exactly the context the model was trained with.
+
+NFE = ``steps`` (2 ≤ steps < L: the first step always decodes one token,
+so one pass cannot finish an image; L/k passes on average for k tokens per
+pass); ``steps ≥ L`` decodes one token per pass (sequential RandAR, the
+``random`` order's decoding).
+Classifier-free guidance rows share each pass.
+
+No exact likelihood is reported for the parallel sampler (the model's
+likelihood is ``random``'s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+import tokenloom
+from tokenloom.orders import MaskedCache, guidance_rows, sample_codes
+from tokenloom.sampling import SamplerChain
+
+_ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order (as in `random`)
+
+
+def cosine_schedule(L: int, steps: int) -> list[int]:
+    """Tokens decoded per step under RandAR's cosine schedule (a port of
+    ``calculate_num_query_tokens_for_parallel_decoding``): step 0 decodes
+    one token; after step s, ``int((1 − cos(π/2·(s+1)/steps))·L + 1)``
+    tokens are the target, at least one more per step, never past L."""
+    sizes, done, k = [], 0, 1
+    step = 0
+    while done < L:
+        sizes.append(k)
+        done += k
+        step += 1
+        target = min(int((1.0 - math.cos(math.pi / 2.0 * (step + 1) / steps)) * L + 1), L)
+        k = min(max(target - done, 1), L - done)
+    return sizes
+
+
+class RandomParallelGenerator(tokenloom.Generator):
+    exact_likelihood = False
+
+    @attrs.frozen
+    class Config:
+        steps: int = attrs.field(default=16, validator=attrs.validators.ge(2))
+
+    def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
+        super().__init__(config, tokenizer=tokenizer)
+        self.L = tokenizer.layout.length
+        self.V = tokenizer.vocab_size
+        self.instruction = self.V
+
+    # -- the random-order model -----------------------------------------------
+
+    def model_spec(self) -> tokenloom.ModelSpec:
+        return tokenloom.ModelSpec(  # identical to random's: the model is shared
+            seq_len=2 * self.L,
+            vocab_size=self.V + 1,
+            n_extra_tokens=1,
+            heads=(self.V,),
+            train_order="random",
+            attention="causal",
+            cache_ops=frozenset({"append"}),
+            layout=self.tokenizer.layout,
+        )
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
+        codes = tokenloom.check_codes(codes, self.L, self.V, where="random-parallel.training_batch: codes")
+        B, L, dev = codes.shape[0], self.L, codes.device
+        order = torch.rand(B, L).argsort(-1).to(dev)
+        x = codes.gather(1, order)
+        inputs = torch.zeros(B, 2 * L, dtype=torch.long, device=dev)
+        inputs[:, 1::2] = self.instruction
+        inputs[:, 2::2] = x[:, :-1]
+        positions = torch.full_like(inputs, tokenloom.NO_POSITION)
+        positions[:, 1::2] = order
+        positions[:, 2::2] = order[:, :-1]
+        targets = torch.zeros_like(inputs)
+        targets[:, 1::2] = x
+        loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
+        loss_mask[:, 1::2] = True
+        return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
+                                    positions=positions)
+
+    # -- parallel decoding ------------------------------------------------------
+
+    def step_sizes(self) -> list[int]:
+        if self.config.steps >= self.L:
+            return [1] * self.L  # one token per pass: sequential RandAR
+        return cosine_schedule(self.L, self.config.steps)
+
+    def expected_nfe(self) -> int:
+        return len(self.step_sizes())
+
+    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+        if known is not None:
+            raise tokenloom.InputError("random-parallel does not support known= (use 'random' to inpaint)")
+        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+        B, dev, L = cond.shape[0], model.device, self.L
+        cond = cond.to(dev).long()
+        rows, guided = guidance_rows(cond, sampler, model)
+        R, reps = rows.shape[0], (2 if guided else 1)
+        order = rng.uniform(0, L, stream=_ORDER_STREAM).to(dev).argsort(-1)  # (B, L), as `random` draws it
+        order_r = order.repeat(reps, 1)
+        sizes = self.step_sizes()
+        mc = MaskedCache(model, R, 1 + 2 * L + L)
+        codes = torch.zeros(B, L, dtype=torch.long, device=dev)
+        done = 0
+        prev: list[int] = []  # cache slots of the last step's queries
+        for step, k in enumerate(sizes):
+            ids, pos, kinds = [], [], []
+            if step == 0:
+                ids.append(torch.zeros(R, dtype=torch.long, device=dev))
+                pos.append(torch.full((R,), tokenloom.NO_POSITION, device=dev))
+                kinds.append("cls")
+            else:  # [x_a, p_b, x_b, ..., p_k, x_k]: the last step's tokens with their instructions
+                first = done - len(prev)
+                for j in range(len(prev)):
+                    t = first + j
+                    if j > 0:
+                        ids.append(torch.full((R,), self.instruction, dtype=torch.long, device=dev))
+                        pos.append(order_r[:, t])
+                        kinds.append("p")
+                    ids.append(codes.gather(1, order[:, t : t + 1])[:, 0].repeat(reps))
+                    pos.append(order_r[:, t])
+                    kinds.append("x")
+                for slot in prev[1:]:
+                    mc.invalidate(slot)  # stale instructions, re-fed above after their predecessors
+            n_ctx = len(ids)
+            for t in range(done, done + k):  # the queries of this step
+                ids.append(torch.full((R,), self.instruction, dtype=torch.long, device=dev))
+                pos.append(order_r[:, t])
+                kinds.append("q")
+            slots = mc.append([0] * len(ids))
+            T, S = len(ids), len(mc)
+            valid = torch.tensor(mc.valid, dtype=torch.bool, device=dev)
+            mask = valid[None, :].repeat(T, 1)  # (T, S)
+            new = torch.arange(S - T, S, device=dev)
+            causal = new[None, :] <= new[:, None]  # among the inputs of this pass
+            query = torch.tensor([c == "q" for c in kinds], device=dev)
+            causal[:, query] &= torch.eye(T, dtype=torch.bool, device=dev)[:, query]  # queries: only themselves
+            mask[:, S - T :] &= causal
+            x = torch.stack(ids, 1)
+            p = torch.stack(pos, 1)
+            logits = model(x, rows, positions=p, attn_mask=mask, cache=mc.cache)[:, n_ctx:]  # (R, k, V)
+            where = order[:, done : done + k]  # (B, k)
+            new_codes = sample_codes(sampler, logits, rng, B=B, guided=guided, step=step, n_steps=len(sizes),
+                                     positions=where)
+            codes.scatter_(1, where, new_codes)
+            prev = slots[n_ctx:]
+            done += k
+        return codes
+
+
+@tokenloom.hookimpl
+def register_generators(register):
+    register("random-parallel", RandomParallelGenerator)

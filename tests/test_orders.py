@@ -1,0 +1,651 @@
+"""The parallel generation orders of issue 9 (next-block, next-cell,
+neighboring, par, zipar, random-parallel): training masks leak nothing a
+position must predict, every position is finalised exactly once and at the
+pass an independent formula says, NFE equals each order's formula, image i
+is the same alone or in a batch, and KV-cached decoding equals full
+recomputation. Tiny grids, untrained 2-layer models (the properties hold for
+any weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tokenloom
+import tokenloom.testing
+from tokenloom.config import ModelConfig, build_component
+from tokenloom.model import InstrumentedModel, build_model
+from tokenloom.rng import RowRNG
+from tokenloom.sampling import SamplerChain
+
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+REG = tokenloom.get_registry()
+ORDERS = ("next-block", "next-cell", "neighboring", "par", "zipar", "random-parallel")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def pixel(gh: int, gw: int, depth3: bool = False, bits: int = 1):
+    """A pixel tokenizer with a gh×gw token grid (depth 3 with per-channel codes)."""
+    return build_component(REG, "tokenizer", "pixel", {"bits": bits, "pool": 2, "per_channel": depth3,
+                                                       "image_shape": (3, 2 * gh, 2 * gw)}, path="tokenizer")
+
+
+def generator(name: str, tok, **config):
+    return build_component(REG, "generator", name, {**config, "tokenizer": tok}, path="generator")
+
+
+def tiny_model(spec, seed: int = 0, pos: str = "rope2d") -> InstrumentedModel:
+    cfg = ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos)
+    return InstrumentedModel(build_model(spec, cfg, n_classes=3, seed=seed).eval())
+
+
+class Recorder(SamplerChain):
+    """A sampler chain that records every draw: (step, positions [B, k],
+    codes [B, k]) in ``calls`` and the raw logits ``[B, k, V]`` in ``logits``."""
+
+    def __init__(self, samplers=()):
+        super().__init__(samplers)
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.logits: list[torch.Tensor] = []
+
+    def sample(self, logits, info, rng, *, stream=0):
+        out = super().sample(logits, info, rng, stream=stream)
+        pos = info.positions if info.positions.dim() == 2 else info.positions[:, None]
+        self.calls.append((info.step, pos.clone(), out.reshape(pos.shape).clone()))
+        self.logits.append(logits.reshape(*pos.shape, -1).clone())
+        return out
+
+    def logits_by_position(self, L: int) -> torch.Tensor:
+        """``[B, L, V]``: the logits each position was drawn from."""
+        B, V = self.logits[0].shape[0], self.logits[0].shape[-1]
+        out = torch.full((B, L, V), float("nan"))
+        for (_, pos, _), lg in zip(self.calls, self.logits):
+            out.scatter_(1, pos[..., None].expand(-1, -1, V), lg.float())
+        return out
+
+
+def chain(kind: str) -> list:
+    build = lambda n, **kw: build_component(REG, "sampler", n, kw, path="sampler")  # noqa: E731
+    return {"plain": [], "topk": [build("top-k", k=3)], "cfg": [build("cfg", scale=2.0), build("temperature", t=0.9)]}[kind]
+
+
+def draw_config(name: str, h: int, w: int, depth: int, data) -> dict:
+    """A valid configuration of ``name`` for an h×w×depth layout."""
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]  # noqa: E731
+    if name == "next-block":
+        return {"rows": data.draw(st.sampled_from(divisors(h)))}
+    if name == "next-cell":
+        return {"cell": data.draw(st.sampled_from(divisors(math.gcd(h, w))))}
+    if name == "par":
+        return {"regions": data.draw(st.sampled_from(divisors(math.gcd(h, w)))) ** 2}
+    if name == "zipar":
+        return {"window": data.draw(st.integers(1, w * depth))}
+    if name == "random-parallel":
+        return {"steps": data.draw(st.integers(2, h * w * depth + 1))}
+    return {}
+
+
+def layout_for(name: str, data) -> tuple[int, int, bool]:
+    gh, gw = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    depth3 = False if name == "neighboring" else data.draw(st.booleans())
+    return gh, gw, depth3
+
+
+def expected_nfe(name: str, h: int, w: int, depth: int, cfg: dict) -> int:
+    """Each order's NFE formula (LITERATURE.md), written independently of the plugins."""
+    L = h * w * depth
+    if name == "next-block":
+        return h // cfg["rows"]
+    if name == "next-cell":
+        return (h // cfg["cell"]) * (w // cfg["cell"])
+    if name == "neighboring":
+        return h + w - 1
+    if name == "par":
+        n = cfg["regions"]
+        return n + (L - n) // n
+    if name == "zipar":
+        W = w * depth
+        return W if h == 1 else 2 * W + (h - 2) * cfg["window"]
+    if name == "random-parallel":
+        return L if cfg["steps"] >= L else cfg["steps"]  # the cosine schedule takes `steps` passes
+    raise KeyError(name)
+
+
+def expected_step(name: str, h: int, w: int, depth: int, cfg: dict) -> torch.Tensor | None:
+    """``LongTensor[L]``: the pass at which each flat position is sampled, by
+    an independent formula (None where it depends on a random order)."""
+    rr, cc, dd = torch.meshgrid(torch.arange(h), torch.arange(w), torch.arange(depth), indexing="ij")
+    rr, cc, dd = rr.flatten(), cc.flatten(), dd.flatten()
+    if name == "next-block":
+        return rr // cfg["rows"]
+    if name == "next-cell":
+        k = cfg["cell"]
+        return (rr // k) * (w // k) + cc // k
+    if name == "neighboring":
+        return rr + cc
+    if name == "par":
+        k = math.isqrt(cfg["regions"])
+        n = k * k
+        rh, rw = h // k, w // k
+        t = ((rr % rh) * rw + cc % rw) * depth + dd  # index inside the region
+        s = t * n + (rr // rh) * k + cc // rw  # index in PAR's order
+        return torch.where(s < n, s, n + (s - n) // n)
+    if name == "zipar":
+        W, win = w * depth, cfg["window"]
+        c = cc * depth + dd
+        return torch.where(rr == 0, c, W + (rr - 1) * win + c)
+    return None
+
+
+def run(gen, model, cond, seed: int = 0, kind: str = "plain", index=None):
+    rec = Recorder(chain(kind))
+    model.reset()
+    index = torch.arange(cond.shape[0]) if index is None else index
+    out = gen.generate(model, rec, cond, rng=RowRNG(seed, index))
+    return out, rec
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    out = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
+                target_positions=batch.extra.get("target_positions"))
+    out = out if isinstance(out, tuple) else (out,)
+    return torch.stack([o.float() for o in out], -2)  # (B, T, heads, V)
+
+
+# ---------------------------------------------------------------------------
+# decoding: positions finalised once, at the formula's pass; NFE; determinism
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ORDERS)
+@SETTINGS
+@given(data=st.data())
+def test_every_position_finalised_exactly_once_at_its_pass(name, data):
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    h, w, depth = gh, gw, tok.layout.depth
+    L = tok.layout.length
+    cfg = draw_config(name, h, w, depth, data)
+    gen = generator(name, tok, **cfg)
+    kind = data.draw(st.sampled_from(["plain", "topk", "cfg"]))
+    model = tiny_model(gen.model_spec(), seed=data.draw(st.integers(0, 99)))
+    B = 3
+    cond = torch.tensor([0, 2, 1])
+    out, rec = run(gen, model, cond, seed=5, kind=kind)
+
+    nfe = expected_nfe(name, h, w, depth, cfg)
+    assert model.nfe == nfe == gen.expected_nfe(), (name, cfg, model.nfe, nfe)
+    assert [c[0] for c in rec.calls] == list(range(nfe)), "one draw per pass, in order"
+    step = torch.cat([torch.full((p.shape[1],), s) for s, p, _ in rec.calls])  # (L,) pass of each draw
+    for b in range(B):
+        pos = torch.cat([p[b] for _, p, _ in rec.calls])
+        vals = torch.cat([v[b] for _, _, v in rec.calls])
+        assert sorted(pos.tolist()) == list(range(L)), "every position sampled exactly once"
+        assert torch.equal(out[b, pos], vals), "a sampled code was changed afterwards"
+        ref = expected_step(name, h, w, depth, cfg)
+        if ref is not None:
+            assert torch.equal(step[pos.argsort()], ref), f"{name} {cfg}: positions decoded at the wrong pass"
+
+
+@pytest.mark.parametrize("name", ORDERS)
+@SETTINGS
+@given(data=st.data())
+def test_image_is_the_same_alone_or_in_a_batch(name, data):
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    gen = generator(name, tok, **cfg)
+    model = tiny_model(gen.model_spec(), seed=1, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
+    kind = data.draw(st.sampled_from(["plain", "cfg"]))
+    cond = torch.tensor([1, 0, 2, 2])
+    out, _ = run(gen, model, cond, seed=9, kind=kind)
+    again, _ = run(gen, model, cond, seed=9, kind=kind)
+    assert torch.equal(out, again)
+    i = data.draw(st.integers(0, 3))
+    alone, _ = run(gen, model, cond[i : i + 1], seed=9, kind=kind, index=torch.tensor([i]))
+    assert torch.equal(alone[0], out[i])
+    other, _ = run(gen, model, cond, seed=10, kind=kind)
+    if tok.layout.length >= 4:
+        assert not torch.equal(other, out), "the seed does not change the samples"
+
+
+# ---------------------------------------------------------------------------
+# training: nothing leaks from a position's own pass or later
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["next-block", "next-cell", "neighboring", "par"])
+@SETTINGS
+@given(data=st.data())
+def test_training_mask_leaks_nothing_it_must_predict(name, data):
+    """A logit that predicts position p must not depend on any code sampled
+    in p's own pass or later (the pass taken from decoding itself)."""
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    L, V = tok.layout.length, tok.vocab_size
+    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    gen = generator(name, tok, **cfg)
+    model = tiny_model(gen.model_spec(), seed=2, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
+    _, rec = run(gen, model, torch.tensor([0]))
+    step = torch.empty(L, dtype=torch.long)
+    for s, p, _ in rec.calls:
+        step[p[0]] = s
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    codes = torch.randint(0, V, (2, L), generator=g)
+    cond = torch.tensor([1, 3])  # 3: the null class
+    base = gen.training_batch(codes, cond)
+    targets = base.targets if base.targets.dim() == 3 else base.targets[..., None]
+    lmask = base.loss_mask if base.loss_mask.dim() == 3 else base.loss_mask[..., None]
+    # which position each (index, head) predicts: the one whose change changes the target
+    target_pos = torch.full(targets.shape[1:], -1)
+    for j in range(L):
+        other = codes.clone()
+        other[:, j] = (other[:, j] + 1) % V
+        t2 = gen.training_batch(other, cond).targets
+        t2 = t2 if t2.dim() == 3 else t2[..., None]
+        target_pos[(t2 != targets)[0] & lmask[0]] = j
+    assert (target_pos[lmask[0]] >= 0).all(), "every loss term predicts a code"
+    assert sorted(set(target_pos[lmask[0]].tolist())) == list(range(L)), "every code is predicted"
+
+    ref = logits_of(model, base)
+    for j in range(L):
+        other = codes.clone()
+        other[:, j] = (other[:, j] + 1 + torch.randint(0, max(V - 1, 1), (2,), generator=g)) % V
+        new = logits_of(model, gen.training_batch(other, cond))
+        guarded = lmask[0] & (target_pos >= 0)
+        guarded &= step[target_pos.clamp(min=0)] <= step[j]  # predicts a code of j's pass or earlier
+        if guarded.any():
+            diff = (new - ref).abs()[:, guarded].max().item()
+            assert diff <= 1e-5, f"{name} {cfg}: code {j} (pass {step[j]}) leaks into a prediction of its own pass or earlier ({diff:.3g})"
+
+
+def test_leak_test_catches_a_leaking_mask():
+    """The property above fails for a next-block model whose blocks may see
+    the block they predict (a bidirectional mask)."""
+    tok = pixel(2, 2)
+    gen = generator("next-block", tok)
+    model = tiny_model(gen.model_spec(), seed=0)
+    codes = torch.randint(0, tok.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+    batch = gen.training_batch(codes, torch.tensor([0]))
+    batch.attn_mask = torch.ones(5, 5, dtype=torch.bool)
+    ref = logits_of(model, batch)
+    other = codes.clone()
+    other[0, 1] = (other[0, 1] + 1) % tok.vocab_size  # code 1: input at index 4, target at index 2
+    batch2 = gen.training_batch(other, torch.tensor([0]))
+    assert torch.equal(logits_of(model, batch2)[0, 2], logits_of(model, gen.training_batch(codes, batch.cond))[0, 2])
+    batch2.attn_mask = batch.attn_mask
+    assert (logits_of(model, batch2) - ref)[0, 2].abs().max() > 1e-4
+
+
+def target_positions(gen, codes, cond):
+    """``[T, heads]``: the flat position each training output predicts (-1:
+    none), found by changing one code at a time."""
+    V = gen.tokenizer.vocab_size
+    base = gen.training_batch(codes, cond)
+    targets = base.targets if base.targets.dim() == 3 else base.targets[..., None]
+    lmask = base.loss_mask if base.loss_mask.dim() == 3 else base.loss_mask[..., None]
+    out = torch.full(targets.shape[1:], -1)
+    for j in range(codes.shape[1]):
+        other = codes.clone()
+        other[:, j] = (other[:, j] + 1) % V
+        t2 = gen.training_batch(other, cond).targets
+        t2 = t2 if t2.dim() == 3 else t2[..., None]
+        out[((t2 != targets) & lmask)[0]] = j
+    return out
+
+
+@pytest.mark.parametrize("name", ["next-block", "next-cell", "neighboring", "par"])
+@SETTINGS
+@given(data=st.data())
+def test_decoding_uses_the_teacher_forced_logits(name, data):
+    """Teacher forcing on a generated sample reproduces, for every position,
+    the logits it was drawn from (neighboring: the mean of the heads that
+    predict it) — training and decoding implement the same factorisation."""
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    L = tok.layout.length
+    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    gen = generator(name, tok, **cfg)
+    model = tiny_model(gen.model_spec(), seed=6, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
+    cond = torch.tensor([2, 1])
+    out, rec = run(gen, model, cond, seed=1)
+    used = rec.logits_by_position(L)
+    tf = logits_of(model, gen.training_batch(out, cond))  # (B, T, heads, V)
+    tpos = target_positions(gen, out[:1], cond[:1])
+    for p in range(L):
+        sel = (tpos == p).nonzero()
+        ref = torch.stack([tf[:, i, hd] for i, hd in sel.tolist()]).mean(0)
+        assert (ref - used[:, p]).abs().max() <= 1e-5, f"{name} {cfg}: position {p}"
+
+
+def test_zipar_sees_what_its_schedule_has_decoded():
+    """ZipAR's logits for every position equal the raster model's on an
+    independent reconstruction of its decoding: the code at position k is fed
+    in the pass after it is sampled (the formula's pass + 1); row r >= 2
+    starts from a stand-in at (r-1, last) — a copy of the latest code of row
+    r-2 — fed when the row starts and hidden once the real code is fed; every
+    token sees the class token and the tokens fed by its own pass at raster
+    positions up to its own."""
+    h, w = 4, 3
+    for win in (1, 2):
+        tok = pixel(h, w)
+        L, W = h * w, w
+        zipar = generator("zipar", tok, window=win)
+        model = tiny_model(zipar.model_spec(), seed=8)
+        cond = torch.tensor([0, 2])
+        out, rec = run(zipar, model, cond, seed=2)
+        used = rec.logits_by_position(L)
+        step = expected_step("zipar", h, w, 1, {"window": win})
+        start = [0] + [W + (r - 1) * win for r in range(1, h)]  # pass at which row r samples its first code
+        # slots: (position, fed at pass, hidden from pass, value)
+        slots = [(-1, 0, 10**9, torch.zeros(2, dtype=torch.long))]
+        slots += [(k, int(step[k]) + 1, 10**9, out[:, k]) for k in range(L - 1)]
+        for r in range(2, h):
+            if start[r] < step[r * W - 1] + 1:  # row r starts before the real last code above is fed
+                src = (r - 2) * W + min(W, start[r] - start[r - 2]) - 1
+                slots.append((r * W - 1, start[r], int(step[r * W - 1]) + 1, out[:, src]))
+        n = len(slots)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for i, (pi, fi, _, _) in enumerate(slots):
+            for j, (pj, fj, hj, _) in enumerate(slots):
+                mask[i, j] = pj <= pi and fj <= fi and fi < hj
+        x = torch.stack([v for *_, v in slots], 1)
+        pos = torch.tensor([p for p, *_ in slots])
+        ref = model.model(x, cond, positions=pos, attn_mask=mask)  # (B, n, V)
+        for p in range(L):
+            s = int(step[p])
+            i = next(i for i, (pi, fi, _, _) in enumerate(slots) if pi == p - 1 and fi == s)
+            assert (ref[:, i] - used[:, p]).abs().max() <= 1e-5, f"window {win}: position {p} (pass {s})"
+
+
+def test_random_parallel_queries_see_the_interleaved_context():
+    """Each query of a RandAR parallel step gets the random model's logits for
+    the training-style sequence [cls, p, x, p, x, ..., p_query] of every token
+    decoded in earlier steps (in decoding order) — nothing of its own step."""
+    tok = pixel(3, 3)
+    L = 9
+    gen = generator("random-parallel", tok, steps=4)
+    model = tiny_model(gen.model_spec(), seed=5)
+    cond = torch.tensor([1, 0])
+    out, rec = run(gen, model, cond, seed=4)
+    used = rec.logits_by_position(L)
+    order = torch.cat([p for _, p, _ in rec.calls], 1)  # (B, L) decoding order
+    sizes = [p.shape[1] for _, p, _ in rec.calls]
+    assert sizes == gen.step_sizes() and len(sizes) == 4
+    first = 0
+    for k in sizes:
+        for t in range(first, first + k):
+            for b in range(2):
+                o = order[b : b + 1, :first]
+                x = out[b : b + 1].gather(1, o)
+                seq = [0]
+                pos = [-1]
+                for j in range(first):
+                    seq += [tok.vocab_size, int(x[0, j])]
+                    pos += [int(o[0, j])] * 2
+                seq.append(tok.vocab_size)
+                pos.append(int(order[b, t]))
+                ref = model.model(torch.tensor([seq]), cond[b : b + 1], positions=torch.tensor([pos]))[0, -1]
+                assert (ref - used[b, order[b, t]]).abs().max() <= 1e-5, (b, t)
+        first += k
+
+
+# ---------------------------------------------------------------------------
+# KV cache == recomputation
+# ---------------------------------------------------------------------------
+
+
+class RecomputeCheck:
+    """Wraps the instrumented model: every cached forward pass is compared
+    with a from-scratch pass over everything fed to that cache so far, each
+    earlier token under the mask it had when it was fed."""
+
+    def __init__(self, model: InstrumentedModel):
+        self.inner = model
+        self.logs: dict[int, tuple] = {}
+        self.checked = 0
+        self.worst = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, cond=None, *, cache=None, positions=None, attn_mask=None, target_positions=None,
+                 last_only=False):
+        out = self.inner(inputs, cond, cache=cache, positions=positions, attn_mask=attn_mask,
+                         target_positions=target_positions, last_only=last_only)
+        if cache is None:
+            return out
+        R, T = inputs.shape[:2]
+        start = cache.length - T
+        S = start + T
+        dev = inputs.device
+        m = self.inner.model._mask(T, start, attn_mask, dev)
+        if m is None:
+            m = torch.ones(T, S, dtype=torch.bool, device=dev)
+        elif isinstance(m, str):
+            m = torch.ones(T, S, dtype=torch.bool, device=dev).tril(start)
+        pos = torch.arange(start - 1, S - 1, device=dev) if positions is None else positions
+        pos = pos.expand(R, T) if pos.dim() == 1 else pos
+        entry = self.logs.setdefault(id(cache), (cache, cond, []))
+        entry[2].append((inputs, pos, m))
+        steps = entry[2]
+        x = torch.cat([s[0] for s in steps], 1)
+        p = torch.cat([s[1] for s in steps], 1)
+        full = torch.zeros(S, S, dtype=torch.bool, device=dev)
+        at = 0
+        for _, _, mm in steps:
+            full[at : at + mm.shape[0], : mm.shape[1]] = mm
+            at += mm.shape[0]
+        with torch.no_grad():
+            ref = self.inner.model(x, entry[1], positions=p, attn_mask=full)
+        outs = out if isinstance(out, tuple) else (out,)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        for o, r in zip(outs, refs):
+            r = r[:, -1:] if last_only else r[:, -T:]
+            self.worst = max(self.worst, (o - r).abs().max().item())
+        self.checked += 1
+        return out
+
+
+@pytest.mark.parametrize("name", ORDERS)
+@settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_kv_cache_equals_recomputation(name, data):
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    gen = generator(name, tok, **cfg)
+    model = RecomputeCheck(tiny_model(gen.model_spec(), seed=3, pos=data.draw(st.sampled_from(["rope2d", "learned"]))))
+    cond = torch.tensor([0, 1])
+    out = gen.generate(model, Recorder(chain(data.draw(st.sampled_from(["plain", "cfg"])))), cond,
+                       rng=RowRNG(0, torch.arange(2)))
+    assert out.shape == (2, tok.layout.length)
+    assert model.checked == gen.expected_nfe()
+    assert model.worst <= 1e-5, f"{name} {cfg}: cached logits differ from recomputation by {model.worst:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# shared models and degenerate cases that must equal a known order
+# ---------------------------------------------------------------------------
+
+
+def test_zipar_shares_the_raster_model():
+    tok = pixel(3, 4)
+    raster, zipar = generator("raster", tok), generator("zipar", tok, window=2)
+    assert zipar.model_spec() == raster.model_spec()
+    assert zipar.model_spec().key() == raster.model_spec().key()
+    codes = torch.randint(0, tok.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    a, b = raster.training_batch(codes, torch.tensor([0, 1, 2])), zipar.training_batch(codes, torch.tensor([0, 1, 2]))
+    for f in ("inputs", "targets", "loss_mask", "cond", "positions"):
+        assert torch.equal(torch.as_tensor(getattr(a, f)).expand_as(torch.as_tensor(getattr(b, f))),
+                           torch.as_tensor(getattr(b, f))), f
+
+
+def test_random_parallel_shares_the_random_model():
+    tok = pixel(2, 3, True)
+    rand, par = generator("random", tok), generator("random-parallel", tok, steps=4)
+    assert par.model_spec() == rand.model_spec()
+    codes = torch.randint(0, tok.vocab_size, (2, tok.layout.length), generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        a = rand.training_batch(codes, torch.tensor([0, 1]))
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        b = par.training_batch(codes, torch.tensor([0, 1]))
+    for f in ("inputs", "targets", "loss_mask", "cond", "positions"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("kind", ["plain", "cfg"])
+def test_zipar_with_a_full_row_window_is_raster_decoding(kind):
+    tok = pixel(3, 3, True)
+    raster, zipar = generator("raster", tok), generator("zipar", tok, window=tok.layout.grid[1] * 3)
+    model = tiny_model(raster.model_spec(), seed=7)
+    cond = torch.tensor([0, 1, 2])
+    a, _ = run(raster, model, cond, seed=3, kind=kind)
+    b, _ = run(zipar, model, cond, seed=3, kind=kind)
+    assert zipar.expected_nfe() == tok.layout.length
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["plain", "cfg"])
+def test_random_parallel_one_token_per_pass_is_random_decoding(kind):
+    tok = pixel(2, 3)
+    rand, par = generator("random", tok), generator("random-parallel", tok, steps=6)
+    model = tiny_model(rand.model_spec(), seed=7)
+    cond = torch.tensor([0, 1, 2])
+    a, _ = run(rand, model, cond, seed=3, kind=kind)
+    b, _ = run(par, model, cond, seed=3, kind=kind)
+    assert torch.equal(a, b)
+
+
+def test_par_with_one_region_is_raster():
+    """PAR with n = 1: the same teacher-forcing batch as raster, and the same
+    samples from the same weights."""
+    tok = pixel(2, 4)
+    raster, par = generator("raster", tok), generator("par", tok, regions=1)
+    codes = torch.randint(0, tok.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    a, b = raster.training_batch(codes, torch.tensor([0, 1])), par.training_batch(codes, torch.tensor([0, 1]))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert torch.equal(a.positions[0], b.positions)
+    model_r = tiny_model(raster.model_spec(), seed=4)
+    model_p = tiny_model(par.model_spec(), seed=4)
+    model_p.model.load_state_dict(model_r.model.state_dict())
+    cond = torch.tensor([2, 0])
+    assert torch.equal(run(raster, model_r, cond)[0], run(par, model_p, cond)[0])
+
+
+def test_random_parallel_follows_the_cosine_schedule():
+    from tokenloom.plugins.generators.random_parallel import cosine_schedule  # the plugin's own helper
+
+    sizes = cosine_schedule(64, 16)
+    assert len(sizes) == 16 and sum(sizes) == 64 and sizes[0] == 1
+    assert sizes == sorted(sizes), "few tokens early, more later"
+    done = 0
+    for s, k in enumerate(sizes[:-1]):  # after step s: int((1 - cos(pi/2 (s+1)/S)) L + 1) tokens (at least one more)
+        done += k
+        target = min(int((1 - math.cos(math.pi / 2 * (s + 2) / 16)) * 64 + 1), 64)
+        assert sizes[s + 1] == min(max(target - done, 1), 64 - done)
+
+
+def test_neighboring_has_one_head_per_direction():
+    tok = pixel(3, 3)
+    gen = generator("neighboring", tok)
+    spec = gen.model_spec()
+    assert spec.heads == (tok.vocab_size, tok.vocab_size)
+    codes = torch.arange(9)[None] % tok.vocab_size
+    batch = gen.training_batch(codes, torch.tensor([0]))
+    # index 1 + (i*3 + j): the right head targets (i, j+1), the down head (i+1, j)
+    assert batch.targets[0, 1 + 4, 0] == codes[0, 5] and batch.targets[0, 1 + 4, 1] == codes[0, 7]
+    assert not batch.loss_mask[0, 1 + 2, 0] and batch.loss_mask[0, 1 + 2, 1]  # (0, 2): no right neighbour
+    assert not batch.loss_mask[0, 1 + 8].any()  # the last token predicts nothing
+
+
+# ---------------------------------------------------------------------------
+# composition errors
+# ---------------------------------------------------------------------------
+
+
+class _MultiScale(tokenloom.Tokenizer):
+    """A stand-in tokenizer with a multi-scale layout (nothing to encode)."""
+
+    class Config:
+        pass
+
+    def __init__(self):
+        super().__init__(None, image_shape=(3, 8, 8))
+        self.layout = tokenloom.TokenLayout(scales=((1, 1), (2, 2), (4, 4)))
+        self.vocab_size = 16
+
+
+@pytest.mark.parametrize("name,config,tok,match", [
+    ("next-block", {"rows": 3}, (4, 4, False), "rows = 3 does not divide"),
+    ("next-cell", {"cell": 3}, (3, 4, False), "cell = 3 does not divide"),
+    ("par", {"regions": 3}, (4, 4, False), "square number"),
+    ("par", {"regions": 9}, (4, 3, False), "do not tile"),
+    ("zipar", {"window": 5}, (2, 4, False), "larger than a row"),
+    ("zipar", {"window": 13}, (2, 4, True), "larger than a row"),
+    ("neighboring", {}, (2, 2, True), "residual depth"),
+])
+def test_composition_errors_are_config_errors(name, config, tok, match):
+    with pytest.raises(tokenloom.ConfigError, match=match):
+        generator(name, pixel(*tok), **config)
+
+
+@pytest.mark.parametrize("name", ["next-block", "next-cell", "neighboring", "par", "zipar"])
+def test_multi_scale_layouts_are_refused(name):
+    with pytest.raises(tokenloom.ConfigError, match="single-scale"):
+        REG.get("generator", name).cls(REG.get("generator", name).cls.Config(), tokenizer=_MultiScale())
+
+
+@pytest.mark.parametrize("name,value", [("next-block", {"rows": 0}), ("zipar", {"window": 0}),
+                                        ("random-parallel", {"steps": 1}), ("par", {"regions": 0})])
+def test_bad_values_are_config_errors(name, value):
+    with pytest.raises(tokenloom.ConfigError):
+        generator(name, pixel(2, 2), **value)
+
+
+@pytest.mark.parametrize("name", ORDERS)
+def test_known_is_refused_clearly(name):
+    tok = pixel(2, 2)
+    gen = generator(name, tok, **({"window": 1} if name == "zipar" else {}))
+    model = tiny_model(gen.model_spec())
+    known = tokenloom.Known(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(tokenloom.InputError, match="known"):
+        gen.generate(model, SamplerChain(), torch.tensor([0]), rng=RowRNG(0, [0]), known=known)
+
+
+# ---------------------------------------------------------------------------
+# the conformance kit
+# ---------------------------------------------------------------------------
+
+
+def _kit_tok(gh, gw, depth3=False):
+    return ("pixel", {"bits": 1, "pool": 2, "per_channel": depth3, "image_shape": (3, 2 * gh, 2 * gw)})
+
+
+@pytest.mark.parametrize("name,config,tok", [
+    ("next-block", {}, None),
+    ("next-block", {"rows": 2}, _kit_tok(4, 3, True)),
+    ("next-cell", {}, _kit_tok(4, 2)),
+    ("next-cell", {"cell": 2}, _kit_tok(2, 4, True)),
+    ("neighboring", {}, _kit_tok(3, 4)),
+    ("par", {"regions": 1}, None),
+    ("par", {}, _kit_tok(4, 2, True)),
+    ("zipar", {"window": 1}, None),
+    ("zipar", {}, _kit_tok(3, 4)),
+    ("random-parallel", {}, None),
+    ("random-parallel", {"steps": 3}, _kit_tok(3, 3, True)),
+])
+def test_conformance_kit(name, config, tok):
+    tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=6, **config)
