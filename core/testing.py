@@ -18,7 +18,9 @@ Keyword arguments besides the component's config:
 - ``image_shape=(C, H, W)`` for tokenizers (default ``(3, 16, 16)``);
 - ``fit_steps=N``: optimiser steps to fit a trainable tokenizer before the
   properties run (default 2: the contract must hold for any weights);
-- ``max_examples=N``: hypothesis examples per property (default 20).
+- ``max_examples=N``: hypothesis examples per property (default 20);
+- ``context=MetricContext(...)`` for metrics (default: :func:`metric_context`,
+  small synthetic images, codes and run statistics).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -414,6 +417,103 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
 
 
 CHECKS["generator"] = check_generator
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+METRIC_REQUIRES = frozenset({"real", "generated", "codes", "reconstructed", "stats", "tokenizer", "model",
+                             "generator", "data"})
+
+
+def metric_context(image_shape=(3, 16, 16), n: int = 24, seed: int = 0) -> Any:
+    """A small synthetic :class:`~tokenloom.MetricContext`: ``n`` real and
+    generated images, a reconstruction, labels, random codes of a stand-in
+    tokenizer (16 codes, 4×4 grid) and every run statistic core records."""
+    from .interfaces import MetricContext, TokenLayout
+
+    class _StandInTokenizer:
+        vocab_size = 16
+        layout = TokenLayout(scales=((4, 4),))
+
+        def __init__(self, shape):
+            self.image_shape = tuple(shape)
+
+    g = torch.Generator().manual_seed(seed)
+    real = random_images(n, image_shape, seed)
+    generated = random_images(n, image_shape, seed + 1)
+    noise = 0.1 * torch.randn(real.shape, generator=g)
+    stats = {"nfe": 16.0, "seconds_per_image": 0.01, "tokens_per_second": 1600.0, "peak_memory_bytes": 1e6,
+             "kv_cache_bytes": 4096.0, "train_tokens": 1e5, "train_flops": 1e9}
+    return MetricContext(
+        real=real, generated=generated, real_labels=torch.arange(n) % 3, generated_labels=torch.arange(n) % 3,
+        codes=torch.randint(0, 16, (n, 16), generator=g), reconstructed=(real + noise).clamp(-1, 1),
+        stats=stats, tokenizer=_StandInTokenizer(image_shape), seed=seed,
+    )
+
+
+def check_metric(name: str, *, registry: Any = None, context: Any = None, image_shape=(3, 16, 16),
+                 **config: Any) -> None:
+    """A metric declares what it reads in ``requires``; ``compute`` returns
+    ``{str: finite float or None}``, is deterministic and leaves the context
+    unchanged; ``eval_card()`` is plain JSON (before and after compute) and
+    deterministic; NaN or out-of-range images it requires are a clear
+    :class:`~tokenloom.errors.InputError`. ``context``: a
+    :class:`~tokenloom.MetricContext` to use instead of :func:`metric_context`."""
+    import copy
+    import json
+    import math
+
+    from .config import build_component
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    metric = build_component(registry, "metric", name, dict(config), path=f"metrics.{name}")
+    requires = getattr(metric, "requires", None)
+    assert isinstance(requires, frozenset) and requires <= METRIC_REQUIRES, (
+        f"{name}: requires must be a frozenset of {sorted(METRIC_REQUIRES)}, got {requires!r}")
+    json.dumps(metric.eval_card())
+    ctx = context if context is not None else metric_context(image_shape)
+    before = copy.deepcopy({k: v for k, v in attrs.asdict(ctx, recurse=False).items()
+                            if isinstance(v, (torch.Tensor, dict))})
+
+    def run() -> dict[str, Any]:
+        out = metric.compute(ctx)
+        assert hasattr(out, "items"), f"{name}: compute must return a mapping, got {type(out).__name__}"
+        out = dict(out)
+        for k, v in out.items():
+            assert isinstance(k, str), f"{name}: key {k!r} is not a string"
+            assert v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), (
+                f"{name}: {k} = {v!r} — values must be finite floats or None (not applicable)")
+        return out
+
+    first = run()
+    assert first, f"{name}: compute returned no keys"
+    card = metric.eval_card()
+    try:
+        text = json.dumps(card, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{name}: eval_card() is not JSON-serialisable: {exc}") from None
+    second = run()
+    assert first == second, f"{name}: compute is not deterministic: {first} != {second}"
+    assert json.dumps(metric.eval_card(), sort_keys=True) == text, f"{name}: eval_card() changed between runs"
+    for k, v in before.items():
+        now = getattr(ctx, k)
+        same = torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v
+        assert same, f"{name}: compute modified ctx.{k}"
+
+    for field in ("generated", "real", "reconstructed"):
+        if field in requires and isinstance(getattr(ctx, field), torch.Tensor):
+            bad = getattr(ctx, field).clone()
+            bad[0, 0, 0, 0] = float("nan")
+            _expect_error(f"{name}.compute(NaN in ctx.{field})",
+                          lambda: metric.compute(attrs.evolve(ctx, **{field: bad})))
+            _expect_error(f"{name}.compute(ctx.{field} in [0, 255])",
+                          lambda: metric.compute(attrs.evolve(ctx, **{field: (getattr(ctx, field) + 1) * 127.5})))
+
+
+CHECKS["metric"] = check_metric
 
 
 def check(kind: str, name: str, **config: Any) -> None:

@@ -60,8 +60,7 @@ class Reconstruction(tokenloom.Metric):
         if real.dim() != 4 or len(real) == 0:
             raise tokenloom.InputError(f"reconstruction: expected a non-empty [N, C, H, W] batch, got {tuple(real.shape)}")
         for name, t in (("real", real), ("reconstructed", rec)):
-            if not t.dtype.is_floating_point or not torch.isfinite(t).all():
-                raise tokenloom.InputError(f"reconstruction: {name} images must be finite floats in [-1, 1]")
+            tokenloom.check_images(t, tuple(t.shape[1:]), where=f"reconstruction: ctx.{name}")
         x = (real.detach().double().cpu() + 1) / 2  # (N, C, H, W) in [0, 1]
         y = (rec.detach().double().cpu() + 1) / 2
         per_image = ((x - y) ** 2).flatten(1).mean(1)  # (N,)

@@ -119,7 +119,7 @@ def _templates(size: int) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray,
 
 
 class ShapesOracle(tokenloom.Metric):
-    requires = frozenset({"generated", "real"})
+    requires = frozenset({"generated", "real", "data"})
 
     @attrs.frozen
     class Config:
@@ -211,15 +211,22 @@ class ShapesOracle(tokenloom.Metric):
     def _applies(ctx: tokenloom.MetricContext) -> str | None:
         from tokenloom.data import SHAPE_CLASSES
 
+        for name in ("generated", "real"):
+            x = getattr(ctx, name)
+            if x is not None:
+                if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                    raise tokenloom.InputError(f"shapes-oracle: ctx.{name} must be images [N, C, H, W], got "
+                                               f"{tuple(getattr(x, 'shape', ()))}")
+                tokenloom.check_images(x, tuple(x.shape[1:]), where=f"shapes-oracle: ctx.{name}")
         data = ctx.data
         names = tuple(getattr(data, "class_names", ()) or ())
         if data is None or names != tuple(SHAPE_CLASSES):
             return "the data set is not `shapes` (ctx.data.class_names differ)"
         for name in ("generated", "real"):
             x = getattr(ctx, name)
-            if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3):
+            if x is not None and x.shape[1] != 3:
                 raise tokenloom.InputError(f"shapes-oracle: ctx.{name} must be RGB images [N, 3, H, W], got "
-                                           f"{tuple(getattr(x, 'shape', ()))}")
+                                           f"{tuple(x.shape)}")
         return None
 
     def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:

@@ -1,0 +1,545 @@
+"""Metric plugins and the evaluation protocol (issue 7).
+
+The torch-fidelity metrics are checked against a direct
+``torch_fidelity.calculate_metrics`` call and against an independent
+numpy/scipy Fréchet distance on the same features; the simple metrics
+against hand-computed values; the edge inputs for clear errors. A tiny
+``tokenloom-cnn`` trained in a few seconds on 16 px ``shapes`` stands in for
+the default extractor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tokenloom
+from tokenloom import fidelity
+from tokenloom.checkpoint import tensors_hash
+from tokenloom.config import DataConfig
+from tokenloom.data import load_dataset
+from tokenloom.errors import ConfigError, InputError
+from tokenloom.evalcard import card_differences, card_footnotes
+from tokenloom.interfaces import MetricContext, TokenLayout
+from tokenloom.testing import check, metric_context
+
+SIZE = 16
+
+
+def shapes(n: int, seed: int, split: str = "train"):
+    return load_dataset(DataConfig(name="shapes", size=SIZE, n=n, n_holdout=n), split=split, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> str:
+    """A tokenloom-cnn (width 8: 32 feature dims, 3 shape classes) trained for
+    a few seconds on 16 px shapes."""
+    data = shapes(256, seed=100)
+    net, stats = fidelity.train_extractor(data.images, data.labels, 3, width=8, size=SIZE, steps=40,
+                                          batch_size=32, seed=0)
+    path = tmp_path_factory.mktemp("extractor") / "tiny.safetensors"
+    fidelity.save_extractor(path, net, {"purpose": "tests"})
+    return str(path)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("TOKENLOOM_CACHE_DIR", str(tmp_path / "cache"))
+    return str(tmp_path / "cache")
+
+
+def fid_metric(weights: str, cache: str, **kw):
+    return tokenloom.create("metric", "fid", weights=weights, cache_dir=cache, **kw)
+
+
+def features(weights: str, images: torch.Tensor) -> np.ndarray:
+    """Features computed here, independently of torch-fidelity's plumbing:
+    the same uint8 quantisation, the net called directly."""
+    net, _, _ = fidelity.load_extractor(weights)
+    x = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1
+    with torch.no_grad():
+        return net.features(x).double().numpy()
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+class _U8(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = torch.round((x.expand(-1, 3, -1, -1) + 1) * 127.5).to(torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+# ---------------------------------------------------------------------------
+# FID against torch-fidelity and an independent reference
+# ---------------------------------------------------------------------------
+
+
+def test_fid_agrees_with_calculate_metrics_and_scipy(tiny_weights, cache):
+    import torch_fidelity
+
+    real, gen = shapes(120, seed=1).images, shapes(120, seed=2).images
+    gen = (gen + 0.2 * torch.randn(gen.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    ours = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen))["fid"]
+
+    fidelity.resolve_extractor(fidelity.FidelityOptions(weights=tiny_weights))  # registers tokenloom-cnn
+    direct = torch_fidelity.calculate_metrics(
+        input1=_U8(gen), input2=_U8(real), fid=True, feature_extractor="tokenloom-cnn",
+        feature_extractor_weights_path=tiny_weights, cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+    )["frechet_inception_distance"]
+    assert ours == pytest.approx(direct, rel=1e-9)
+
+    reference = scipy_fid(features(tiny_weights, gen), features(tiny_weights, real))
+    assert ours > 0.01
+    assert ours == pytest.approx(reference, rel=1e-3)
+
+
+def test_fid_of_a_set_against_itself_is_zero(tiny_weights, cache):
+    real = shapes(80, seed=3).images
+    fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=real.clone()))["fid"]
+    assert abs(fid) < 1e-6
+
+
+def test_fid_grows_monotonically_with_gaussian_noise(tiny_weights, cache):
+    real = shapes(100, seed=4).images
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(real.shape, generator=g)
+    metric = fid_metric(tiny_weights, cache)
+    values = [metric.compute(MetricContext(real=real, generated=(real + s * eps).clamp(-1, 1)))["fid"]
+              for s in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)]
+    assert values[0] < 1e-6
+    assert all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_fid_eval_card_records_the_protocol(tiny_weights, cache):
+    real, gen = shapes(40, seed=5).images, shapes(50, seed=6).images
+    metric = fid_metric(tiny_weights, cache, seed=7)
+    before = metric.eval_card()
+    assert before["computed"] is False and before["extractor"] == "tokenloom-cnn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metric.compute(MetricContext(real=real, generated=gen))
+    card = metric.eval_card()
+    json.dumps(card)
+    net_hash = fidelity.load_extractor(tiny_weights)[2]
+    assert card["extractor"] == "tokenloom-cnn" and card["weights_sha256"] == net_hash
+    assert card["backend"] == f"torch-fidelity {__import__('torch_fidelity').__version__}"
+    assert card["reference"]["n"] == 40 and card["n_generated"] == 50 and card["seed"] == 7
+    assert card["reference"]["sha256"] == fidelity.images_digest(fidelity.to_uint8_rgb(real, where="r")[0])
+    assert "16×16" in card["resize"] and card["crop"] == "none"
+    assert card["feature_layers"] == {"fid": "features"}
+
+
+def test_cache_is_keyed_by_extractor_weights(tiny_weights, cache, tmp_path):
+    real, gen = shapes(60, seed=8).images, shapes(60, seed=9).images
+    data = shapes(128, seed=101)
+    other_net, _ = fidelity.train_extractor(data.images, data.labels, 3, width=8, size=SIZE, steps=5, seed=1)
+    other = tmp_path / "other.safetensors"
+    h_other = fidelity.save_extractor(other, other_net)
+    h_tiny = fidelity.load_extractor(tiny_weights)[2]
+    assert h_other != h_tiny
+    ctx = MetricContext(real=real, generated=gen)
+    a = fid_metric(tiny_weights, cache).compute(ctx)["fid"]
+    b = fid_metric(str(other), cache).compute(ctx)["fid"]
+    again = fid_metric(tiny_weights, cache).compute(ctx)["fid"]
+    assert a != b and again == a  # a cache keyed by extractor name only would have served b from a's features
+    names = [p.name for p in (tmp_path / "cache" / "fidelity").iterdir()]
+    assert any(h_tiny[:12] in n for n in names) and any(h_other[:12] in n for n in names)
+
+
+def test_fid_from_adm_style_reference_statistics(tiny_weights, cache, tmp_path):
+    real, gen = shapes(100, seed=10).images, shapes(100, seed=11).images
+    f = features(tiny_weights, real)
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    metric = fid_metric(tiny_weights, cache, reference_stats=str(npz))
+    assert metric.requires == frozenset({"generated"})
+    from_stats = metric.compute(MetricContext(generated=gen))["fid"]
+    from_images = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen))["fid"]
+    assert from_stats == pytest.approx(from_images, rel=1e-4)
+    assert metric.eval_card()["reference"]["stats"] == str(npz)
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(5), sigma=np.eye(5))
+    with pytest.raises(InputError, match="do not match"):
+        fid_metric(tiny_weights, cache, reference_stats=str(bad)).compute(MetricContext(generated=gen))
+
+
+# ---------------------------------------------------------------------------
+# IS, KID, precision/recall
+# ---------------------------------------------------------------------------
+
+
+def test_isc_kid_prc_agree_with_calculate_metrics(tiny_weights, cache):
+    import torch_fidelity
+
+    real, gen = shapes(60, seed=12).images, shapes(60, seed=13).images
+    ctx = MetricContext(real=real, generated=gen)
+    isc = tokenloom.create("metric", "isc", weights=tiny_weights, splits=3).compute(ctx)
+    kid = tokenloom.create("metric", "kid", weights=tiny_weights, subsets=20, subset_size=30).compute(ctx)
+    prc = tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx)
+    fidelity.resolve_extractor(fidelity.FidelityOptions(weights=tiny_weights))
+    direct = torch_fidelity.calculate_metrics(
+        input1=_U8(gen), input2=_U8(real), isc=True, kid=True, prc=True, isc_splits=3, kid_subsets=20,
+        kid_subset_size=30, feature_extractor="tokenloom-cnn", feature_extractor_weights_path=tiny_weights,
+        cuda=False, cache=False, verbose=False, save_cpu_ram=True, rng_seed=2020,
+    )
+    assert isc["isc"] == pytest.approx(direct["inception_score_mean"], rel=1e-9) and isc["isc"] >= 1.0
+    assert kid["kid"] == pytest.approx(direct["kernel_inception_distance_mean"], rel=1e-6, abs=1e-12)
+    assert prc["precision"] == pytest.approx(direct["precision"]) and 0 <= prc["recall"] <= 1
+    assert set(prc) == {"precision", "recall", "f_score"}
+
+
+def test_kid_defaults_its_subset_size_to_the_sample_count(tiny_weights, cache):
+    ctx = MetricContext(real=shapes(40, seed=14).images, generated=shapes(30, seed=15).images)
+    metric = tokenloom.create("metric", "kid", weights=tiny_weights, subsets=5)
+    metric.compute(ctx)
+    assert metric.eval_card()["kid_subset_size"] == 30
+
+
+# ---------------------------------------------------------------------------
+# Edge inputs: clear messages, not crashes deep in torch-fidelity
+# ---------------------------------------------------------------------------
+
+
+def test_kid_subset_larger_than_the_samples_is_a_clear_error(tiny_weights, cache):
+    ctx = MetricContext(real=shapes(40, seed=16).images, generated=shapes(20, seed=17).images)
+    with pytest.raises(InputError, match=r"subset size 50 is larger than the number of samples \(generated: 20"):
+        tokenloom.create("metric", "kid", weights=tiny_weights, subset_size=50).compute(ctx)
+
+
+def test_inception_score_needs_an_extractor_with_class_logits(tiny_weights, cache, tmp_path):
+    ctx = MetricContext(generated=shapes(20, seed=18).images)
+    fake_vgg = tmp_path / "vgg16.pth"
+    fake_vgg.write_bytes(b"never loaded: the check comes first")
+    with pytest.raises(InputError, match="needs class logits.*'vgg16'"):
+        tokenloom.create("metric", "isc", extractor="vgg16", weights=str(fake_vgg), splits=2).compute(ctx)
+    with pytest.raises(InputError, match="needs class logits"):
+        tokenloom.create("metric", "isc", weights=tiny_weights, splits=2,
+                         options={"feature_layer_isc": "features"}).compute(ctx)
+    with pytest.raises(InputError, match="cannot make 50 IS splits"):
+        tokenloom.create("metric", "isc", weights=tiny_weights, splits=50).compute(ctx)
+
+
+def test_one_channel_images_are_replicated_and_the_card_says_so(tiny_weights, cache):
+    grey_real = shapes(50, seed=19).images.mean(1, keepdim=True)
+    grey_gen = shapes(50, seed=20).images.mean(1, keepdim=True)
+    metric = fid_metric(tiny_weights, cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grey = metric.compute(MetricContext(real=grey_real, generated=grey_gen))["fid"]
+        card = metric.eval_card()
+        rgb = fid_metric(tiny_weights, cache).compute(MetricContext(
+            real=grey_real.expand(-1, 3, -1, -1), generated=grey_gen.expand(-1, 3, -1, -1)))["fid"]
+    assert grey == pytest.approx(rgb, rel=1e-9)
+    assert any("1-channel images replicated to 3 channels" in n for n in card["input_notes"])
+
+
+def test_fewer_samples_than_the_feature_dimension_warns_with_the_number_needed(tiny_weights, cache):
+    ctx = MetricContext(real=shapes(20, seed=21).images, generated=shapes(20, seed=22).images)
+    metric = fid_metric(tiny_weights, cache)
+    with pytest.warns(RuntimeWarning, match="use at least 33 images"):
+        value = metric.compute(ctx)["fid"]
+    assert value is None or math.isfinite(value)
+    assert any("at least 33" in w for w in metric.eval_card()["warnings"])
+
+
+def test_images_outside_the_contract_are_clear_errors(tiny_weights, cache):
+    real = shapes(10, seed=23).images
+    metric = fid_metric(tiny_weights, cache)
+    for bad, what in (((real + 1) * 127.5, "must lie in"), (real[:, :2], "1 or 3 channels"),
+                      (real[0], "expected images")):
+        with pytest.raises(InputError, match=what):
+            metric.compute(MetricContext(real=real, generated=bad))
+
+
+def test_inception_without_weights_explains_how_to_provide_them(monkeypatch, tmp_path):
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(ConfigError) as err:
+        tokenloom.create("metric", "fid", extractor="inception-v3-compat")
+    msg = str(err.value)
+    assert "never downloads" in msg and fidelity.INCEPTION_URL in msg and "weights = " in msg
+    ctx = MetricContext(real=shapes(4, seed=24).images, generated=shapes(4, seed=25).images)
+    with pytest.raises(ConfigError, match="no such file"):
+        tokenloom.create("metric", "fid", extractor="inception-v3-compat",
+                         weights=str(tmp_path / "missing.pth")).compute(ctx)
+    from tokenloom.config import parse_config
+
+    with pytest.raises(ConfigError, match="metrics.kid.*never downloads"):
+        parse_config({"metrics": {"names": ["kid"], "kid": {"extractor": "inception-v3-compat"}}})
+
+
+def test_torch_fidelity_options_are_validated_against_its_defaults():
+    with pytest.raises(ConfigError, match="'kid_kernal' is not a torch-fidelity option.*did you mean 'kid_kernel'"):
+        tokenloom.create("metric", "kid", options={"kid_kernal": "rbf"})
+    with pytest.raises(ConfigError, match="'cuda' is set by tokenloom"):
+        tokenloom.create("metric", "fid", options={"cuda": False})
+    with pytest.raises(ConfigError, match="expects int"):
+        tokenloom.create("metric", "kid", options={"kid_kernel_poly_degree": "3"})
+    with pytest.raises(ConfigError, match="does not apply"):
+        tokenloom.create("metric", "fid", options={"samples_find_deep": True})
+    with pytest.raises(ConfigError, match="extractor"):
+        tokenloom.create("metric", "fid", extractor="clip-vit-b-32")
+    assert tokenloom.create("metric", "kid", options={"kid_kernel": "rbf"}).config.options == {"kid_kernel": "rbf"}
+
+
+def test_nothing_downloads_with_the_default_extractor(tiny_weights, cache, monkeypatch):
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    ctx = MetricContext(real=shapes(40, seed=26).images, generated=shapes(40, seed=27).images)
+    assert tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx)["precision"] >= 0
+
+
+# ---------------------------------------------------------------------------
+# The in-project extractor
+# ---------------------------------------------------------------------------
+
+
+def test_extractor_training_is_reproducible_from_its_seed():
+    data = shapes(64, seed=28)
+
+    def digest(seed):
+        net, _ = fidelity.train_extractor(data.images, data.labels, 3, width=4, size=SIZE, steps=4, seed=seed)
+        return tensors_hash(net.state_dict())
+
+    assert digest(0) == digest(0) != digest(1)
+
+
+def test_default_extractor_is_trained_once_and_cached(tmp_path):
+    recipe = fidelity.ExtractorRecipe(sizes=(16,), n=48, n_holdout=16, size=16, steps=3, width=4)
+    path = fidelity.default_extractor_path(recipe, tmp_path)
+    mtime = path.stat().st_mtime_ns
+    net, info, digest = fidelity.load_extractor(path)
+    assert info["recipe"]["steps"] == 3 and 0 <= info["holdout_accuracy"] <= 1
+    assert info["classes"][:3] == ["shapes:circle", "shapes:square", "shapes:triangle"] and net.n_classes == 13
+    assert fidelity.default_extractor_path(recipe, tmp_path) == path and path.stat().st_mtime_ns == mtime
+    path.write_bytes(b"corrupt")  # a corrupt cache entry is retrained, not trusted
+    assert fidelity.load_extractor(fidelity.default_extractor_path(recipe, tmp_path))[2] == digest
+
+
+def test_foreign_weights_file_is_a_clear_error(tmp_path, cache):
+    from tokenloom.checkpoint import save_tensors
+    from tokenloom.errors import CheckpointError
+
+    path = tmp_path / "x.safetensors"
+    save_tensors(path, {"w": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="not a tokenloom-cnn weights file"):
+        fid_metric(str(path), cache).compute(metric_context())
+
+
+# ---------------------------------------------------------------------------
+# reconstruction, codebook, nll, cost, acceptance
+# ---------------------------------------------------------------------------
+
+
+def test_reconstruction_mse_and_psnr_against_the_formula():
+    real = shapes(8, seed=29).images
+    rec = (real - 0.1).clamp(-1, 1)
+    metric = tokenloom.create("metric", "reconstruction", rfid=False)
+    out = metric.compute(MetricContext(real=real, reconstructed=rec))
+    x, y = (real.double() + 1) / 2, (rec.double() + 1) / 2
+    per = ((x - y) ** 2).flatten(1).mean(1)
+    assert out["mse"] == pytest.approx(per.mean().item())
+    assert out["psnr"] == pytest.approx((10 * torch.log10(1 / per)).mean().item())
+    assert out["rfid"] is None
+    same = metric.compute(MetricContext(real=real, reconstructed=real.clone()))
+    assert same["mse"] == 0 and same["psnr"] == pytest.approx(100.0)
+    with pytest.raises(InputError, match="same shape"):
+        metric.compute(MetricContext(real=real, reconstructed=rec[:4]))
+
+
+def test_reconstruction_rfid_is_the_fid_of_reconstructions(tiny_weights, cache):
+    real = shapes(50, seed=30).images
+    rec = (real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    r = tokenloom.create("metric", "reconstruction", weights=tiny_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rfid = r.compute(MetricContext(real=real, reconstructed=rec))["rfid"]
+        fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=rec))["fid"]
+    assert rfid == pytest.approx(fid, rel=1e-9) and rfid > 0
+    assert r.eval_card()["rfid"]["weights_sha256"] == fidelity.load_extractor(tiny_weights)[2]
+
+
+class _Tok:
+    def __init__(self, vocab=4, grid=(2, 2), image_shape=(3, 4, 4)):
+        self.vocab_size, self.layout, self.image_shape = vocab, TokenLayout(scales=(grid,)), image_shape
+
+
+def test_codebook_utilisation_and_perplexity():
+    metric = tokenloom.create("metric", "codebook")
+    half = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 1, 1]]), tokenizer=_Tok()))
+    assert half == {"codebook_utilisation": 0.5, "codebook_perplexity": pytest.approx(2.0)}
+    full = metric.compute(MetricContext(codes=torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), tokenizer=_Tok()))
+    assert full["codebook_utilisation"] == 1.0 and full["codebook_perplexity"] == pytest.approx(4.0)
+    p = np.array([3, 1]) / 4
+    skew = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 0, 1]]), tokenizer=_Tok()))
+    assert skew["codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    with pytest.raises(InputError):
+        metric.compute(MetricContext(codes=torch.tensor([[0, 0, 0, 4]]), tokenizer=_Tok()))
+
+
+class _Gen:
+    exact_likelihood = True
+
+    def __init__(self, nats_per_image):
+        self.nats = nats_per_image
+        self.calls = []
+
+    def log_likelihood(self, model, codes, cond):
+        self.calls.append(cond.clone())
+        return torch.full((len(codes),), -self.nats)
+
+
+def test_nll_bits_for_exact_orders_and_none_for_others():
+    codes = torch.zeros(5, 4, dtype=torch.long)
+    gen = _Gen(nats_per_image=10.0)
+    ctx = MetricContext(codes=codes, real_labels=torch.arange(5), model=object(), generator=gen, tokenizer=_Tok())
+    out = tokenloom.create("metric", "nll", batch_size=2).compute(ctx)
+    bits = 10.0 / math.log(2)
+    assert out["nll_bits_per_image"] == pytest.approx(bits)
+    assert out["nll_bits_per_dim"] == pytest.approx(bits / 48) and out["nll_bits_per_token"] == pytest.approx(bits / 4)
+    assert torch.equal(torch.cat(gen.calls), torch.arange(5))
+    gen.exact_likelihood = False
+    assert set(tokenloom.create("metric", "nll").compute(ctx).values()) == {None}
+    with pytest.raises(InputError, match="not finite log-probabilities"):
+        tokenloom.create("metric", "nll").compute(MetricContext(
+            codes=codes, real_labels=torch.arange(5), model=object(), generator=_Gen(-1.0), tokenizer=_Tok()))
+
+
+def test_cost_reads_recorded_statistics_and_never_invents():
+    metric = tokenloom.create("metric", "cost")
+    out = metric.compute(MetricContext(stats={"nfe": 16, "seconds_per_image": 0.5}))
+    assert out["nfe"] == 16.0 and out["seconds_per_image"] == 0.5
+    assert {k for k, v in out.items() if v is None} == {"tokens_per_second", "peak_memory_bytes",
+                                                        "kv_cache_bytes", "train_tokens", "train_flops"}
+    for bad in (-1, float("nan"), True, "3"):
+        with pytest.raises(InputError, match="nfe"):
+            metric.compute(MetricContext(stats={"nfe": bad}))
+
+
+def test_acceptance_only_for_speculative_runs():
+    metric = tokenloom.create("metric", "acceptance")
+    assert set(metric.compute(MetricContext(stats={"nfe": 3})).values()) == {None}
+    out = metric.compute(MetricContext(stats={"acceptance_rate": 0.75, "mean_accepted_length": 2.5}))
+    assert out == {"acceptance_rate": 0.75, "mean_accepted_length": 2.5}
+    with pytest.raises(InputError, match=r"in \[0, 1\]"):
+        metric.compute(MetricContext(stats={"acceptance_rate": 1.5}))
+
+
+# ---------------------------------------------------------------------------
+# shapes-oracle
+# ---------------------------------------------------------------------------
+
+
+def test_shapes_oracle_scores_real_shapes_near_one_and_noise_near_zero():
+    held = shapes(150, seed=31, split="holdout")
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(60, 3, SIZE, SIZE, generator=g) * 2 - 1
+    metric = tokenloom.create("metric", "shapes-oracle")
+    real_as_generated = metric.compute(MetricContext(real=held.images, generated=held.images,
+                                                     real_labels=held.labels, generated_labels=held.labels,
+                                                     data=held))
+    assert real_as_generated["shapes_valid"] >= 0.95
+    assert real_as_generated["shapes_valid_real"] >= 0.95 and real_as_generated["shapes_oracle_accuracy"] >= 0.95
+    out = metric.compute(MetricContext(real=held.images, generated=noise, real_labels=held.labels,
+                                       generated_labels=torch.arange(60) % 3, data=held))
+    assert out["shapes_valid"] <= 0.05 and out["shapes_colour_ok"] <= 0.05
+    wrong = metric.compute(MetricContext(generated=held.images, generated_labels=(held.labels + 1) % 3, data=held))
+    assert wrong["shapes_valid"] <= 0.05 and wrong["shapes_class_ok"] <= 0.05
+
+
+def test_shapes_oracle_checks_count_colour_and_layout():
+    from tokenloom.data import render_shapes
+
+    metric = tokenloom.create("metric", "shapes-oracle", max_real=0)
+    one = {"shape": "square", "colour": "red", "position": (0.3, 0.3), "size": 0.12}
+    far = {"shape": "square", "colour": "blue", "position": (0.7, 0.7), "size": 0.12}
+    judge = metric.judge
+    assert judge(render_shapes({"shapes": [one, far]}, 32), 1)["valid"]
+    assert not judge(render_shapes({"shapes": [one, far]}, 32), 0)["class_ok"]  # asked for circles
+    four = [dict(one, position=(x, y)) for x in (0.2, 0.75) for y in (0.2, 0.75)]
+    assert not judge(render_shapes({"shapes": four}, 32), 1)["count_ok"]  # at most 3 shapes
+    assert not judge(render_shapes({"shapes": []}, 32), None)["count_ok"]
+    big = dict(one, position=(0.5, 0.5), size=0.3)
+    assert not judge(render_shapes({"shapes": [big]}, 32), 1)["class_ok"]  # larger than the rules allow
+    off = render_shapes({"shapes": [one]}, 32) * 0.5  # half-intensity: not a palette colour
+    assert not judge(off, 1)["colour_ok"]
+    touching = dict(far, position=(0.3 + 0.24, 0.3))  # one region of two colours
+    assert not judge(render_shapes({"shapes": [one, touching]}, 32), 1)["valid"]
+    close = dict(far, position=(0.42 + 1.5 / 64 + 0.12, 0.3))  # 1.5 px apart at 64 px; the rules want 4
+    verdict = judge(render_shapes({"shapes": [one, close]}, 64), 1)
+    assert verdict["count"] == 2 and verdict["class_ok"] and not verdict["layout_ok"]
+    apart = dict(far, position=(0.42 + 4.5 / 64 + 0.12, 0.3))
+    assert judge(render_shapes({"shapes": [one, apart]}, 64), 1)["valid"]
+
+
+def test_shapes_oracle_is_not_applicable_to_other_data():
+    digits = load_dataset(DataConfig(name="digits", size=SIZE, n=20, n_holdout=20), split="holdout", seed=0)
+    out = tokenloom.create("metric", "shapes-oracle").compute(
+        MetricContext(real=digits.images, generated=digits.images, data=digits))
+    assert set(out.values()) == {None}
+
+
+# ---------------------------------------------------------------------------
+# Conformance and eval-card footnotes
+# ---------------------------------------------------------------------------
+
+
+FIDELITY_FAMILY = ("fid", "isc", "kid", "precision-recall", "reconstruction")
+
+
+@pytest.mark.parametrize("name", ["fid", "isc", "kid", "precision-recall", "reconstruction", "codebook", "nll",
+                                  "cost", "acceptance", "shapes-oracle"])
+def test_metric_conformance(name, tiny_weights, cache):
+    config = {"weights": tiny_weights, "cache_dir": cache} if name in FIDELITY_FAMILY else {}
+    if name == "isc":
+        config["splits"] = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        check("metric", name, **config)
+
+
+def test_every_registered_metric_is_covered():
+    assert set(tokenloom.available("metric")) >= {"fid", "isc", "kid", "precision-recall", "reconstruction",
+                                                  "codebook", "nll", "cost", "acceptance", "shapes-oracle"}
+
+
+def test_card_footnotes_mark_metrics_whose_cards_differ():
+    a = {"extractor": "tokenloom-cnn", "reference": {"n": 500}, "n_generated": 64}
+    runs = [
+        {"id": "r1", "eval_cards": {"fid": a, "cost": {"device": "cpu"}}},
+        {"id": "r2", "eval_cards": {"fid": dict(a, n_generated=128), "cost": {"device": "cpu"}}},
+        {"id": "r3", "eval_cards": {"fid": dict(a, reference={"n": 250})}},
+    ]
+    notes = card_footnotes(runs)
+    assert notes.marks == {"fid": "[^1]"} and len(notes.lines) == 1
+    line = notes.lines[0]
+    assert line.startswith("[^1]: fid:") and "n_generated: 64 (r1, r3); 128 (r2)" in line
+    assert "reference.n: 500 (r1, r2); 250 (r3)" in line
+    assert card_differences({"x": a, "y": dict(a)}) == {}
+    assert card_footnotes([{"id": "x", "eval_cards": {"fid": a}}]).lines == []
