@@ -445,8 +445,10 @@ def test_cost_reads_recorded_statistics_and_never_invents():
 def test_acceptance_only_for_speculative_runs():
     metric = tokenloom.create("metric", "acceptance")
     assert set(metric.compute(MetricContext(stats={"nfe": 3})).values()) == {None}
-    out = metric.compute(MetricContext(stats={"acceptance_rate": 0.75, "mean_accepted_length": 2.5}))
-    assert out == {"acceptance_rate": 0.75, "mean_accepted_length": 2.5}
+    out = metric.compute(MetricContext(stats={"acceptance_rate": 0.75, "mean_accepted_length": 2.5,
+                                              "speedup_nfe": 2.1}))
+    assert out == {"acceptance_rate": 0.75, "mean_accepted_length": 2.5, "speedup_nfe": 2.1,
+                   "speedup_wallclock": None}
     with pytest.raises(InputError, match=r"in \[0, 1\]"):
         metric.compute(MetricContext(stats={"acceptance_rate": 1.5}))
 

@@ -8,9 +8,13 @@ LANTERN and GSD.
 Read from ``ctx.stats`` as recorded by the speculative decoding loop:
 
 - ``acceptance_rate``: accepted drafted tokens / drafted tokens, in [0, 1];
-- ``mean_accepted_length``: tokens committed per verification step.
+- ``mean_accepted_length``: tokens committed per verification step;
+- ``speedup_nfe``: codes per image / target forward passes per image — the
+  speed-up in forward passes over next-token decoding of the same model;
+- ``speedup_wallclock``: plain next-token seconds per image / speculative
+  seconds per image, when the run timed the baseline (``baseline = true``).
 
-Runs without speculative decoding have neither key and report None. The
+Runs without speculative decoding have none of these keys and report None. The
 rate depends on the acceptance rule and its relaxation (the sampler chain),
 so compare it between cells with the same draft model and chain.
 """
@@ -49,9 +53,11 @@ class Acceptance(tokenloom.Metric):
 
     def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
         out = {"acceptance_rate": _stat(ctx.stats, "acceptance_rate", 1.0),
-               "mean_accepted_length": _stat(ctx.stats, "mean_accepted_length", None)}
+               "mean_accepted_length": _stat(ctx.stats, "mean_accepted_length", None),
+               "speedup_nfe": _stat(ctx.stats, "speedup_nfe", None),
+               "speedup_wallclock": _stat(ctx.stats, "speedup_wallclock", None)}
         self._card = {"metric": "acceptance", "source": "ctx.stats (the speculative decoding loop)",
-                      "speculative": any(v is not None for v in out.values())}
+                      "speculative": any(v is not None for v in out.values()), "device": str(ctx.device)}
         return out
 
     def eval_card(self) -> dict[str, Any]:
