@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 import torch
 
+from . import dist
 from .checkpoint import load_component, load_tensors, save_tensors, save_tokenizer, write_json, write_text
 from .config import RunConfig, build_component, config_to_dict
 from .errors import ConfigError
@@ -67,6 +68,10 @@ def component_key(c: Any) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
+    from .dist import local_device
+
+    if local_device() is not None and name in ("auto", "cuda"):  # torchrun on GPUs: this rank's GPU
+        return local_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -95,13 +100,24 @@ def load_data(cfg: RunConfig) -> tuple[Any, Any]:
     return load_dataset(cfg.data, split="train", seed=cfg.seed), load_dataset(cfg.data, split="holdout", seed=cfg.seed)
 
 
+def data_key(cfg: RunConfig) -> str:
+    """The ``data_id`` of caches when the run loads ``cfg.data`` itself."""
+    return stable_hash(attrs.asdict(cfg.data))
+
+
+def tokenizer_key(cfg: RunConfig, data_id: str) -> str:
+    """The tokenizer's cache key (``cache/tokenizer-<key>.safetensors``):
+    known before fitting, so an ablation can plan which tokenizers it fits."""
+    return stable_hash({"tokenizer": component_key(cfg.tokenizer), "data": data_id, "seed": cfg.seed,
+                        "image_shape": image_shape_of(cfg)})
+
+
 def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry: Any, device: torch.device,
                   progress: bool, data_id: str) -> tuple[Any, str, bool]:
     """The fitted tokenizer, its identity (a hash of its config key and
     weights) and whether it came from the cache."""
     shape = image_shape_of(cfg)
-    key = stable_hash({"tokenizer": component_key(cfg.tokenizer), "data": data_id, "seed": cfg.seed,
-                       "image_shape": shape})
+    key = tokenizer_key(cfg, data_id)
     path = cache / f"tokenizer-{key}.safetensors"
     if path.is_file():
         tok = load_component(path, image_shape=shape)
@@ -156,7 +172,7 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     final = cache / f"model-{key}.safetensors"
     state = cache / f"model-{key}.train.safetensors"
     model = build_model(spec, cfg.model, n_classes=n_classes, seed=cfg.seed).to(device)
-    if final.is_file():
+    if dist.agree(final.is_file()):
         load_training_state(final, model, None)
         _, meta = load_tensors(final)
         record = json.loads(meta.get("train_record", "{}"))
@@ -172,8 +188,10 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     from .train import save_training_state
 
     opt = torch.optim.AdamW(model.parameters())  # weights only: an empty optimiser state
-    save_training_state(final, model, opt, result.steps, {"train_record": json.dumps(record)})
-    state.unlink(missing_ok=True)
+    if dist.is_main():
+        save_training_state(final, model, opt, result.steps, {"train_record": json.dumps(record)})
+        state.unlink(missing_ok=True)
+    dist.barrier()
     record["reused"] = False
     return model.eval(), record, key
 
@@ -260,18 +278,22 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
                    known: Known | None = None, progress: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Generate one code sequence per label in fixed micro-batches of
     :data:`MICRO_BATCH`; image i uses ``RowRNG(seed, i)``. Returns the codes
-    and the cost statistics measured by the instrumented ``model``."""
+    and the cost statistics measured by the instrumented ``model``.
+
+    Under torchrun the micro-batches are shared out round robin over the
+    ranks and gathered on every rank in their order, so the codes are those
+    of one process; ``seconds_per_image`` is then the ranks' summed compute
+    time per image."""
     from tqdm.auto import tqdm
 
     from .rng import RowRNG
 
     n = labels.shape[0]
     dev = model.device
-    out, nfes = [], []
-    kv = 0
+    starts = list(range(0, n, MICRO_BATCH))
+    parts: dict[int, tuple[torch.Tensor, int, float, int]] = {}  # start -> (codes, nfe, seconds, kv bytes)
     _peak_reset()
-    seconds = 0.0
-    for i in tqdm(range(0, n, MICRO_BATCH), desc="generate", file=sys.stderr, disable=not progress, leave=False):
+    for i in tqdm(dist.shard(starts), desc="generate", file=sys.stderr, disable=not progress, leave=False):
         idx = torch.arange(i, min(n, i + MICRO_BATCH))
         sub = None if known is None else Known(known.codes[idx].to(dev), known.mask[idx].to(dev))
         model.reset()
@@ -282,18 +304,25 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
             codes = generator.generate(model, chain, labels[idx].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        nfes.append(model.nfe)
-        kv = max(kv, model.kv_cache_bytes)
-        out.append(codes.cpu())
-    codes = torch.cat(out)
+        parts[i] = (codes.cpu(), model.nfe, time.perf_counter() - t0, model.kv_cache_bytes)
+    peak = _peak_read(dev)
+    if dist.world() > 1:  # every rank's micro-batches, back in their order
+        gathered = dist.all_gather((parts, peak))
+        parts = {i: v for p, _ in gathered for i, v in p.items()}
+        peak = max((pk for _, pk in gathered if pk is not None), default=None)
+    codes = torch.cat([parts[i][0] for i in starts])
+    nfes = [parts[i][1] for i in starts]
+    seconds = 0.0
+    for i in starts:
+        seconds += parts[i][2]
+    kv = max([0] + [parts[i][3] for i in starts])
     L = codes.shape[1]
     stats = {
         "nfe": float(sum(nfes) / len(nfes)),
         "seconds_per_image": seconds / n,
         "tokens_per_second": n * L / seconds if seconds > 0 else float("nan"),
         "kv_cache_bytes": float(kv),
-        "peak_memory_bytes": _peak_read(dev),
+        "peak_memory_bytes": peak,
     }
     return codes, stats
 
@@ -382,12 +411,19 @@ def write_results(out: Path, record: dict) -> list[dict]:
 
 
 def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None, region: str | None = None,
-        progress: bool = True, registry: Any = None) -> dict:
+        progress: bool = True, registry: Any = None, write_report: bool = True) -> dict:
     """Run ``cfg`` end to end, writing into ``out``; returns the run record
     (as stored in ``results.json``). ``data``: ``(train, holdout)`` image
     sets instead of loading ``cfg.data``; ``region``: regenerate that region
     of held-out images (zero-shot inpainting/outpainting, see
-    :data:`REGIONS`) instead of sampling from scratch."""
+    :data:`REGIONS`) instead of sampling from scratch; ``write_report``:
+    False leaves ``results.json``/``results.md`` to the caller (the ablation
+    runner writes its own).
+
+    Under torchrun (:mod:`tokenloom.dist`) every rank calls it: rank 0 fits
+    and encodes (the others load its cache), all ranks train (DDP), generate
+    and score the held-out likelihood (sharded), rank 0 alone decodes,
+    computes the metrics and writes files; every rank returns its record."""
     from .model import InstrumentedModel
     from .registry import get_registry
     from .sampling import build_chain
@@ -401,23 +437,25 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     cache.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
+    progress = progress and dist.is_main()
 
     train_set, holdout = data if data is not None else load_data(cfg)
     if len(holdout) == 0:
         raise ConfigError(["data.n_holdout: the run needs held-out images (for NLL and metrics); set it > 0"])
     n_classes = int(train_set.n_classes)
     if data is None:
-        data_id = stable_hash(attrs.asdict(cfg.data))
+        data_id = data_key(cfg)
     else:  # data handed in: key the caches by its content
         from .checkpoint import tensors_hash
 
         data_id = tensors_hash({"train": train_set.images, "train_labels": train_set.labels,
                                 "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
 
-    tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, registry=registry, device=device,
-                                              progress=progress, data_id=data_id)
-    codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
-                       key_extra={"data": data_id, "seed": cfg.seed}, device=device)
+    with dist.main_first():  # rank 0 fits and encodes; the other ranks load what it cached
+        tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, registry=registry, device=device,
+                                                  progress=progress, data_id=data_id)
+        codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
+                           key_extra={"data": data_id, "seed": cfg.seed}, device=device)
     generator = build_component(registry, "generator", cfg.generator.name,
                                 {**cfg.generator.options, "tokenizer": tok}, path="generator")
     if region is not None and not generator.supports_known:
@@ -449,7 +487,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
                         "sampler": [component_key(s) for s in cfg.sampler],
                         "n": n, "region": region, "seed": cfg.seed, "micro_batch": MICRO_BATCH})
     spath = cache / f"samples-{skey}.safetensors"
-    if spath.is_file():
+    if dist.agree(spath.is_file()):
         tensors, meta = load_tensors(spath)
         gen_codes, stats = tensors["codes"], json.loads(meta["stats"])
     else:
@@ -458,9 +496,14 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         generator.reset_stats()
         gen_codes, stats = generate_codes(generator, wrapped, chain, labels, seed=cfg.seed, known=known,
                                           progress=progress)
-        stats.update(generator.stats())  # e.g. acceptance_rate, mean_accepted_length
-        save_tensors(spath, {"codes": gen_codes}, {"stats": json.dumps(stats)})
+        mine = sum(min(n, i + MICRO_BATCH) - i for i in dist.shard(list(range(0, n, MICRO_BATCH))))
+        stats.update(dist.mean_over_ranks(generator.stats(), mine))  # e.g. acceptance_rate, mean_accepted_length
+        if dist.is_main():
+            save_tensors(spath, {"codes": gen_codes}, {"stats": json.dumps(stats)})
 
+    nll = heldout_nll(generator, wrapped, codes["holdout"], holdout.labels)  # sharded over ranks
+    if not dist.is_main():  # rank 0 decodes, computes the metrics and writes; the others wait for its record
+        return dist.broadcast(None)
     with torch.no_grad():
         generated = torch.cat([tok.decode(gen_codes[i : i + 256].to(device)).cpu() for i in range(0, n, 256)])
         hold_codes = codes["holdout"]
@@ -472,7 +515,6 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     stats["train_flops"] = float(train_record.get("flops", 0))
     if aux_records:  # e.g. the draft model: training it is part of this order's cost
         stats["auxiliary_train_flops"] = float(sum(r.get("flops", 0) for r in aux_records.values()))
-    nll = heldout_nll(generator, wrapped, hold_codes, holdout.labels)
 
     metrics: dict[str, Any] = {"nfe": stats["nfe"], "seconds_per_image": stats["seconds_per_image"],
                                "tokens_per_second": stats["tokens_per_second"]}
@@ -521,8 +563,9 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         "seconds": time.perf_counter() - t_start,
         "artifacts": {"samples": os.path.relpath(grid, out), "results_md": "results.md"},
     }
-    write_results(out, record)
-    return record
+    if write_report:
+        write_results(out, record)
+    return dist.broadcast(record)
 
 
 def _context_images(tok: Any, known: Known, device: torch.device) -> torch.Tensor:
@@ -548,6 +591,7 @@ def run_file(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> 
 
 
 __all__ = ["run", "run_file", "heldout_nll", "generate_codes", "region_mask", "save_grid", "stable_hash",
+           "data_key", "tokenizer_key", "model_key", "component_key",
            "MICRO_BATCH", "REGIONS", "write_results", "results_markdown"]
 
 

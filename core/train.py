@@ -95,8 +95,30 @@ def make_batch(generator: Generator, codes: torch.Tensor, labels: torch.Tensor, 
         return generator.training_batch(c, y)
 
 
-def batch_loss(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-    """Mean cross-entropy over the positions (and heads) in ``loss_mask``."""
+def shard_batch(batch: TrainBatch, rank: int, world: int) -> TrainBatch:
+    """Rows ``rank::world`` of a global teacher-forcing batch (the rows
+    :func:`batch_indices` gives this rank). Per-row tensors are sliced:
+    ``inputs``, ``targets``, ``loss_mask``, ``cond``, ``[B, T]`` positions,
+    ``[B, T, S]`` masks, and ``extra`` tensors whose first dimension is the
+    batch (a 1-D extra only when its length is ``B`` and not ``T``)."""
+    B, T = batch.targets.shape[0], batch.inputs.shape[1]
+    rows = slice(rank, None, world)
+
+    def per_row(t: torch.Tensor | None, min_dim: int) -> torch.Tensor | None:
+        if t is None or t.dim() < min_dim or t.shape[0] != B:
+            return t
+        return t[rows]
+
+    extra = {k: per_row(v, 1) if v.dim() >= 2 or (v.dim() == 1 and B != T) else v for k, v in batch.extra.items()}
+    return TrainBatch(inputs=batch.inputs[rows], targets=batch.targets[rows], loss_mask=batch.loss_mask[rows],
+                      cond=batch.cond[rows], positions=per_row(batch.positions, 2),
+                      attn_mask=per_row(batch.attn_mask, 3), extra=extra)
+
+
+def batch_loss(model: torch.nn.Module, batch: TrainBatch, *, denom: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the positions (and heads) in ``loss_mask``
+    (``denom``: divide the summed loss by this count instead — the count of
+    the global batch when ``batch`` is one rank's share of it)."""
     out = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
                 target_positions=batch.extra.get("target_positions"))
     heads = out if isinstance(out, tuple) else (out,)
@@ -109,22 +131,31 @@ def batch_loss(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
         ce = F.cross_entropy(logits.float().flatten(0, 1), t.flatten().clamp(0, logits.shape[-1] - 1),
                              reduction="none")
         total = total + (ce * m.flatten().float()).sum()
-    return total / mask.sum().clamp(min=1)
+    return total / (mask.sum().clamp(min=1) if denom is None else denom)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, *, lr: float,
-               grad_clip: float, bf16: bool = False) -> float:
-    """Forward, backward, clip and update; returns the loss."""
+               grad_clip: float, bf16: bool = False, denom: torch.Tensor | float | None = None,
+               world: int = 1) -> float:
+    """Forward, backward, clip and update; returns the loss. Under DDP
+    (``world > 1``) ``batch`` is this rank's share, ``denom`` the global
+    batch's loss-mask count: each rank's loss is its summed cross-entropy
+    over ``denom``, scaled by ``world`` because DDP averages gradients, so
+    the update is the global batch's; the returned loss is summed over ranks."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device_type = batch.targets.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        loss = batch_loss(model, batch)
+        loss = batch_loss(model, batch, denom=denom)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * world if world > 1 else loss).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if world > 1:
+        from .dist import all_reduce_sum
+
+        return float(all_reduce_sum(loss.detach().float()))
     return float(loss.detach())
 
 
@@ -193,7 +224,22 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
     With ``checkpoint``, training state is written there every
     ``checkpoint_every`` steps (default: a tenth of the run) and at the end,
     and an existing file is resumed from. ``stop_after`` ends the loop early
-    after that many steps (for tests of resumption)."""
+    after that many steps (for tests of resumption).
+
+    Several processes (``torchrun``, see :mod:`tokenloom.dist`): the model is
+    wrapped in DDP; every rank builds the step's whole global batch (so every
+    draw is the one a single process makes) and trains on its rows
+    ``rank::world`` (:func:`shard_batch`); only rank 0 writes checkpoints.
+    The update equals the single-process one up to the order of
+    floating-point reductions, so weights agree to rounding, not bit for bit
+    (dropout masks, when ``dropout > 0``, are drawn per rank)."""
+    from . import dist
+
+    rank, world = dist.rank(), dist.world()
+    if world > 1 and cfg.batch_size < world:
+        from .errors import ConfigError
+
+        raise ConfigError([f"train.batch_size: {cfg.batch_size} is smaller than the {world} processes"])
     device = next(model.parameters()).device
     codes, labels = codes.to(device), labels.to(device)
     optimizer = configure_optimizer(model, cfg)
@@ -201,14 +247,15 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
     if checkpoint is not None and Path(checkpoint).is_file():
         start = load_training_state(checkpoint, model, optimizer)
     every = checkpoint_every or max(1, cfg.steps // 10)
-    step_fn = torch.compile(model) if cfg.compile else model
+    net = dist.ddp(model) if world > 1 else model
+    step_fn = torch.compile(net) if cfg.compile else net
     seq_len = getattr(getattr(model, "spec", None), "seq_len", codes.shape[1])
     fpt = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 6 * sum(
         p.numel() for p in model.parameters())
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, disable=not progress or rank > 0,
                dynamic_ncols=True, leave=False)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -219,15 +266,20 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
         idx = batch_indices(codes.shape[0], cfg.batch_size, seed=seed, step=step).to(device)
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(step_seed(seed, step, 3))  # dropout
+            torch.manual_seed(step_seed(seed, step, 3 if rank == 0 else 100 + rank))  # dropout
             batch = make_batch(generator, codes, labels, idx, seed=seed, step=step, n_steps=cfg.steps,
                                label_dropout=cfg.label_dropout, null_class=null_class)
-            loss = train_step(step_fn, optimizer, batch, lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, bf16=cfg.bf16)
+            denom = None
+            if world > 1:  # the global batch's count, then this rank's rows of it
+                denom = batch.loss_mask.sum().clamp(min=1)
+                batch = shard_batch(batch, rank, world)
+            loss = train_step(step_fn, optimizer, batch, lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, bf16=cfg.bf16,
+                              denom=denom, world=world)
         losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         done = step + 1
-        if checkpoint is not None and (done % every == 0 or done == end):
+        if checkpoint is not None and rank == 0 and (done % every == 0 or done == end):
             save_training_state(checkpoint, model, optimizer, done)
     bar.close()
     model.eval()
@@ -264,12 +316,19 @@ def heldout_nll(generator: Generator, model: Any, codes: torch.Tensor, labels: t
         return None
     was_training = inner.training
     inner.eval()
+    from . import dist
+
+    parts: dict[int, float] = {}  # batch start -> summed log-likelihood; batches shared out over ranks
     with torch.no_grad():
-        for i in range(0, n, batch_size):
+        for i in dist.shard(list(range(0, n, batch_size))):
             c = codes[i : i + batch_size].to(device)
             y = labels[i : i + batch_size].to(device) if labels is not None else torch.full(
                 (c.shape[0],), null, dtype=torch.long, device=device)
-            total += float(generator.log_likelihood(model, c, y).double().sum())
+            parts[i] = float(generator.log_likelihood(model, c, y).double().sum())
+    if dist.world() > 1:
+        parts = {i: v for p in dist.all_gather(parts) for i, v in p.items()}
+    for i in sorted(parts):  # the one-process summation order, whatever the process count
+        total += parts[i]
     inner.train(was_training)
     L = codes.shape[1]
     V = generator.tokenizer.vocab_size
@@ -291,6 +350,7 @@ __all__ = [
     "train_step",
     "make_batch",
     "batch_loss",
+    "shard_batch",
     "batch_indices",
     "lr_at",
     "step_seed",
