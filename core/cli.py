@@ -122,6 +122,31 @@ def demo(out: str, no_progress: bool) -> None:
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
 
+@cli.command("fit-tokenizer")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Output directory (default: runs/<config name>-tokenizer). A killed fit started again "
+                   "with the same config resumes from <out>/train_state.safetensors.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def fit_tokenizer(config: str, out: str | None, no_progress: bool) -> None:
+    """Fit the [tokenizer] of CONFIG on its [data]; write the checkpoint, a
+    reconstruction report (JSON + Markdown) and a PNG of held-out originals
+    above their reconstructions."""
+    from pathlib import Path
+
+    from .tokenizer_fit import fit_tokenizer_file
+
+    out = out or str(Path("runs") / f"{Path(config).stem}-tokenizer")
+    report = fit_tokenizer_file(config, out, progress=not no_progress)
+    ho = report["holdout"]
+    click.echo(f"{report['tokenizer']['name']}: {ho['tokens_per_image']} tokens/image, vocabulary {ho['vocab_size']}, "
+               f"held-out PSNR {ho['psnr']:.2f} dB, MSE {ho['mse']:.4g}, utilisation {ho['utilisation']:.3f}, "
+               f"perplexity {ho['perplexity']:.1f}, fit {report['fit_seconds']:.1f} s")
+    base = Path(out)
+    click.echo(f"checkpoint: {base / 'tokenizer.safetensors'}")
+    click.echo(f"report: {base / 'reconstruction.md'}  ({base / 'reconstruction.json'}, {base / 'reconstruction.png'})")
+
+
 def main() -> None:
     cli(prog_name="tokenloom")
 

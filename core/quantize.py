@@ -34,10 +34,11 @@ class VectorQuantizer(nn.Module):
         self.restart_every = restart_every
         self.embedding = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # as LlamaGen
-        # usage in the current restart window, and the last batch's inputs (training only)
-        self.register_buffer("_usage", torch.zeros(codebook_size), persistent=False)
+        # usage in the current restart window (saved, so a resumed run restarts
+        # the same codes), and the last batch's inputs (training only)
+        self.register_buffer("usage", torch.zeros(codebook_size))
+        self.register_buffer("window_steps", torch.zeros((), dtype=torch.long))
         self._last_z: torch.Tensor | None = None
-        self._steps_in_window = 0
 
     def codebook(self) -> torch.Tensor:
         """``FloatTensor[V, D]``: the codebook as used for lookup."""
@@ -61,7 +62,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
             if self.restart_every > 0:
-                self._usage += torch.bincount(idx, minlength=self.codebook_size).to(self._usage)
+                self.usage += torch.bincount(idx, minlength=self.codebook_size).to(self.usage)
                 self._last_z = z.detach()
         else:
             loss = z.new_zeros(())
@@ -78,12 +79,12 @@ class VectorQuantizer(nn.Module):
         Returns how many codes were restarted."""
         if self.restart_every <= 0 or self._last_z is None:
             return 0
-        self._steps_in_window += 1
-        if self._steps_in_window < self.restart_every:
+        self.window_steps += 1
+        if int(self.window_steps) < self.restart_every:
             return 0
-        dead = (self._usage == 0).nonzero().flatten()
-        self._usage.zero_()
-        self._steps_in_window = 0
+        dead = (self.usage == 0).nonzero().flatten()
+        self.usage.zero_()
+        self.window_steps.zero_()
         if not len(dead):
             return 0
         z = self._last_z

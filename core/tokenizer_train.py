@@ -153,7 +153,7 @@ def train_tokenizer(tokenizer: Any, images: torch.Tensor, *, steps: int, batch_s
             _save_state(path, tokenizer, opt, gen, step + 1, key)
     bar.close()
     tokenizer.eval()
-    return {**running, "steps": float(steps), "seconds": time.perf_counter() - t0}
+    return {**running, "steps": float(steps), "resumed_from": float(start), "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class RQTokenizer(AutoencoderTokenizer):
         codes = self.check_codes(codes)
         if not 1 <= depth <= self.config.depth:
             raise tokenloom.InputError(f"decode_depth: depth must be in [1, {self.config.depth}], got {depth}")
-        return self.decoder(self._latent_from(self._stack(codes)[:, :, :depth])).clamp(-1.0, 1.0)
+        return self._per_image(lambda c: self.decoder(self._latent_from(self._stack(c)[:, :, :depth])).clamp(-1.0, 1.0),
+                               codes)
 
     def code_embeddings(self) -> torch.Tensor:
         return self.rq.codebooks[0].detach().float().clone()  # [V, code_dim]
