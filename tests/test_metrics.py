@@ -545,3 +545,51 @@ def test_card_footnotes_mark_metrics_whose_cards_differ():
     assert "reference.n: 500 (r1, r2); 250 (r3)" in line
     assert card_differences({"x": a, "y": dict(a)}) == {}
     assert card_footnotes([{"id": "x", "eval_cards": {"fid": a}}]).lines == []
+
+
+# ---------------------------------------------------------------------------
+# Heavier: the default extractor and a whole run (make test-all)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_extractor_recipe_is_accurate_and_reproducible(tmp_path):
+    a = fidelity.default_extractor_path(root=tmp_path / "a")
+    b = fidelity.default_extractor_path(root=tmp_path / "b")
+    _, info, digest = fidelity.load_extractor(a)
+    assert fidelity.load_extractor(b)[2] == digest
+    assert info["holdout_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_a_run_with_every_metric_records_numbers_and_cards(tmp_path, monkeypatch):
+    import urllib.request
+
+    from tokenloom.config import parse_config, read_toml
+    from tokenloom.pipeline import run
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv("TOKENLOOM_CACHE_DIR", str(tmp_path / "cache"))
+    raw = read_toml(__import__("pathlib").Path(__file__).parents[1] / "examples" / "quick.toml")
+    names = ["fid", "isc", "kid", "precision-recall", "reconstruction", "codebook", "nll", "cost", "acceptance",
+             "shapes-oracle"]
+    raw["train"]["steps"] = 30
+    raw["metrics"] = {"names": names, "n_samples": 80, "isc": {"splits": 4}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record = run(parse_config(raw), tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
+    assert set(saved["eval_cards"]) == set(names)
+    for key in ("fid", "isc", "kid", "precision", "recall", "mse", "psnr", "rfid", "codebook_utilisation",
+                "codebook_perplexity", "nll_bits_per_image", "nll_bits_per_dim", "nfe", "seconds_per_image",
+                "shapes_valid", "shapes_valid_real"):
+        assert isinstance(saved["metrics"][key], float), key
+    assert saved["metrics"]["acceptance_rate"] is None  # not a speculative run
+    assert saved["metrics"]["shapes_valid_real"] >= 0.95
+    card = saved["eval_cards"]["fid"]
+    assert card["extractor"] == "tokenloom-cnn" and card["n_generated"] == 80 and card["reference"]["n"] > 0
+    assert record["id"] == saved["id"]
