@@ -45,6 +45,7 @@ EXTRA_CASES = [
     ("frequency", dict(levels=3, drop_levels=0, bins=16), (1, 16, 16)),
     ("vq", dict(channels=8, codebook_size=32, restart_every=0, downsample=2), (1, 8, 8)),
     ("lfq", dict(channels=8, bits=4, spherical=True), (3, 16, 16)),
+    ("lfq", dict(channels=8, bits=5, entropy_groups=1), (3, 16, 16)),
 ]
 
 
@@ -83,6 +84,7 @@ def _small(n=64, split="train"):
     ("vq", {"downsample": 8, "image_shape": (3, 20, 20)}, "does not divide"),
     ("fsq", {"levels": [2, 5]}, "levels"),
     ("lfq", {"bits": 0}, "bits"),
+    ("lfq", {"bits": 9, "entropy_groups": 2}, "must divide"),
     ("multiscale", {"scales": [1, 3, 2, 8]}, "strictly increasing"),
     ("multiscale", {"scales": [1, 2, 4]}, "last scale must equal"),
     ("frequency", {"levels": 3, "drop_levels": 3}, "drop_levels"),
@@ -176,13 +178,19 @@ def test_fsq_index_code_bijection():
 
 
 def test_lfq_index_bits_bijection():
-    tok = tokenloom.create("tokenizer", "lfq", image_shape=(3, 16, 16), channels=8, bits=5)
-    idx = torch.arange(32)
+    tok = tokenloom.create("tokenizer", "lfq", image_shape=(3, 16, 16), channels=8, bits=6)
+    assert tok.vocab_size == 64
+    idx = torch.arange(64)
     vecs = tok.codes_to_vectors(idx)
-    assert set(vecs.unique().tolist()) == {-1.0, 1.0}
+    assert set(vecs.unique().tolist()) == {-1.0, 1.0} and len(torch.unique(vecs, dim=0)) == 64
     bits = (vecs > 0).long()
-    assert torch.equal((bits * torch.tensor([16, 8, 4, 2, 1])).sum(1), idx)  # most significant bit first
+    assert torch.equal((bits * torch.tensor([32, 16, 8, 4, 2, 1])).sum(1), idx)  # most significant bit first
     assert torch.equal(tok.vectors_to_codes(vecs), idx)
+    # the quantiser itself maps a code vector to its own index (sign quantisation)
+    tok.eval()
+    with torch.no_grad():
+        q = tok.quantize(vecs.reshape(1, 8, 8, 6).permute(0, 3, 1, 2))
+    assert torch.equal(q.codes.flatten(), idx)
 
 
 # ---------------------------------------------------------------------------
