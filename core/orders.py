@@ -15,6 +15,10 @@ The orders that decode several tokens per forward pass (``next-block``,
   the token at the same offset of group g + 1, attention is causal between
   groups and bidirectional inside one (NBP's next-block prediction, and the
   k×k cells of xAR's next-cell prediction);
+- :class:`ScaleOrder` — VAR's next-scale prediction over a multi-scale
+  layout (block-causal over scales, embeddings of the earlier scales as
+  teacher-forcing inputs, one pass per scale), shared by ``next-scale`` and
+  ``next-frequency``;
 - :class:`MaskedCache` — an append-only KV cache whose keys carry a grid
   position and a validity flag, for decoding loops that must hide stale
   entries (a ZipAR stand-in token, a RandAR query re-fed with its token)
@@ -198,6 +202,111 @@ class GroupOrder:
 
 
 # ---------------------------------------------------------------------------
+# Next-scale prediction over a multi-scale layout (VAR, NFIG)
+# ---------------------------------------------------------------------------
+
+
+class ScaleOrder:
+    """VAR's next-scale prediction over the scales of a multi-scale layout,
+    with teacher-forcing inputs from ``inputs_fn``.
+
+    ``inputs_fn(codes)`` maps ``LongTensor[B, L]`` to ``FloatTensor[B, L −
+    n_0, D]``: for every scale after the first, what the model sees at that
+    scale's positions — a function of the codes of *earlier* scales only
+    (VAR: the accumulated f̂ of earlier scales, downsampled to the scale).
+    The sequence (``T = L``, embeddings of width ``D``) is the first scale's
+    ``n_0`` start slots (index 0 carries the class embedding, the others a
+    zero vector plus their position, as VAR's start tokens) followed by those
+    inputs; the input at flat position i predicts the code at i. Attention
+    is block-causal over scales, so decoding takes one pass per scale with a
+    KV cache, and the likelihood is exact: ``log p(x) = Σ_k Σ_{i ∈ scale k}
+    log p(x_i | scales < k)``.
+    """
+
+    def __init__(self, layout: Any, vocab_size: int, dim: int, inputs_fn: Any, *, train_order: str,
+                 who: str, scale_fn: Any = None):
+        if layout.n_scales < 2:
+            raise ConfigError(f"{who} needs a multi-scale tokenizer (several scales in its layout), got one "
+                              f"scale {list(layout.scales)} (e.g. tokenizer 'multiscale')")
+        if layout.depth != 1:
+            raise ConfigError(f"{who} needs one code per position of each scale, got residual depth {layout.depth}")
+        self.layout = layout
+        self.sizes = tuple(h * w for h, w in layout.scales)
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        self.K = len(self.sizes)
+        self.L = layout.length
+        self.V = vocab_size
+        self.D = dim
+        self.inputs_fn = inputs_fn
+        self.scale_fn = scale_fn  # optional (codes, k) -> [B, n_k, D]: one scale's inputs alone, for decoding
+        self.train_order = train_order
+
+    def model_spec(self, **extra: Any) -> ModelSpec:
+        return ModelSpec(
+            seq_len=self.L,
+            vocab_size=self.V,
+            heads=(self.V,),
+            train_order=self.train_order,
+            input_kind="embeddings",
+            input_dim=self.D,
+            attention="block-causal",
+            cache_ops=frozenset({"append"}),
+            extra=tuple(sorted({"block_sizes": self.sizes, **extra}.items())),
+            layout=self.layout,
+        )
+
+    def inputs(self, codes: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[B, L, D]``: the teacher-forcing inputs of ``codes``."""
+        with torch.no_grad():
+            later = self.inputs_fn(codes).detach().float()  # (B, L - n0, D)
+        if tuple(later.shape) != (codes.shape[0], self.L - self.sizes[0], self.D):
+            raise InputError(f"scale inputs: expected [{codes.shape[0]}, {self.L - self.sizes[0]}, {self.D}], "
+                             f"got {tuple(later.shape)}")
+        start = torch.zeros(codes.shape[0], self.sizes[0], self.D, device=later.device)
+        return torch.cat([start, later.to(start.device)], 1)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
+        return TrainBatch(inputs=self.inputs(codes), targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
+                          cond=cond.long(), positions=torch.arange(self.L, device=codes.device))
+
+    def log_likelihood(self, model: Any, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dev = model.device
+        codes = codes.to(dev)
+        logits = model(self.inputs(codes).to(dev), cond.to(dev).long(), positions=torch.arange(self.L, device=dev))
+        return torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
+
+    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, rng: Any,
+                 known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One pass per scale; ``known`` = ``(codes, mask)`` teacher-forces the
+        given codes of every scale (VAR's zero-shot in/out-painting)."""
+        B, dev = cond.shape[0], model.device
+        cond = cond.to(dev).long()
+        rows, guided = guidance_rows(cond, sampler, model)
+        R = rows.shape[0]
+        cache = model.new_cache(R, self.L)
+        codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        for k in range(self.K):
+            a, n = self.offsets[k], self.sizes[k]
+            if k == 0:
+                x = torch.zeros(R, n, self.D, device=dev)
+            else:  # what scale k sees: a function of the scales sampled so far
+                if self.scale_fn is not None:
+                    with torch.no_grad():
+                        x = self.scale_fn(codes, k).detach().float().to(dev)
+                else:
+                    x = self.inputs(codes)[:, a : a + n].to(dev)
+                x = x.repeat(2, 1, 1) if guided else x
+            logits = model(x, rows, positions=torch.arange(a, a + n, device=dev), cache=cache)  # (R, n, V)
+            where = torch.arange(a, a + n, device=dev)
+            new = sample_codes(sampler, logits, rng, B=B, guided=guided, step=k, n_steps=self.K,
+                               positions=where.expand(B, -1), scale=k, n_scales=self.K)
+            if known is not None:
+                new = torch.where(known[1][:, a : a + n], known[0][:, a : a + n], new)
+            codes[:, a : a + n] = new
+        return codes
+
+
+# ---------------------------------------------------------------------------
 # A KV cache with per-key positions and validity
 # ---------------------------------------------------------------------------
 
@@ -242,5 +351,6 @@ __all__ = [
     "sample_codes",
     "check_known",
     "GroupOrder",
+    "ScaleOrder",
     "MaskedCache",
 ]

@@ -25,7 +25,21 @@ from tokenloom.sampling import SamplerChain
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 REG = tokenloom.get_registry()
-ORDERS = ("next-block", "next-cell", "neighboring", "par", "zipar", "random-parallel")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is ~30× faster than two on a loaded
+    2-core machine (threads contend); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+GRID_ORDERS = ("next-block", "next-cell", "neighboring", "par", "zipar", "random-parallel")
+SCALE_ORDERS = ("next-scale", "next-frequency")
+ORDERS = GRID_ORDERS + SCALE_ORDERS + ("next-scale-markov",)
+RECORDED = GRID_ORDERS + SCALE_ORDERS  # orders whose draws go through SamplerChain.sample (one per pass)
+FIXED = ("next-block", "next-cell", "neighboring", "par") + SCALE_ORDERS  # trained orders with a fixed order
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +160,43 @@ def expected_step(name: str, h: int, w: int, depth: int, cfg: dict) -> torch.Ten
     return None
 
 
+MS_SCALES = [(1, 4), (2, 4), (1, 2, 4), (1, 2, 3, 4), (3, 4)]
+
+
+def multiscale(scales=(1, 2, 4), codebook_size: int = 8):
+    """A (untrained) VAR multi-scale tokenizer on 8×8 images (finest grid: the last scale)."""
+    return build_component(REG, "tokenizer", "multiscale", {"scales": tuple(scales), "downsample": 8 // scales[-1],
+                                                            "codebook_size": codebook_size, "code_dim": 4,
+                                                            "image_shape": (3, 8, 8)}, path="tokenizer")
+
+
+def frequency(levels: int = 2, channels: int = 1, size: int = 4, bins: int = 3):
+    return build_component(REG, "tokenizer", "frequency", {"levels": levels, "drop_levels": 0, "bins": bins,
+                                                           "image_shape": (channels, size, size)}, path="tokenizer")
+
+
+def case(name: str, data):
+    """A tokenizer, a valid config, the NFE formula's value and the pass of
+    every position (None where it is data-dependent) for ``name``."""
+    if name in ("next-scale", "next-scale-markov"):
+        tok = multiscale(data.draw(st.sampled_from(MS_SCALES)))
+        sizes = [h * w for h, w in tok.layout.scales]
+        step = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        if name == "next-scale":
+            return tok, {}, len(sizes), step
+        steps = data.draw(st.integers(1, 4))
+        return tok, {"steps": steps}, sum(min(steps, n) for n in sizes), None
+    if name == "next-frequency":
+        tok = frequency(data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 3])))
+        sizes = [h * w for h, w in tok.layout.scales]
+        return tok, {}, len(sizes), torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    gh, gw, depth3 = layout_for(name, data)
+    tok = pixel(gh, gw, depth3)
+    depth = tok.layout.depth
+    cfg = draw_config(name, gh, gw, depth, data)
+    return tok, cfg, expected_nfe(name, gh, gw, depth, cfg), expected_step(name, gh, gw, depth, cfg)
+
+
 def run(gen, model, cond, seed: int = 0, kind: str = "plain", index=None):
     rec = Recorder(chain(kind))
     model.reset()
@@ -166,15 +217,12 @@ def logits_of(model, batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ORDERS)
+@pytest.mark.parametrize("name", RECORDED)
 @SETTINGS
 @given(data=st.data())
 def test_every_position_finalised_exactly_once_at_its_pass(name, data):
-    gh, gw, depth3 = layout_for(name, data)
-    tok = pixel(gh, gw, depth3)
-    h, w, depth = gh, gw, tok.layout.depth
+    tok, cfg, nfe, ref = case(name, data)
     L = tok.layout.length
-    cfg = draw_config(name, h, w, depth, data)
     gen = generator(name, tok, **cfg)
     kind = data.draw(st.sampled_from(["plain", "topk", "cfg"]))
     model = tiny_model(gen.model_spec(), seed=data.draw(st.integers(0, 99)))
@@ -182,7 +230,6 @@ def test_every_position_finalised_exactly_once_at_its_pass(name, data):
     cond = torch.tensor([0, 2, 1])
     out, rec = run(gen, model, cond, seed=5, kind=kind)
 
-    nfe = expected_nfe(name, h, w, depth, cfg)
     assert model.nfe == nfe == gen.expected_nfe(), (name, cfg, model.nfe, nfe)
     assert [c[0] for c in rec.calls] == list(range(nfe)), "one draw per pass, in order"
     step = torch.cat([torch.full((p.shape[1],), s) for s, p, _ in rec.calls])  # (L,) pass of each draw
@@ -191,7 +238,6 @@ def test_every_position_finalised_exactly_once_at_its_pass(name, data):
         vals = torch.cat([v[b] for _, _, v in rec.calls])
         assert sorted(pos.tolist()) == list(range(L)), "every position sampled exactly once"
         assert torch.equal(out[b, pos], vals), "a sampled code was changed afterwards"
-        ref = expected_step(name, h, w, depth, cfg)
         if ref is not None:
             assert torch.equal(step[pos.argsort()], ref), f"{name} {cfg}: positions decoded at the wrong pass"
 
@@ -200,9 +246,7 @@ def test_every_position_finalised_exactly_once_at_its_pass(name, data):
 @SETTINGS
 @given(data=st.data())
 def test_image_is_the_same_alone_or_in_a_batch(name, data):
-    gh, gw, depth3 = layout_for(name, data)
-    tok = pixel(gh, gw, depth3)
-    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    tok, cfg, nfe, _ = case(name, data)
     gen = generator(name, tok, **cfg)
     model = tiny_model(gen.model_spec(), seed=1, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
     kind = data.draw(st.sampled_from(["plain", "cfg"]))
@@ -213,6 +257,7 @@ def test_image_is_the_same_alone_or_in_a_batch(name, data):
     i = data.draw(st.integers(0, 3))
     alone, _ = run(gen, model, cond[i : i + 1], seed=9, kind=kind, index=torch.tensor([i]))
     assert torch.equal(alone[0], out[i])
+    assert model.nfe == nfe
     other, _ = run(gen, model, cond, seed=10, kind=kind)
     if tok.layout.length >= 4:
         assert not torch.equal(other, out), "the seed does not change the samples"
@@ -223,16 +268,14 @@ def test_image_is_the_same_alone_or_in_a_batch(name, data):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["next-block", "next-cell", "neighboring", "par"])
+@pytest.mark.parametrize("name", FIXED)
 @SETTINGS
 @given(data=st.data())
 def test_training_mask_leaks_nothing_it_must_predict(name, data):
     """A logit that predicts position p must not depend on any code sampled
     in p's own pass or later (the pass taken from decoding itself)."""
-    gh, gw, depth3 = layout_for(name, data)
-    tok = pixel(gh, gw, depth3)
+    tok, cfg, _, _ = case(name, data)
     L, V = tok.layout.length, tok.vocab_size
-    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
     gen = generator(name, tok, **cfg)
     model = tiny_model(gen.model_spec(), seed=2, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
     _, rec = run(gen, model, torch.tensor([0]))
@@ -304,17 +347,15 @@ def target_positions(gen, codes, cond):
     return out
 
 
-@pytest.mark.parametrize("name", ["next-block", "next-cell", "neighboring", "par"])
+@pytest.mark.parametrize("name", FIXED)
 @SETTINGS
 @given(data=st.data())
 def test_decoding_uses_the_teacher_forced_logits(name, data):
     """Teacher forcing on a generated sample reproduces, for every position,
     the logits it was drawn from (neighboring: the mean of the heads that
     predict it) — training and decoding implement the same factorisation."""
-    gh, gw, depth3 = layout_for(name, data)
-    tok = pixel(gh, gw, depth3)
+    tok, cfg, _, _ = case(name, data)
     L = tok.layout.length
-    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
     gen = generator(name, tok, **cfg)
     model = tiny_model(gen.model_spec(), seed=6, pos=data.draw(st.sampled_from(["rope2d", "learned"])))
     cond = torch.tensor([2, 1])
@@ -457,13 +498,11 @@ class RecomputeCheck:
         return out
 
 
-@pytest.mark.parametrize("name", ORDERS)
+@pytest.mark.parametrize("name", GRID_ORDERS + SCALE_ORDERS)
 @settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_kv_cache_equals_recomputation(name, data):
-    gh, gw, depth3 = layout_for(name, data)
-    tok = pixel(gh, gw, depth3)
-    cfg = draw_config(name, gh, gw, tok.layout.depth, data)
+    tok, cfg, _, _ = case(name, data)
     gen = generator(name, tok, **cfg)
     model = RecomputeCheck(tiny_model(gen.model_spec(), seed=3, pos=data.draw(st.sampled_from(["rope2d", "learned"]))))
     cond = torch.tensor([0, 1])
@@ -615,7 +654,7 @@ def test_bad_values_are_config_errors(name, value):
         generator(name, pixel(2, 2), **value)
 
 
-@pytest.mark.parametrize("name", ORDERS)
+@pytest.mark.parametrize("name", GRID_ORDERS)
 def test_known_is_refused_clearly(name):
     tok = pixel(2, 2)
     gen = generator(name, tok, **({"window": 1} if name == "zipar" else {}))
@@ -649,3 +688,153 @@ def _kit_tok(gh, gw, depth3=False):
 ])
 def test_conformance_kit(name, config, tok):
     tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=6, **config)
+
+
+# ---------------------------------------------------------------------------
+# multi-scale orders: next-scale (VAR), next-scale-markov (HMAR), next-frequency (NFIG)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,tok", [("next-scale", lambda: multiscale((1, 2), codebook_size=2)),
+                                      ("next-frequency", lambda: frequency(levels=1, channels=1, size=2, bins=3))])
+def test_exact_likelihood_sums_to_one(name, tok):
+    tok = tok()
+    gen = generator(name, tok)
+    L, V = tok.layout.length, tok.vocab_size
+    model = tiny_model(gen.model_spec(), seed=3)
+    every = torch.cartesian_prod(*[torch.arange(V)] * L).reshape(-1, L)
+    for c in (0, 3):
+        ll = gen.log_likelihood(model, every, torch.full((every.shape[0],), c))
+        assert abs(torch.logsumexp(ll.double(), 0).item()) < 1e-4
+        # and it is the product of the per-scale conditionals the decoder samples from
+        tf = logits_of(model, gen.training_batch(every[:5], torch.full((5,), c)))[:, :, 0]
+        ref = torch.log_softmax(tf, -1).gather(-1, every[:5, :, None])[..., 0].sum(-1)
+        assert torch.allclose(ll[:5], ref, atol=1e-5)
+
+
+def test_next_scale_inputs_are_the_tokenizers_scale_inputs():
+    tok = multiscale((1, 2, 4))
+    gen = generator("next-scale", tok)
+    codes = torch.randint(0, 8, (2, tok.layout.length), generator=torch.Generator().manual_seed(0))
+    batch = gen.training_batch(codes, torch.tensor([0, 1]))
+    assert batch.inputs.shape == (2, 21, 4) and gen.model_spec().input_kind == "embeddings"
+    assert torch.equal(batch.inputs[:, 1:], tok.scale_inputs(codes))  # VAR's f̂ of the earlier scales
+    assert torch.equal(batch.inputs[:, :1], torch.zeros(2, 1, 4))  # the start slot (class embedding)
+    assert gen.model_spec().option("block_sizes") == (1, 4, 16)
+
+
+def test_next_frequency_inputs_are_the_coarser_bands_image():
+    tok = frequency(levels=2, channels=3, size=4)
+    gen = generator("next-frequency", tok)
+    img = tokenloom.testing.random_images(2, (3, 4, 4), seed=1)
+    codes = tok.encode(img)
+    x = gen.training_batch(codes, torch.tensor([0, 1])).inputs  # (B, L, 3)
+    # band 1 (LH_2, 1×1) sees the LL_2 band alone: the block mean of the quantised image
+    partial = codes.clone()
+    partial[:, 1:] = gen.zero
+    assert torch.allclose(x[:, 1], tok.decode(partial).mean((2, 3)), atol=1e-6)
+    # the last band (HH_1, 2×2) sees everything before it, downsampled to 2×2
+    sl = tok.layout.scale_slices()[-1]
+    partial = codes.clone()
+    partial[:, sl] = gen.zero
+    ref = torch.nn.functional.avg_pool2d(tok.decode(partial), 2).flatten(2).transpose(1, 2)
+    assert torch.allclose(x[:, sl], ref, atol=1e-6)
+
+
+def test_next_scale_inpainting_teacher_forces_known_codes():
+    tok = multiscale((1, 2, 4))
+    gen = generator("next-scale", tok)
+    model = tiny_model(gen.model_spec(), seed=2)
+    L = tok.layout.length
+    known_codes = torch.randint(0, 8, (2, L), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[:, :5] = True  # scales 1 and 2 given
+    mask[0, 5:9] = True
+    out = gen.generate(model, SamplerChain(), torch.tensor([0, 1]), rng=RowRNG(0, torch.arange(2)),
+                       known=tokenloom.Known(known_codes, mask))
+    assert torch.equal(out[mask], known_codes[mask])
+    # every scale after the given ones was predicted from inputs built on the known codes, and the
+    # cached passes still equal recomputation
+    x = gen.training_batch(out, torch.tensor([0, 1])).inputs
+    assert torch.equal(x[:, 5:], tok.scale_inputs(out)[:, 4:])
+    rec = RecomputeCheck(model)
+    gen.generate(rec, SamplerChain(), torch.tensor([0, 1]), rng=RowRNG(0, torch.arange(2)),
+                 known=tokenloom.Known(known_codes, mask))
+    assert rec.worst <= 1e-5
+
+
+def test_next_scale_markov_is_block_diagonal_and_masked():
+    tok = multiscale((1, 2, 4))
+    gen = generator("next-scale-markov", tok, steps=3)
+    spec = gen.model_spec()
+    assert spec.input_dim == 4 + 4 + 1 and spec.attention == "custom" and spec.seq_len == 22
+    model = tiny_model(spec, seed=1)
+    codes = torch.randint(0, 8, (3, 21), generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batch = gen.training_batch(codes, torch.tensor([0, 1, 2]))
+    hidden = batch.loss_mask[:, 1:]
+    sl = tok.layout.scale_slices()
+    for s in sl:  # at least one hidden token per scale and image; revealed ones carry their code
+        assert hidden[:, s].any(1).all()
+    flag = batch.inputs[:, 1:, -1]
+    assert torch.equal(flag.bool(), ~hidden)
+    emb = tok.code_embeddings()[codes]
+    assert torch.allclose(batch.inputs[:, 1:, 4:8], emb * (~hidden)[..., None])
+    ref = logits_of(model, batch)
+    # Markov: changing everything in scale 0 and 2's inputs leaves scale 1's logits unchanged
+    other = batch.inputs.clone()
+    other[:, 1 + sl[0].start : 1 + sl[0].stop] += 1.0
+    other[:, 1 + sl[2].start :] -= 1.0
+    batch.inputs = other
+    new = logits_of(model, batch)
+    assert (new - ref)[:, 1 + sl[1].start : 1 + sl[1].stop].abs().max() <= 1e-5
+    assert (new - ref)[:, 1 + sl[2].start :].abs().max() > 1e-4
+    assert gen.expected_nfe() == 1 + 3 + 3
+
+
+def test_next_scale_markov_steps_change_without_retraining():
+    tok = multiscale((1, 2, 4))
+    model = tiny_model(generator("next-scale-markov", tok).model_spec(), seed=4)
+    for steps, nfe in ((1, 3), (2, 5), (4, 9), (16, 21)):
+        gen = generator("next-scale-markov", tok, steps=steps)
+        assert gen.model_spec() == generator("next-scale-markov", tok).model_spec()  # same model
+        model.reset()
+        out = gen.generate(model, SamplerChain(chain("cfg")), torch.tensor([0, 1]), rng=RowRNG(1, torch.arange(2)))
+        assert model.nfe == nfe and out.shape == (2, 21)
+
+
+@pytest.mark.parametrize("name", ["next-scale", "next-scale-markov", "next-frequency"])
+def test_multi_scale_orders_refuse_a_single_scale_tokenizer(name):
+    with pytest.raises(tokenloom.ConfigError, match="single scale"):
+        generator(name, pixel(2, 2))
+
+
+def test_next_frequency_needs_a_zero_code():
+    with pytest.raises(tokenloom.ConfigError, match="zero code"):
+        generator("next-frequency", frequency(bins=4))
+    with pytest.raises(tokenloom.ConfigError, match="zero code"):
+        generator("next-frequency", multiscale((1, 2, 4)))
+
+
+@pytest.mark.parametrize("name", ["next-scale-markov", "next-frequency"])
+def test_scale_orders_refuse_known_clearly(name):
+    tok = multiscale((1, 2)) if name == "next-scale-markov" else frequency(levels=1, size=2)
+    gen = generator(name, tok)
+    L = tok.layout.length
+    known = tokenloom.Known(torch.zeros(1, L, dtype=torch.long), torch.ones(1, L, dtype=torch.bool))
+    with pytest.raises(tokenloom.InputError, match="known"):
+        gen.generate(tiny_model(gen.model_spec()), SamplerChain(), torch.tensor([0]), rng=RowRNG(0, [0]), known=known)
+
+
+_MS = ("multiscale", {"scales": (1, 2, 4), "downsample": 2, "image_shape": (3, 8, 8), "codebook_size": 8,
+                      "code_dim": 4})
+
+
+@pytest.mark.parametrize("name,config,tok", [
+    ("next-scale", {}, _MS),
+    ("next-scale-markov", {"steps": 2}, _MS),
+    ("next-frequency", {}, ("frequency", {"levels": 2, "drop_levels": 0, "bins": 3, "image_shape": (3, 4, 4)})),
+])
+def test_conformance_kit_multi_scale(name, config, tok):
+    tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=4, **config)
