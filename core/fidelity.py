@@ -45,8 +45,9 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 import torch
@@ -402,7 +403,7 @@ def default_extractor_path(recipe: ExtractorRecipe | None = None, root: str | Pa
         holdout=data["holdout"], progress=progress,
     )
     save_extractor(path, net, {"recipe": recipe.as_dict(), "classes": data["classes"],
-                               "aux": data["aux_names"], "n_train": int(len(data["labels"])), **stats})
+                               "aux": data["aux_names"], "n_train": len(data["labels"]), **stats})
     return path
 
 
@@ -725,7 +726,7 @@ def run_fidelity(
         "input": "float [-1, 1] -> uint8 round((x + 1) * 127.5)",
         "resize": ext.resize,
         "crop": "none",
-        "n_generated": int(len(gen_u8)),
+        "n_generated": len(gen_u8),
         "seed": opts.seed,
         "options": dict(sorted(opts.options.items())),
     }
@@ -738,7 +739,7 @@ def run_fidelity(
             raise InputError(f"{metric}: needs reference images (ctx.real) or reference statistics")
         ref_u8, ref_notes = to_uint8_rgb(reference, where=f"{metric}: reference images")
         notes += ref_notes
-        card["reference"] = {"set": reference_name, "n": int(len(ref_u8)), "sha256": images_digest(ref_u8)}
+        card["reference"] = {"set": reference_name, "n": len(ref_u8), "sha256": images_digest(ref_u8)}
     if notes:
         card["input_notes"] = notes
 
@@ -926,22 +927,22 @@ def finite_or_none(value: Any) -> float | None:
 
 __all__ = [
     "EXTRACTORS",
+    "Extractor",
     "ExtractorNet",
     "ExtractorRecipe",
-    "Extractor",
     "FidelityOptions",
+    "backend_version",
     "cache_dir",
     "default_extractor_path",
-    "train_extractor",
-    "save_extractor",
-    "load_extractor",
-    "resolve_extractor",
-    "run_fidelity",
-    "to_uint8_rgb",
-    "images_digest",
-    "frechet_distance",
     "extract_features",
-    "backend_version",
+    "frechet_distance",
+    "images_digest",
+    "load_extractor",
     "missing_weights_message",
     "protocol_card",
+    "resolve_extractor",
+    "run_fidelity",
+    "save_extractor",
+    "to_uint8_rgb",
+    "train_extractor",
 ]
