@@ -41,7 +41,7 @@ def tiny_weights(tmp_path_factory) -> str:
     a few seconds on 16 px shapes."""
     data = shapes(256, seed=100)
     net, _ = fidelity.train_extractor(data.images, data.labels, 3, width=8, size=SIZE, steps=40,
-                                          batch_size=32, seed=0)
+                                      batch_size=32, seed=0)
     path = tmp_path_factory.mktemp("extractor") / "tiny.safetensors"
     fidelity.save_extractor(path, net, {"purpose": "tests"})
     return str(path)
