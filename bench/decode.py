@@ -21,15 +21,20 @@ not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
+# both libraries share one OpenMP runtime: on a shared CPU, threads that spin
+# while waiting slow small kernels ~100x (see tokenloom/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import tokenloom
-from tokenloom.config import ModelConfig
-from tokenloom.model import InstrumentedModel, build_model
-from tokenloom.rng import RowRNG
-from tokenloom.sampling import SamplerChain
+import torch  # noqa: E402
+
+import tokenloom  # noqa: E402
+from tokenloom.config import ModelConfig  # noqa: E402
+from tokenloom.model import InstrumentedModel, build_model  # noqa: E402
+from tokenloom.rng import RowRNG  # noqa: E402
+from tokenloom.sampling import SamplerChain  # noqa: E402
 
 
 def ours(gen, model: InstrumentedModel, batch: int, seed: int) -> float:

@@ -38,7 +38,7 @@ import torch
 from . import dist
 from .checkpoint import load_component, load_tensors, save_tensors, save_tokenizer, write_json, write_text
 from .config import RunConfig, build_component, config_to_dict
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .interfaces import Known, MetricContext, SamplerContext, TokenLayout
 from .pipeline_check import check_composition, image_shape_of
 from .train import heldout_nll  # noqa: F401  (re-exported: the nll number of every report)
@@ -88,6 +88,27 @@ def _say(progress: bool, msg: str) -> None:
         print(f"[tokenloom] {msg}", file=sys.stderr, flush=True)
 
 
+def cache_ok(path: Path) -> bool:
+    """Whether the cached artifact ``path`` exists and its content hash
+    checks. A corrupt file (unreadable, hash mismatch) is reported on stderr
+    and moved aside to ``<name>.corrupt``, so its stage recomputes it."""
+    if not path.is_file():
+        return False
+    try:
+        load_tensors(path)
+        return True
+    except CheckpointError as exc:
+        bad = path.with_name(path.name + ".corrupt")
+        print(f"[tokenloom] warning: {exc} — moved aside to {bad.name}; recomputing", file=sys.stderr, flush=True)
+        os.replace(path, bad)
+        return False
+
+
+def _cached(path: Path) -> bool:
+    """:func:`cache_ok` decided by rank 0 and agreed by every rank."""
+    return bool(dist.agree(cache_ok(path) if dist.is_main() else None))
+
+
 # ---------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------
@@ -119,7 +140,7 @@ def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry
     shape = image_shape_of(cfg)
     key = tokenizer_key(cfg, data_id)
     path = cache / f"tokenizer-{key}.safetensors"
-    if path.is_file():
+    if cache_ok(path):
         tok = load_component(path, image_shape=shape)
         _, meta = load_tensors(path)
         return tok.to(device).eval(), stable_hash({"key": key, "weights": meta["sha256"]}), True
@@ -140,7 +161,7 @@ def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, ke
     """Codes of every split (``{split: LongTensor[N, L]}``), encoded once and cached."""
     key = stable_hash({"tokenizer": tok_hash, "data": key_extra})
     path = cache / f"codes-{key}.safetensors"
-    if path.is_file():
+    if cache_ok(path):
         tensors, _ = load_tensors(path)
         return tensors
     out = {}
@@ -172,7 +193,7 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     final = cache / f"model-{key}.safetensors"
     state = cache / f"model-{key}.train.safetensors"
     model = build_model(spec, cfg.model, n_classes=n_classes, seed=cfg.seed).to(device)
-    if dist.agree(final.is_file()):
+    if _cached(final):
         load_training_state(final, model, None)
         _, meta = load_tensors(final)
         record = json.loads(meta.get("train_record", "{}"))
@@ -180,6 +201,7 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
         return model.eval(), record, key
     _say(progress, f"training the backbone ({spec.train_order} order, {model.n_params() / 1e6:.2f}M parameters, "
                    f"{cfg.train.steps} steps)")
+    _cached(state)  # a corrupt training checkpoint is moved aside: training restarts
     result = train_backbone(model, generator, codes, labels, cfg.train, seed=cfg.seed, null_class=n_classes,
                             checkpoint=state, progress=progress)
     record = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
@@ -487,7 +509,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
                         "sampler": [component_key(s) for s in cfg.sampler],
                         "n": n, "region": region, "seed": cfg.seed, "micro_batch": MICRO_BATCH})
     spath = cache / f"samples-{skey}.safetensors"
-    if dist.agree(spath.is_file()):
+    if _cached(spath):
         tensors, meta = load_tensors(spath)
         gen_codes, stats = tensors["codes"], json.loads(meta["stats"])
     else:
@@ -528,6 +550,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
                         generated_labels=labels, codes=hold_codes, reconstructed=reconstructed, stats=stats,
                         tokenizer=tok, model=wrapped, generator=generator, data=holdout, seed=cfg.seed,
                         device=str(device))
+    if hasattr(ctx, "cache_dir"):
+        ctx.cache_dir = str(cache / "metrics")
     cards = {}
     for i, mc in enumerate(cfg.metrics):
         metric = build_component(registry, "metric", mc.name, dict(mc.options), path=f"metrics.{mc.name}")
