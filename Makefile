@@ -26,6 +26,10 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q
 
+bench: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/decode.py
+
 lint: venv
 	$(PY) -m ruff check core plugins tests
 
