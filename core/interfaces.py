@@ -540,6 +540,14 @@ class Sampler:
     def bind(self, context: SamplerContext) -> None:
         """Called once per run before decoding."""
 
+    def depends_on_step(self) -> bool:
+        """Whether :meth:`process` reads ``info.step`` / ``n_steps`` /
+        ``progress`` (a schedule). Loops that process many positions at once
+        (speculative and Jacobi decoding) call a chain without step-dependent
+        processors once for all of them instead of once per position. The
+        default, True, is always safe; the conformance kit checks a False."""
+        return True
+
     def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
 
@@ -567,6 +575,9 @@ class AcceptanceRule(Sampler):
 
     def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return logits.clone()
+
+    def depends_on_step(self) -> bool:
+        return False
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -41,6 +41,11 @@ class SamplerChain:
     def greedy(self) -> bool:
         return any(s.greedy for s in self.processors)
 
+    @property
+    def depends_on_step(self) -> bool:
+        """Whether any processor reads the step (see ``Sampler.depends_on_step``)."""
+        return any(s.depends_on_step() for s in self.processors)
+
     def bind(self, context: SamplerContext) -> None:
         for s in self.samplers:
             s.bind(context)

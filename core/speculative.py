@@ -96,13 +96,17 @@ def process_window(chain: SamplerChain, logits: torch.Tensor, positions: torch.T
     predicts flat position ``positions[b, k]``: every position gets the
     :class:`StepInfo` plain raster decoding would give it (``step`` = the
     position), so scheduled processors (CFG ramps, temperature schedules)
-    see the same step. Positions ``>= n_steps`` (padding past the end) are
+    see the same step; a chain whose processors all declare
+    ``depends_on_step() == False`` is called once for every position. Positions ``>= n_steps`` (padding past the end) are
     processed as the last one. Returns processed logits ``[B, K, V]``."""
     B, K, V = logits.shape
     pos = positions.clamp(0, n_steps - 1)
     flat_logits = logits.reshape(B * K, V)
     flat_uncond = uncond.reshape(B * K, V) if uncond is not None else None
     flat_pos = pos.reshape(-1)
+    if not chain.depends_on_step:  # no schedule in the chain: one call for every position
+        info = StepInfo(step=int(flat_pos.min()), n_steps=n_steps, positions=flat_pos, uncond_logits=flat_uncond)
+        return chain(flat_logits, info).reshape(B, K, V)
     out = torch.empty_like(flat_logits)
     for t in torch.unique(flat_pos).tolist():
         sel = (flat_pos == t).nonzero().flatten()

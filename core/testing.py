@@ -228,6 +228,10 @@ def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **
         assert not torch.isposinf(out).any(), f"{name}: produced +inf"
         assert torch.isfinite(out).any(-1).all(), f"{name}: left a row with no finite entry"
         assert torch.isneginf(out[torch.isneginf(logits)]).all(), f"{name}: revived a -inf entry"
+        if not proc.depends_on_step():  # the declaration holds at every step
+            for other in (0, 7, 15):
+                o2 = proc(logits, StepInfo(step=other, n_steps=16, uncond_logits=uncond))
+                assert torch.equal(o2, out), f"{name}: depends_on_step() is False but step {other} changes the output"
         if isinstance(proc, AcceptanceRule):
             p = torch.softmax(out, -1)
             q = torch.softmax(torch.randn(logits.shape, generator=g), -1)

@@ -124,10 +124,15 @@ def _generators(tok, draft):
     }
 
 
-@pytest.mark.parametrize("chain_kind", ["plain", "temperature"])
+CHAINS = {"plain": [], "temperature": [("temperature", {"t": 0.6})],
+          "scheduled": [("temperature", {"t": 0.5, "end": 1.5})]}  # a schedule: each position its own step
+
+
+@pytest.mark.parametrize("chain_kind", list(CHAINS))
 def test_sjd_and_speculative_sample_exactly_the_raster_distribution(exact_setup, chain_kind):
     tok, target, draft = exact_setup
-    procs = [] if chain_kind == "plain" else [sampler("temperature", t=0.6)]
+    procs = [sampler(name, **kw) for name, kw in CHAINS[chain_kind]]
+    assert SamplerChain(procs).depends_on_step == (chain_kind == "scheduled")
     every, probs = sequence_probs(target, tok, SamplerChain(procs), label=1)
     cond = torch.full((N_EXACT,), 1)
     rng = RowRNG(0, torch.arange(N_EXACT))

@@ -50,6 +50,9 @@ class CFG(tokenloom.Sampler):
             if self.end < self.start:
                 raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
 
+    def depends_on_step(self) -> bool:
+        return self.config.schedule != "constant"
+
     def scale_at(self, info: tokenloom.StepInfo) -> float:
         cfg, p = self.config, info.progress
         if cfg.schedule == "linear":

@@ -21,6 +21,9 @@ class Greedy(tokenloom.Sampler):
     class Config:
         pass
 
+    def depends_on_step(self) -> bool:
+        return False
+
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         keep = torch.zeros_like(logits, dtype=torch.bool)
         keep.scatter_(-1, logits.argmax(-1, keepdim=True), True)

@@ -24,6 +24,9 @@ class MinP(tokenloom.Sampler):
     class Config:
         min_p: float = attrs.field(default=0.05, validator=_unit_interval)
 
+    def depends_on_step(self) -> bool:
+        return False
+
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         probs = torch.softmax(logits.double(), dim=-1)
         threshold = self.config.min_p * probs.max(dim=-1, keepdim=True).values

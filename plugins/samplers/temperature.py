@@ -28,6 +28,9 @@ class Temperature(tokenloom.Sampler):
         t: float = attrs.field(default=1.0, validator=_positive)
         end: typing.Optional[float] = attrs.field(default=None, validator=_positive)
 
+    def depends_on_step(self) -> bool:
+        return self.config.end is not None
+
     def temperature(self, info: tokenloom.StepInfo) -> float:
         cfg = self.config
         if cfg.end is None:

@@ -20,6 +20,9 @@ class TopK(tokenloom.Sampler):
     class Config:
         k: int = attrs.field(default=50, validator=attrs.validators.ge(1))
 
+    def depends_on_step(self) -> bool:
+        return False
+
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         k = min(self.config.k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]

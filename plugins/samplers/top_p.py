@@ -27,6 +27,9 @@ class TopP(tokenloom.Sampler):
     class Config:
         p: float = attrs.field(default=0.9, validator=_unit_interval)
 
+    def depends_on_step(self) -> bool:
+        return False
+
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         probs = torch.softmax(logits.double(), dim=-1)
         before = mass_ranked_before(probs, -probs)

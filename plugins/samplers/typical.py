@@ -27,6 +27,9 @@ class Typical(tokenloom.Sampler):
     class Config:
         mass: float = attrs.field(default=0.9, validator=_unit_interval)
 
+    def depends_on_step(self) -> bool:
+        return False
+
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         logp = torch.log_softmax(logits.double(), dim=-1)
         finite = torch.isfinite(logits)
