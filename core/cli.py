@@ -95,11 +95,38 @@ def run(config: str, out: str | None, region: str | None, no_progress: bool) -> 
     metrics; writes results.json, results.md and samples/<run-id>.png."""
     from pathlib import Path
 
+    from . import dist
     from .pipeline import run_file
 
+    dist.init_from_env()  # under torchrun: one process group, rank 0 writes and prints
     out = out or str(Path("runs") / Path(config).stem)
     record = run_file(config, out, region=region, progress=not no_progress)
-    _summary(record, out)
+    if dist.is_main():
+        _summary(record, out)
+    dist.shutdown()
+
+
+@cli.command()
+@click.argument("grid", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Ablation directory (default: runs/<grid name>). Every cell shares <out>/cache; running the "
+                   "same command again after a kill continues where it stopped.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def ablate(grid: str, out: str | None, no_progress: bool) -> None:
+    """Run every composition of GRID (a config with a [grid] table of axes,
+    sweeps and exclusions): print the plan, skip incompatible cells with
+    their reason, run the rest against one shared cache; writes results.json,
+    results.md, plots/ (quality vs NFE and seconds per image, Pareto front),
+    overview.png and a sample grid per cell."""
+    from pathlib import Path
+
+    from . import dist
+    from .ablation import run_ablation
+
+    dist.init_from_env()  # under torchrun: one process group, rank 0 writes and prints
+    out = out or str(Path("runs") / Path(grid).stem)
+    run_ablation(grid, out, progress=not no_progress, echo=click.echo)
+    dist.shutdown()
 
 
 @cli.command()

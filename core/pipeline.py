@@ -36,12 +36,19 @@ import attrs
 import torch
 
 from . import dist
-from .checkpoint import load_component, load_tensors, save_tensors, save_tokenizer, write_json, write_text
+from .checkpoint import (
+    load_component,
+    load_tensors,
+    save_tensors,
+    save_tokenizer,
+    write_json,
+    write_text,
+)
 from .config import RunConfig, build_component, config_to_dict
 from .errors import CheckpointError, ConfigError
 from .interfaces import Known, MetricContext, SamplerContext, TokenLayout
 from .pipeline_check import check_composition, image_shape_of
-from .train import heldout_nll  # noqa: F401  (re-exported: the nll number of every report)
+from .train import heldout_nll
 from .train import train as train_backbone
 
 #: Images generated per forward batch. Fixed, so image i sees the same
@@ -481,8 +488,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     generator = build_component(registry, "generator", cfg.generator.name,
                                 {**cfg.generator.options, "tokenizer": tok}, path="generator")
     if region is not None and not generator.supports_known:
-        raise ConfigError([f"region: generator '{cfg.generator.name}' does not support known tokens "
-                           "(inpainting/outpainting needs e.g. 'random' or 'masked')"])
+        raise ConfigError([(f"region: generator '{cfg.generator.name}' does not support known tokens "
+                            "(inpainting/outpainting needs e.g. 'random' or 'masked')")])
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash,
                                               cache, device=device, progress=progress, data_id=data_id)
     wrapped = InstrumentedModel(model)
@@ -614,9 +621,23 @@ def run_file(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> 
     return run(cfg, out, **kwargs)
 
 
-__all__ = ["run", "run_file", "heldout_nll", "generate_codes", "region_mask", "save_grid", "stable_hash",
-           "data_key", "tokenizer_key", "model_key", "component_key",
-           "MICRO_BATCH", "REGIONS", "write_results", "results_markdown"]
+__all__ = [
+    "MICRO_BATCH",
+    "REGIONS",
+    "component_key",
+    "data_key",
+    "generate_codes",
+    "heldout_nll",
+    "model_key",
+    "region_mask",
+    "results_markdown",
+    "run",
+    "run_file",
+    "save_grid",
+    "stable_hash",
+    "tokenizer_key",
+    "write_results",
+]
 
 
 #: The built-in demo (``tokenloom demo``): 16-px shapes, a learned VQ

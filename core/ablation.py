@@ -1,0 +1,275 @@
+"""Ablations: every composition of a grid, one shared cache, one report.
+
+``tokenloom ablate GRID --out DIR`` (or :func:`run_ablation`) reads a grid
+file (:mod:`tokenloom.grid`: a base config plus ``[grid]`` axes, sweeps and
+exclusions) and
+
+1. **plans** before anything trains: every cell's config is validated
+   (:func:`tokenloom.config.parse_config`) and composed
+   (:func:`tokenloom.pipeline_check.check_composition`); incompatible cells
+   are listed with their reason and skipped. The plan counts what will be
+   computed from the pipeline's own cache keys — tokenizers by
+   :func:`tokenloom.pipeline.tokenizer_key`, models by tokenizer × the
+   generator's ``model_spec()`` (train order, length, vocabulary, ...) ×
+   ``[model]`` × ``[train]`` × seed, plus auxiliary models (a speculative
+   draft) — and prints e.g. ``3 tokenizers, 4 models, 24 generation cells``;
+2. **runs** each cell through :func:`tokenloom.pipeline.run` against one
+   shared ``DIR/cache``, so cells that share a tokenizer or a model fit or
+   train it once;
+3. **records** each finished cell atomically in ``DIR/cells/<cell>.json``
+   and rewrites the report (:mod:`tokenloom.reports`) after every cell.
+
+Resume: kill the process at any point and run the same command again —
+finished cells are read back from ``DIR/cells`` (not recomputed), the cell
+that was interrupted continues from the pipeline's caches (a training run
+from its last checkpoint), and every file is written atomically with its
+content hash checked on load (a corrupt one is reported, moved aside and
+recomputed).
+
+Several processes: under ``torchrun`` every rank walks the same plan; rank 0
+decides which cells are finished, prints, and alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from . import dist
+from .checkpoint import write_json
+from .config import RunConfig, build_component, parse_config
+from .errors import ConfigError, TokenloomError
+from .grid import Cell, Skipped, expand_grid, short_hash
+from .pipeline import data_key, model_key, tokenizer_key
+from .pipeline_check import check_composition, image_shape_of
+
+#: Cell labels that are not part of a table row's identity: several seeds of
+#: one composition are aggregated into one row (mean ± standard deviation).
+SEED_AXIS = "seed"
+
+
+@attrs.frozen
+class PlannedCell:
+    """A valid cell: its grid cell, structured config, the cache keys it
+    needs (tokenizer; target and auxiliary models) and its table row."""
+
+    cell: Cell
+    cfg: RunConfig
+    tokenizer: str
+    models: tuple[str, ...]
+    row: str
+
+    @property
+    def id(self) -> str:
+        return self.cell.id
+
+    def config_hash(self) -> str:
+        return short_hash(self.cell.config, 16)
+
+
+@attrs.frozen
+class Plan:
+    """What an ablation will compute: the valid cells, the skipped ones
+    (with reasons) and how many distinct tokenizers and models they share."""
+
+    cells: tuple[PlannedCell, ...]
+    skipped: tuple[Skipped, ...]
+    tokenizers: int
+    models: int
+    seeds: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return len({c.row for c in self.cells})
+
+    def summary(self) -> str:
+        """``3 tokenizers, 4 models, 24 generation cells`` (+ rows, skipped)."""
+
+        def n(k: int, word: str) -> str:
+            return f"{k} {word}{'' if k == 1 else 's'}"
+
+        text = f"{n(self.tokenizers, 'tokenizer')}, {n(self.models, 'model')}, {n(len(self.cells), 'generation cell')}"
+        if len(self.seeds) > 1:
+            text += f" ({len(self.seeds)} seeds → {n(self.rows, 'table row')})"
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped"
+        return text
+
+    def describe(self) -> str:
+        """The summary and one line per skipped cell with its reason."""
+        lines = [self.summary()]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} cell{'' if len(self.skipped) == 1 else 's'} "
+                         "(incompatible or not applicable):")
+            lines += [f"  {describe_labels(s.labels)}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokenizers": self.tokenizers, "models": self.models, "cells": len(self.cells), "rows": self.rows,
+                "seeds": list(self.seeds), "skipped": len(self.skipped), "summary": self.summary()}
+
+
+def describe_labels(labels: dict[str, str], *, skip: tuple[str, ...] = ()) -> str:
+    """``tokenizer=pixel(bits=1) generator=raster ...`` (or ``base`` for none)."""
+    parts = [f"{k}={v}" for k, v in labels.items() if k not in skip]
+    return " ".join(parts) or "base"
+
+
+def row_key(cell: Cell) -> str:
+    """The table row of a cell: its config without the seed."""
+    cfg = {k: v for k, v in cell.config.items() if k != SEED_AXIS}
+    return "row-" + short_hash(cfg, 10)
+
+
+def _problems(exc: ConfigError) -> str:
+    return "; ".join(exc.problems)
+
+
+def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any = None) -> Plan:
+    """Expand and validate a grid document (see the module docstring)."""
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    _base, cells, skipped = expand_grid(raw, source=source)
+    skipped = list(skipped)
+    planned: list[PlannedCell] = []
+    tokenizers: set[str] = set()
+    models: set[str] = set()
+    for cell in cells:
+        try:
+            cfg = parse_config(cell.config, registry=registry)
+            if cfg.generator is None:
+                raise ConfigError(['generator: a cell needs a [generator] table (e.g. name = "raster")'])
+            check_composition(cfg, registry=registry)
+            data_id = data_key(cfg)
+            tkey = tokenizer_key(cfg, data_id)
+            tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
+                                  {**cfg.tokenizer.options, "image_shape": image_shape_of(cfg)}, path="tokenizer")
+            gen = build_component(registry, "generator", cfg.generator.name,
+                                  {**cfg.generator.options, "tokenizer": tok}, path="generator")
+            spec = gen.model_spec()
+            # the pipeline keys models by the fitted tokenizer's weights; before fitting, the tokenizer's
+            # config key stands in for them (fitting is deterministic), and n_classes follows from [data]
+            keys = [model_key(cfg, spec, tkey, 0, data_id)]
+            for name, mcfg in gen.auxiliary_models(cfg.model).items():
+                steps = gen.auxiliary_train_steps(name, cfg.train.steps)
+                aux = attrs.evolve(cfg, model=mcfg, train=attrs.evolve(cfg.train, steps=steps))
+                keys.append(model_key(aux, spec, tkey, 0, data_id))
+        except ConfigError as exc:
+            skipped.append(Skipped(cell.labels, _problems(exc)))
+            continue
+        except TokenloomError as exc:
+            skipped.append(Skipped(cell.labels, str(exc)))
+            continue
+        tokenizers.add(tkey)
+        models.update(keys)
+        planned.append(PlannedCell(cell, cfg, tkey, tuple(keys), row_key(cell)))
+    seeds = tuple(sorted({c.cfg.seed for c in planned}))
+    return Plan(tuple(planned), tuple(skipped), len(tokenizers), len(models), seeds)
+
+
+def load_plan(path: str | Path, *, registry: Any = None) -> Plan:
+    from .config import read_toml
+
+    return plan_grid(read_toml(path), source=str(path), registry=registry)
+
+
+# ---------------------------------------------------------------------------
+# Finished cells
+# ---------------------------------------------------------------------------
+
+
+def cell_path(out: Path, pc: PlannedCell) -> Path:
+    return out / "cells" / f"{pc.id}.json"
+
+
+def finished_record(out: Path, pc: PlannedCell) -> dict | None:
+    """The stored record of a finished cell, or None (absent, written for
+    another config, unreadable, or its sample grid is missing)."""
+    path = cell_path(out, pc)
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(stored, dict) or stored.get("config_hash") != pc.config_hash():
+        return None
+    record = stored.get("record")
+    if not isinstance(record, dict) or not (out / record.get("artifacts", {}).get("samples", "\0")).is_file():
+        return None
+    return record
+
+
+# ---------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------
+
+
+def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress: bool = True,
+                 registry: Any = None, echo: Callable[[str], None] | None = None,
+                 plots: bool = True) -> dict[str, Any]:
+    """Plan, run and report a grid (a file path or a parsed document) into
+    ``out``; returns the report (what ``results.json`` holds). ``echo``
+    receives the plan and progress lines (default: stdout, rank 0 only);
+    ``plots``: also draw ``plots/`` and ``overview.png`` at the end."""
+    from .config import read_toml
+    from .pipeline import run as run_cell
+    from .registry import get_registry
+    from .reports import write_ablation_report
+
+    registry = registry or get_registry()
+    if echo is None:
+        def echo(msg: str) -> None:
+            print(msg, flush=True)
+    say = echo if dist.is_main() else (lambda _msg: None)
+
+    source = str(grid) if not isinstance(grid, dict) else None
+    raw = read_toml(grid) if source is not None else grid
+    t0 = time.perf_counter()
+    plan = plan_grid(raw, source=source, registry=registry)
+    name = Path(source).name if source else "grid"
+    say(f"{name}: {plan.describe()}")
+    if not plan.cells:
+        raise ConfigError(["grid: no cell can run"] + [f"{describe_labels(s.labels)}: {s.reason}"
+                                                       for s in plan.skipped], source=source)
+    out = Path(out)
+    done_ids = dist.agree([pc.id for pc in plan.cells if finished_record(out, pc) is not None]
+                          if dist.is_main() else None)
+    records: dict[str, dict] = {}
+    if dist.is_main():
+        records = {pc.id: finished_record(out, pc) for pc in plan.cells if pc.id in done_ids}
+    if done_ids:
+        say(f"{len(done_ids)} of {len(plan.cells)} cells already finished in {out}; continuing with the rest")
+    meta = {"grid": source, "plan": plan.as_dict(), "world_size": dist.world()}
+
+    todo = [pc for pc in plan.cells if pc.id not in done_ids]
+    for k, pc in enumerate(todo):
+        say(f"[{len(done_ids) + k + 1}/{len(plan.cells)}] {describe_labels(pc.cell.labels) or pc.id}")
+        record = run_cell(pc.cfg, out, progress=progress, registry=registry, write_report=False)
+        if dist.is_main():
+            record = {**record, "cell": pc.id, "row": pc.row, "labels": dict(pc.cell.labels)}
+            write_json(cell_path(out, pc), {"cell": pc.id, "config_hash": pc.config_hash(), "config": pc.cell.config,
+                                            "record": record})
+            records[pc.id] = record
+            write_ablation_report(out, plan, records, meta=meta, plots=False)
+    report: dict[str, Any] = {}
+    if dist.is_main():
+        meta["seconds_this_invocation"] = time.perf_counter() - t0
+        report = write_ablation_report(out, plan, records, meta=meta, plots=plots)
+        say(f"results: {out / 'results.md'}  ({out / 'results.json'})")
+        if report.get("plots"):
+            say(f"plots: {', '.join(str(out / p) for p in report['plots'])}")
+        if report.get("overview"):
+            say(f"overview: {out / report['overview']}")
+        say(f"ablation finished in {meta['seconds_this_invocation']:.0f} s ({len(todo)} cells run, "
+            f"{len(done_ids)} already finished)")
+    return dist.broadcast(report)
+
+
+__all__ = ["Plan", "PlannedCell", "plan_grid", "load_plan", "run_ablation", "row_key", "describe_labels",
+           "finished_record", "SEED_AXIS"]
