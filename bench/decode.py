@@ -28,13 +28,12 @@ import time
 # while waiting slow small kernels ~100x (see tokenloom/__init__.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-
-import tokenloom  # noqa: E402
-from tokenloom.config import ModelConfig  # noqa: E402
-from tokenloom.model import InstrumentedModel, build_model  # noqa: E402
-from tokenloom.rng import RowRNG  # noqa: E402
-from tokenloom.sampling import SamplerChain  # noqa: E402
+import tokenloom
+import torch
+from tokenloom.config import ModelConfig
+from tokenloom.model import InstrumentedModel, build_model
+from tokenloom.rng import RowRNG
+from tokenloom.sampling import SamplerChain
 
 
 def ours(gen, model: InstrumentedModel, batch: int, seed: int) -> float:

@@ -18,7 +18,6 @@ atomically through :mod:`tokenloom.checkpoint`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -283,7 +282,7 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
             save_training_state(checkpoint, model, optimizer, done)
     bar.close()
     model.eval()
-    done = end if end > start else start
+    done = max(start, end)
     tokens = done * cfg.batch_size * seq_len
     return TrainResult(steps=done, final_loss=losses[-1] if losses else float("nan"),
                        seconds=time.perf_counter() - t0, tokens=tokens, flops=tokens * fpt,
@@ -346,16 +345,16 @@ def heldout_nll(generator: Generator, model: Any, codes: torch.Tensor, labels: t
 
 __all__ = [
     "TrainResult",
+    "batch_indices",
+    "batch_loss",
+    "configure_optimizer",
+    "heldout_nll",
+    "load_training_state",
+    "lr_at",
+    "make_batch",
+    "save_training_state",
+    "shard_batch",
+    "step_seed",
     "train",
     "train_step",
-    "make_batch",
-    "batch_loss",
-    "shard_batch",
-    "batch_indices",
-    "lr_at",
-    "step_seed",
-    "configure_optimizer",
-    "save_training_state",
-    "load_training_state",
-    "heldout_nll",
 ]

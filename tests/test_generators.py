@@ -4,15 +4,15 @@ generator, plus each order's own decisive details."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
+import tokenloom
+import tokenloom.testing
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tokenloom
-import tokenloom.testing
 from tokenloom.config import ModelConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG
@@ -204,12 +204,12 @@ def test_maskgit_finalises_every_position_exactly_once_in_T_passes(steps, seed, 
     out = gen.generate(spy, SamplerChain(), torch.tensor([0, 1, 2]), rng=RowRNG(seed, [0, 1, 2]), known=known)
     assert len(spy.calls) == steps == gen.expected_nfe()
     seen = [c["inputs"][:, 1:] for c in spy.calls] + [out]
-    for before, after in zip(seen, seen[1:]):
+    for before, after in itertools.pairwise(seen):
         final = before != gen.mask_id
         assert torch.equal(after[final], before[final])  # a finalised token never changes
     assert (out != gen.mask_id).all()
     n_unknown = (seen[0] == gen.mask_id).sum(1)
-    for k, (before, after) in enumerate(zip(seen, seen[1:])):  # tokens revealed per step follow the schedule
+    for k, (before, after) in enumerate(itertools.pairwise(seen)):  # tokens revealed per step follow the schedule
         left = (after == gen.mask_id).sum(1)
         r = (k + 1) / steps
         target = torch.floor(n_unknown * math.cos(math.pi / 2 * r)).long()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import tokenloom
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tokenloom
 from tokenloom.config import ModelConfig
 from tokenloom.model import (
     InstrumentedModel,
@@ -26,7 +25,7 @@ LAYOUT = tokenloom.TokenLayout(scales=((3, 4),))  # L = 12
 
 
 def spec(**kw) -> tokenloom.ModelSpec:
-    base = dict(seq_len=LAYOUT.length, vocab_size=10, heads=(9,), train_order="t", layout=LAYOUT)
+    base = {"seq_len": LAYOUT.length, "vocab_size": 10, "heads": (9,), "train_order": "t", "layout": LAYOUT}
     base.update(kw)
     return tokenloom.ModelSpec(**base)
 
@@ -166,7 +165,7 @@ def test_rope2d_is_relative_along_rows_and_columns():
         b = apply_rope(k, cos[pk].view(1, 1, 1, -1), sin[pk].view(1, 1, 1, -1))
         return (a * b).sum().item()
 
-    idx = lambda r, c: r * 5 + c  # noqa: E731
+    idx = lambda r, c: r * 5 + c
     assert math.isclose(score(idx(0, 0), idx(1, 2)), score(idx(2, 1), idx(3, 3)), rel_tol=1e-4, abs_tol=1e-5)
     assert not math.isclose(score(idx(0, 0), idx(1, 2)), score(idx(0, 0), idx(2, 1)), rel_tol=1e-3)
     x = torch.randn(2, 3, 4, hd, generator=g)

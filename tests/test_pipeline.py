@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import tokenloom
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
-import tokenloom
 from tokenloom.checkpoint import load_tensors
 from tokenloom.cli import cli
 from tokenloom.config import load_config
@@ -102,7 +101,7 @@ def test_inpainting_run_shows_the_known_region(tmp_path):
     assert inpaint["cache"]["model_reused"] and inpaint["id"] != plain["id"] and inpaint["region"] == "center"
     with Image.open(out / plain["artifacts"]["samples"]) as a, Image.open(out / inpaint["artifacts"]["samples"]) as b:
         assert b.height > a.height  # a row of known context above each row of samples
-    samples = sorted((out / "cache").glob("samples-*.safetensors"), key=lambda p: p.stat().st_mtime)[-1]
+    samples = max((out / "cache").glob("samples-*.safetensors"), key=lambda p: p.stat().st_mtime)
     codes = load_tensors(samples)[0]["codes"]
     held = load_tensors(next((out / "cache").glob("codes-*.safetensors")))[0]["holdout"]
     keep = region_mask(tokenloom.TokenLayout(scales=((4, 4),)), "center")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import tokenloom
+import torch
 from tokenloom.config import ModelConfig, TrainConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.train import batch_indices, heldout_nll, lr_at, make_batch, train
@@ -78,7 +77,7 @@ def test_resumed_training_ends_with_the_same_weights(tmp_path):
 
 
 def test_training_learns_and_nll_beats_uniform():
-    tok, gen, codes, labels, model = setup("raster")
+    _tok, gen, codes, labels, model = setup("raster")
     w = InstrumentedModel(model)
     before = heldout_nll(gen, w, codes[:32], labels[:32])
     res = train(model, gen, codes, labels, TrainConfig(steps=80, batch_size=32, lr=3e-3, warmup=5), seed=0,

@@ -30,9 +30,8 @@ from __future__ import annotations
 import math
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.sampling import SamplerChain
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence Gumbel noise

@@ -29,9 +29,8 @@ order (one teacher-forced pass), comparable with the ``raster`` order.
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order

@@ -26,9 +26,8 @@ p(x_t | x_<t, c).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.sampling import SamplerChain
 
 
