@@ -105,3 +105,21 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(tokenloom.CheckpointError):
         train(model, gen, codes, labels, TrainConfig(steps=2, batch_size=4), seed=0, null_class=3, checkpoint=bad,
               progress=False)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights():
+    _, gen, codes, labels, model = setup("random")
+    res = train(model, gen, codes, labels, TrainConfig(steps=3, batch_size=8, lr=3e-3, warmup=1, bf16=True),
+                seed=0, null_class=3, progress=False)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(loss) for loss in res.losses)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_first_loss():
+    cfg = dict(steps=2, batch_size=8, warmup=1)
+    _, gen, codes, labels, eager = setup()
+    a = train(eager, gen, codes, labels, TrainConfig(**cfg), seed=0, null_class=3, progress=False)
+    _, gen, codes, labels, compiled = setup()
+    b = train(compiled, gen, codes, labels, TrainConfig(**cfg, compile=True), seed=0, null_class=3, progress=False)
+    assert b.losses[0] == pytest.approx(a.losses[0], abs=1e-4)
