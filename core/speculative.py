@@ -40,12 +40,10 @@ from .sampling import SamplerChain, speculative_residual
 
 NO_POSITION = -1
 
-# RowRNG streams of one decoding iteration (each an independent use)
-STREAM_ACCEPT = 101  # acceptance uniforms, one per window slot
-STREAM_NEXT = 102  # the resampled (or bonus) token
-STREAM_JACOBI = 103  # fresh drafts from the current distributions (SJD)
-STREAM_INIT = 104  # random initial drafts
-STREAM_DRAFT = 200  # + j: the draft model's j-th token
+#: RowRNG stream of the speculative loops: iteration t of image i draws all
+#: its uniforms at once, ``rng.uniform(t, n, stream=STREAM)``, and
+#: :class:`Noise` hands out disjoint slices of them.
+STREAM = 101
 
 
 # ---------------------------------------------------------------------------
@@ -124,16 +122,51 @@ def to_probs(chain: SamplerChain, processed: torch.Tensor) -> torch.Tensor:
     return torch.softmax(processed.double(), dim=-1)
 
 
-def draw(chain: SamplerChain, processed: torch.Tensor, rng: RowRNG, step: int, stream: int) -> torch.Tensor:
-    """Core's final draw from processed logits ``[B, V]`` or ``[B, K, V]``."""
-    return chain.draw(processed, rng, step, stream=stream)
+class Noise:
+    """All uniforms of one decoding iteration, drawn in one
+    ``rng.uniform(step, n, stream=STREAM)`` call (one counter-based hash
+    pass instead of one per use) and handed out in order: each named use
+    takes the next disjoint slice, so every number is a pure function of
+    (seed, image, iteration, use) — the same for an image alone or in any
+    batch, as long as the loop asks for the same slices in the same order."""
+
+    def __init__(self, rng: RowRNG, step: int, sizes: dict[str, tuple[int, ...]], device: torch.device):
+        total = sum(_numel(s) for s in sizes.values())
+        u = rng.uniform(step, total, stream=STREAM).to(device)  # (B, total) in (0, 1)
+        self._parts, start = {}, 0
+        for name, shape in sizes.items():
+            n = _numel(shape)
+            self._parts[name] = u[:, start : start + n].reshape(u.shape[0], *shape)
+            start += n
+
+    def uniform(self, name: str) -> torch.Tensor:
+        return self._parts[name]
+
+    def gumbel(self, name: str) -> torch.Tensor:
+        return -torch.log(-torch.log(self._parts[name].double())).float()
 
 
-def draw_from_probs(chain: SamplerChain, probs: torch.Tensor, rng: RowRNG, step: int, stream: int) -> torch.Tensor:
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def draw(chain: SamplerChain, processed: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    """The chain's final draw from processed logits ``[B, V]`` or
+    ``[B, K, V]`` with the given Gumbel noise of the same shape — the
+    Gumbel-max draw of ``RowRNG.categorical`` (argmax when greedy)."""
+    if chain.greedy:
+        return processed.argmax(-1)
+    return torch.argmax(processed.float() + gumbel, dim=-1)
+
+
+def draw_from_probs(chain: SamplerChain, probs: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
     """One draw per row from probabilities ``[B, V]`` (argmax when greedy)."""
     if chain.greedy:
         return probs.argmax(-1)
-    return rng.categorical(torch.log(probs.double()).float(), step, stream=stream)
+    return torch.argmax(torch.log(probs.double()).float() + gumbel, dim=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -160,13 +193,15 @@ def acceptance_rule(chain: SamplerChain) -> AcceptanceRule | ExactRule:
 
 
 def verify(rule: Any, chain: SamplerChain, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
-           n_valid: torch.Tensor, rng: RowRNG, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           n_valid: torch.Tensor, u: torch.Tensor, gumbel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Judge drafts left to right and draw the token after the accepted prefix.
 
     ``p``: ``[B, K + 1, V]`` target probabilities (entry k for draft k, entry
     K for the position after the window); ``q``: ``[B, K, V]`` the
     distributions the drafts ``[B, K]`` were drawn from; ``n_valid``: ``[B]``
-    how many drafts lie inside the image (the rest is padding past the end).
+    how many drafts lie inside the image (the rest is padding past the end);
+    ``u``: ``[B, K]`` acceptance uniforms; ``gumbel``: ``[B, V]`` noise of the
+    draw after the accepted prefix.
 
     Returns ``(n_accepted [B], next_token [B], rejected [B])``: the accepted
     prefix length ``a``; the token for slot ``a`` — drawn from the rule's
@@ -174,7 +209,6 @@ def verify(rule: Any, chain: SamplerChain, p: torch.Tensor, q: torch.Tensor, dra
     token; meaningless when ``a == n_valid < K``, i.e. past the end); and
     whether a draft was rejected."""
     B, K, V = q.shape
-    u = rng.uniform(step, K, stream=STREAM_ACCEPT)  # (B, K)
     ok = rule.accept(p[:, :K].reshape(B * K, V), q.reshape(B * K, V), drafts.reshape(-1),
                      u.reshape(-1).to(p.device)).reshape(B, K)
     ok = ok & (torch.arange(K, device=p.device)[None, :] < n_valid[:, None])
@@ -184,7 +218,7 @@ def verify(rule: Any, chain: SamplerChain, p: torch.Tensor, q: torch.Tensor, dra
     slot = a.clamp(max=K - 1)
     residual = rule.residual(p[rows, slot], q[rows, slot], drafts[rows, slot]).double()  # (B, V)
     target = torch.where(rejected[:, None], residual, p[rows, a])
-    nxt = draw_from_probs(chain, target, rng, step, STREAM_NEXT)
+    nxt = draw_from_probs(chain, target, gumbel)
     return a, nxt, rejected
 
 
@@ -309,6 +343,8 @@ __all__ = [
     "raster_log_likelihood",
     "process_window",
     "to_probs",
+    "Noise",
+    "STREAM",
     "draw",
     "draw_from_probs",
     "ExactRule",

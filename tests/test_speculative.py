@@ -278,20 +278,34 @@ def test_each_image_advances_by_its_own_accepted_length():
 
 
 def test_spatial_initialisation_copies_the_left_or_upper_neighbour():
-    tok = pixel((1, 6, 8), bits=2, pool=2)  # 3×4 grid, V = 4
-    gen = tokenloom.create("generator", "sjd", tokenizer=tok, init="left")
-    committed = torch.tensor([[0, 1, 2, 3, 1, 2, 0, 0, 0, 0, 0, 0]])
-    window = torch.tensor([[3, 2, 1, 0]])  # drafts at positions 6, 7, 8, 9
+    tok = pixel((1, 6, 8), bits=2, pool=2)  # 3×4 grid (positions 0-3 / 4-7 / 8-11), V = 4
+    committed = torch.tensor([[2, 1, 2, 3, 1, 2, 0, 0, 0, 0, 0, 0]])  # positions 0..5 committed
     n = torch.tensor([6])
-    u = torch.tensor([0.99])  # a random code would be 3
-    draft = lambda pos: int(gen._initial_draft(torch.tensor([pos]), committed, n, window, u))  # noqa: E731
-    assert draft(5) == committed[0, 4]  # left neighbour, committed
-    assert draft(7) == window[0, 0]  # left neighbour is the draft at 6
-    assert draft(8) == committed[0, 4]  # first column: the token above
-    assert draft(0) == 3  # no neighbour: random
-    gen = tokenloom.create("generator", "sjd", tokenizer=tok, init="above")
-    assert int(gen._initial_draft(torch.tensor([9]), committed, n, window, u)) == committed[0, 5]
-    assert int(gen._initial_draft(torch.tensor([2]), committed, n, window, u)) == committed[0, 1]
+    window = torch.tensor([[3, 0, 0, 1, 0, 0]])  # slots 0..5 = positions 6..11
+    need = torch.tensor([[False, True, True, False, True, True]])  # 7, 8, 10, 11 enter the window
+    u = torch.full((1, 6), 0.99)  # a random code would be 3
+
+    def filled(init, window=window, need=need, n=n, committed=committed):
+        gen = tokenloom.create("generator", "sjd", tokenizer=tok, init=init)
+        return gen._fill_window(window, need, committed, n, u)[0].tolist()
+
+    # left: 7 ← draft at 6 (3); 8 starts a row → above, position 4 (1); 10 ← kept draft at 9 (1); 11 ← 10 (1)
+    assert filled("left") == [3, 3, 1, 1, 1, 1]
+    # above: 7 ← 3 (3); 8 ← 4 (1); 10 ← draft at 6 (3); 11 ← 7, itself new, which copied 3
+    assert filled("above") == [3, 3, 1, 1, 3, 3]
+    assert filled("random") == [3, 3, 3, 1, 3, 3]
+    # the very first window: position 0 has no neighbour, the rest chain back to it
+    first = filled("left", window=torch.zeros(1, 6, dtype=torch.long), need=torch.ones(1, 6, dtype=torch.bool),
+                   n=torch.tensor([0]))
+    assert first == [3] * 6
+    # a long chain of new slots resolves like a left-to-right fill
+    gen = tokenloom.create("generator", "sjd", tokenizer=pixel((1, 2, 32), bits=2, pool=1), init="left")
+    w = torch.zeros(1, 16, dtype=torch.long)
+    need = torch.ones(1, 16, dtype=torch.bool)
+    need[0, 0] = False
+    w[0, 0] = 2
+    assert gen._fill_window(w, need, torch.zeros(1, 64, dtype=torch.long), torch.tensor([1]),
+                            torch.full((1, 16), 0.5))[0].tolist() == [2] * 16
 
 
 # -- the KV cache rolls back per row --------------------------------------------------

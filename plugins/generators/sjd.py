@@ -94,16 +94,11 @@ class SJDGenerator(tokenloom.Generator):
 
     # -- decoding --------------------------------------------------------------
 
-    def _initial_draft(self, pos: torch.Tensor, committed: torch.Tensor, n: torch.Tensor, window: torch.Tensor,
-                       u: torch.Tensor) -> torch.Tensor:
-        """Spatial-locality initial drafts for flat positions ``pos`` [B]:
-        the neighbour's token (committed, or the current draft in ``window``
-        whose slot 0 is position ``n``), else a random code from ``u``."""
-        B = pos.shape[0]
-        rows = torch.arange(B, device=pos.device)
-        rand = (u * self.V).long().clamp(max=self.V - 1)
+    def _source(self, pos: torch.Tensor) -> torch.Tensor:
+        """The flat position an initial draft at ``pos`` copies (the left or
+        upper neighbour in the image grid, see ``init``), or -1: a random code."""
         if self.config.init == "random" or self.grid is None:
-            return rand
+            return torch.full_like(pos, -1)
         w, depth = self.grid  # flat order: row-major cells, depth-minor
         cell = pos // depth
         left_ok, above_ok = (cell % w) > 0, cell >= w
@@ -112,13 +107,27 @@ class SJDGenerator(tokenloom.Generator):
             src = torch.where(left_ok, left, above)
         else:
             src = torch.where(above_ok, above, left)
-        has = left_ok | above_ok
-        src = src.clamp(min=0)
-        from_window = src >= n
-        tok_c = committed[rows, src.clamp(max=self.L - 1)]
-        tok_w = window[rows, (src - n).clamp(0, window.shape[1] - 1)]
-        tok = torch.where(from_window, tok_w, tok_c)
-        return torch.where(has, tok, rand)
+        return torch.where(left_ok | above_ok, src, torch.full_like(pos, -1))
+
+    def _fill_window(self, window: torch.Tensor, need: torch.Tensor, committed: torch.Tensor, n: torch.Tensor,
+                     u: torch.Tensor) -> torch.Tensor:
+        """Initialise the slots ``need`` (``[B, W]``) of ``window`` (slot j
+        at flat position ``n + j``): each copies its neighbour — a committed
+        token, a kept draft, or, when the neighbour is itself a new slot,
+        whatever that slot gets (resolved by pointer jumping, as if filled
+        left to right) — or takes the random code ``u · V``."""
+        B, W = window.shape
+        rows = torch.arange(B, device=window.device)[:, None]
+        slot = torch.arange(W, device=window.device).expand(B, W)
+        src = self._source(n[:, None] + slot)  # (B, W) flat source position or -1
+        in_window = need & (src >= n[:, None])
+        ptr = torch.where(in_window, src - n[:, None], slot)  # a new slot points at an earlier slot
+        rand = (u * self.V).long().clamp(max=self.V - 1)
+        copied = committed[rows, src.clamp(0, committed.shape[1] - 1)]
+        value = torch.where(need, torch.where(src < 0, rand, copied), window)  # terminal values
+        for _ in range(max(1, (W - 1).bit_length())):
+            ptr = ptr.gather(1, ptr)
+        return torch.where(need, value.gather(1, ptr), window)
 
     def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
         spec.check_not_known("sjd", known)
@@ -147,9 +156,8 @@ class SJDGenerator(tokenloom.Generator):
         n = torch.zeros(B, dtype=torch.long, device=dev)  # committed length
         drafts = torch.zeros(B, W, dtype=torch.long, device=dev)  # window: positions n .. n+W-1
         q = torch.zeros(B, W, V, dtype=torch.float64, device=dev)
-        u0 = rng.uniform(0, W, stream=spec.STREAM_INIT).to(dev)
-        for j in range(W):  # the first window: initialised only
-            drafts[:, j] = self._initial_draft(torch.full((B,), j, device=dev), codes, n, drafts, u0[:, j])
+        u0 = spec.Noise(rng, 0, {"init": (W,)}, dev).uniform("init")
+        drafts = self._fill_window(drafts, torch.ones_like(drafts, dtype=torch.bool), codes, n, u0)  # all new
         q = torch.nn.functional.one_hot(drafts, V).double()
 
         rows_of = lambda c: torch.cat([c, torch.full_like(c, model.null_class)]) if guided else c  # noqa: E731
@@ -169,8 +177,10 @@ class SJDGenerator(tokenloom.Generator):
             processed = spec.process_window(chain, logits[:k], slots, L, logits[k:] if guided else None)
             p = spec.to_probs(chain, processed)  # (k, W+1, V)
 
+            noise = spec.Noise(sub, it, {"accept": (W,), "next": (V,), "jacobi": (W + 1, V), "init": (W,)}, dev)
             n_valid = (L - n).clamp(max=W)
-            a, nxt, rejected = spec.verify(rule, chain, p, q, drafts, n_valid, sub, it)
+            a, nxt, rejected = spec.verify(rule, chain, p, q, drafts, n_valid, noise.uniform("accept"),
+                                           noise.gumbel("next"))
             new_n = (n + a + 1).clamp(max=L)
             self._stats.record(accepted=a, rejected=rejected, committed=new_n - n, drafted=n_valid)
 
@@ -184,19 +194,14 @@ class SJDGenerator(tokenloom.Generator):
             lengths = new_n.clone()
 
             # Jacobi update: slots after the commit get fresh drafts from their current p
-            fresh = spec.draw(chain, processed, sub, it, spec.STREAM_JACOBI)  # (k, W+1)
+            fresh = spec.draw(chain, processed, noise.gumbel("jacobi"))  # (k, W+1)
             src = (a + 1)[:, None] + ar  # slot of this iteration's window feeding new slot j
             carried = src <= W
             srcc = src.clamp(max=W)
             new_drafts = torch.where(carried, fresh.gather(1, srcc), torch.zeros_like(drafts))
             new_q = torch.where(carried[..., None], p.gather(1, srcc[..., None].expand(k, W, V)),
                                 torch.zeros_like(q))
-            u = sub.uniform(it, W, stream=spec.STREAM_INIT).to(dev)
-            for j in range(W):  # initialise the slots that entered the window, left to right
-                need = ~carried[:, j]
-                if need.any():
-                    tok = self._initial_draft(new_n + j, codes, new_n, new_drafts, u[:, j])
-                    new_drafts[:, j] = torch.where(need, tok, new_drafts[:, j])
+            new_drafts = self._fill_window(new_drafts, ~carried, codes, new_n, noise.uniform("init"))  # new slots
             new_q = torch.where(carried[..., None], new_q, torch.nn.functional.one_hot(new_drafts, V).double())
 
             last = codes[rows, (new_n - 1).clamp(min=0)]

@@ -181,6 +181,8 @@ class SpeculativeGenerator(tokenloom.Generator):
                 dcache.truncate(torch.cat([n - 1, n - 1]) if guided else n - 1)
                 inputs = torch.stack([codes[rows, (n - 2).clamp(min=0)], prev], 1)
                 slots = torch.stack([n - 1, n], 1)
+            noise = spec.Noise(sub, rnd, {"draft": (G, V), "accept": (G,), "next": (V,)}, dev)
+            g_draft = noise.gumbel("draft")
             drafts = torch.zeros(k, G, dtype=torch.long, device=dev)
             q = torch.zeros(k, G, V, dtype=torch.float64, device=dev)
             for j in range(G):
@@ -188,7 +190,7 @@ class SpeculativeGenerator(tokenloom.Generator):
                 processed = spec.process_window(chain, lc[:, -1:], (n + j)[:, None], L,
                                                 lu[:, -1:] if lu is not None else None)  # (k, 1, V)
                 q[:, j] = spec.to_probs(chain, processed)[:, 0]
-                drafts[:, j] = spec.draw(chain, processed[:, 0], sub, rnd, spec.STREAM_DRAFT + j)
+                drafts[:, j] = spec.draw(chain, processed[:, 0], g_draft[:, j])
                 inputs, slots = drafts[:, j : j + 1], (n + j + 1)[:, None]
 
             # the target scores [x_{n-1}, d_0 .. d_{G-1}] in one pass
@@ -197,7 +199,8 @@ class SpeculativeGenerator(tokenloom.Generator):
             p = spec.to_probs(chain, spec.process_window(chain, lc, slots, L, lu))  # (k, G+1, V)
 
             n_valid = (L - n).clamp(max=G)
-            a, nxt, rejected = spec.verify(rule, chain, p, q, drafts, n_valid, sub, rnd)
+            a, nxt, rejected = spec.verify(rule, chain, p, q, drafts, n_valid, noise.uniform("accept"),
+                                           noise.gumbel("next"))
             new_n = (n + a + 1).clamp(max=L)
             self._stats.record(accepted=a, rejected=rejected, committed=new_n - n, drafted=n_valid,
                                draft_passes=G)
