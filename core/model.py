@@ -18,6 +18,11 @@ autoregression adds on top:
   generator asks for: causal, bidirectional, block-causal, or a custom
   ``[T, S]`` / ``[B, T, S]`` boolean mask (True = may attend);
 - **output heads** — one linear head per entry of ``spec.heads``;
+- **a depth head** when the spec asks for one (``("depth_head", n_layer)``:
+  RQ-Transformer, Lee et al. 2022): the input at a position is the sum of
+  the embeddings of a stack of codes ``[B, T, D]``, and a small causal
+  transformer over depth turns each hidden state into the D codes of the
+  next stack, one head per depth (:meth:`Transformer.depth_logits`);
 - **a preallocated KV cache** (:class:`KVCache`) with ``append`` (every
   forward writes its keys/values after the current length) and ``truncate``
   (roll back, for speculative and Jacobi decoding).
@@ -308,6 +313,17 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in spec.heads)
+        # RQ-Transformer's depth transformer: spec option "depth_head" = its number of layers
+        self.depth_layers = int(spec.option("depth_head", 0) or 0)
+        if self.depth_layers:
+            if spec.input_kind != "tokens":
+                raise ConfigError("model: a depth head needs token inputs (stacks of code ids)")
+            n_depth = len(spec.heads)
+            self.depth_pos = nn.Embedding(n_depth, d)
+            self.depth_blocks = nn.ModuleList(Block(config) for _ in range(self.depth_layers))
+            self.depth_ln = nn.LayerNorm(d)
+            self.register_buffer("depth_causal", torch.ones(n_depth, n_depth, dtype=torch.bool).tril(),
+                                 persistent=False)
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled residual projections
@@ -390,13 +406,22 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        depth_inputs: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``inputs``: ``LongTensor[B, T]`` ids (or ``[B, T, D]`` embeddings);
         ``cond``: ``LongTensor[B]`` classes, used at sequence index 0;
         ``positions`` / ``target_positions``: ``[T]`` or ``[B, T]`` flat code
         positions (``-1``: none); with a ``cache`` the tokens continue the
         cached sequence. Returns logits ``[B, T, V]`` (``[B, 1, V]`` with
-        ``last_only``) per head."""
+        ``last_only``) per head, or the final hidden states ``[B, T, C]``
+        with ``return_hidden``.
+
+        Depth-head models (RQ-Transformer) take ``inputs`` as stacks
+        ``LongTensor[B, T, D]`` (summed embeddings) and return D logits, head
+        d predicting code d of the next stack given its codes ``< d``:
+        ``depth_inputs`` ``[B, T, D']`` are those codes (teacher forcing;
+        default: the next input's stack, ``inputs[:, t + 1]``)."""
         B, T = inputs.shape[:2]
         start = cache.length if cache is not None else 0
         dev = inputs.device
@@ -405,16 +430,19 @@ class Transformer(nn.Module):
             slot = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T) sequence index
             is_cls = slot == 0
         if self.spec.input_kind == "tokens":
-            if inputs.dtype.is_floating_point or inputs.dim() != 2:
-                raise InputError(f"inputs: expected LongTensor[B, T] of ids, got {inputs.dtype} {tuple(inputs.shape)}")
+            if inputs.dtype.is_floating_point or inputs.dim() != (3 if self.depth_layers else 2):
+                want = "LongTensor[B, T, depth] of stacks" if self.depth_layers else "LongTensor[B, T] of ids"
+                raise InputError(f"inputs: expected {want}, got {inputs.dtype} {tuple(inputs.shape)}")
             ids = inputs.long()
             if ragged:
-                ids = ids.masked_fill(is_cls, 0)
+                ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
             elif start == 0:  # the class slot's value is ignored
                 ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
                 raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
             x = self.tok_emb(ids)  # (B, T, C)
+            if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
+                x = x.sum(2)
         else:
             x = self.in_proj(inputs)
         if ragged:  # sequence index 0 of any row: the class token
@@ -459,8 +487,35 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x[:, -1:] if last_only else x)
+        if return_hidden:
+            return x
+        if self.depth_layers:
+            if depth_inputs is None:  # teacher forcing: the stack at t + 1 is what index t predicts
+                nxt = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)
+                depth_inputs = nxt[:, -1:] if last_only else nxt
+            out = self.depth_logits(x, depth_inputs[..., : len(self.heads) - 1])
+            return out[0] if len(out) == 1 else out
         logits = tuple(head(x) for head in self.heads)
         return logits[0] if len(logits) == 1 else logits
+
+    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """RQ-Transformer's depth transformer: from hidden states ``[B, T, C]``
+        and the first ``d`` codes of each position's stack ``[B, T, d]``, the
+        logits ``[B, T, V]`` of depths ``0 .. d`` (a tuple of d + 1). The input
+        at depth 0 is the hidden state, at depth j the summed embeddings of
+        codes ``< j`` (Lee et al. 2022, eq. 6), plus a depth embedding; causal
+        over depth."""
+        B, T, C = hidden.shape
+        d = codes.shape[-1]
+        u = [hidden]
+        if d:
+            u += list(self.tok_emb(codes.long()).cumsum(2).unbind(2))  # Σ_{i<j} e(c_i), j = 1..d
+        u = (torch.stack(u, 2) + self.depth_pos.weight[: d + 1]).reshape(B * T, d + 1, C)
+        mask = self.depth_causal[: d + 1, : d + 1]
+        for block in self.depth_blocks:
+            u = block(u, None, mask, None, 0)
+        u = self.depth_ln(u).reshape(B, T, d + 1, C)
+        return tuple(self.heads[j](u[:, :, j]) for j in range(d + 1))
 
 
 def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: int = 0) -> Transformer:
@@ -494,6 +549,7 @@ class InstrumentedModel:
         self.tokens = 0
         self.seconds = 0.0
         self.kv_cache_bytes = 0
+        self.depth_steps = 0  # depth-head steps (RQ-Transformer); not forward passes of the backbone
 
     def counters(self) -> dict[str, float]:
         return {"nfe": self.nfe, "tokens": self.tokens, "seconds": self.seconds,
@@ -537,6 +593,22 @@ class InstrumentedModel:
         self.seconds += time.perf_counter() - t0
         self.nfe += 1
         self.tokens += inputs.shape[0] * inputs.shape[1]
+        return out
+
+    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The depth head on hidden states of a ``return_hidden`` pass: timed
+        into ``seconds`` and counted in ``depth_steps``, not in ``nfe`` (one
+        backbone pass per position, as RQ-Transformer counts it)."""
+        cuda = hidden.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.depth_logits(hidden, codes)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.depth_steps += 1
         return out
 
 

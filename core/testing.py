@@ -370,10 +370,10 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
         batch2 = _seeded_batch(gen, other, cond, seed)
         assert torch.equal(batch.loss_mask, batch2.loss_mask), f"{name}: loss_mask depends on the code values"
         changed = (batch.targets != batch2.targets) & batch.loss_mask
-        if changed.dim() == 3:
-            changed = changed.any(-1)
-        if changed.any():
-            a, b = _logits_of(model, batch), _logits_of(model, batch2)
+        if changed.dim() == 2:
+            changed = changed[..., None]  # (B, T, 1): the one head
+        if changed.any():  # per head: a head may see code j when another head at the same index predicts it
+            a, b = _logits_of(model, batch), _logits_of(model, batch2)  # (B, T, n_heads, V)
             diff = (a - b).abs()[changed].max().item()
             assert diff <= 1e-5, (
                 f"{name}: the training mask leaks: changing code {j} changes the logits that predict it by {diff:.3g}")

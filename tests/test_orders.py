@@ -37,9 +37,9 @@ def one_thread():
     torch.set_num_threads(before)
 GRID_ORDERS = ("next-block", "next-cell", "neighboring", "par", "zipar", "random-parallel")
 SCALE_ORDERS = ("next-scale", "next-frequency")
-ORDERS = GRID_ORDERS + SCALE_ORDERS + ("next-scale-markov",)
-RECORDED = GRID_ORDERS + SCALE_ORDERS  # orders whose draws go through SamplerChain.sample (one per pass)
-FIXED = ("next-block", "next-cell", "neighboring", "par") + SCALE_ORDERS  # trained orders with a fixed order
+ORDERS = GRID_ORDERS + SCALE_ORDERS + ("next-scale-markov", "depth-stack")
+RECORDED = GRID_ORDERS + SCALE_ORDERS + ("depth-stack",)  # draws through SamplerChain.sample
+FIXED = ("next-block", "next-cell", "neighboring", "par", "depth-stack") + SCALE_ORDERS  # trained, fixed order
 
 
 # ---------------------------------------------------------------------------
@@ -193,6 +193,8 @@ def case(name: str, data):
     gh, gw, depth3 = layout_for(name, data)
     tok = pixel(gh, gw, depth3)
     depth = tok.layout.depth
+    if name == "depth-stack":  # one pass per position; the draws (one per code) in flat order
+        return tok, {"depth_layers": data.draw(st.integers(1, 2))}, gh * gw, torch.arange(tok.layout.length)
     cfg = draw_config(name, gh, gw, depth, data)
     return tok, cfg, expected_nfe(name, gh, gw, depth, cfg), expected_step(name, gh, gw, depth, cfg)
 
@@ -231,7 +233,8 @@ def test_every_position_finalised_exactly_once_at_its_pass(name, data):
     out, rec = run(gen, model, cond, seed=5, kind=kind)
 
     assert model.nfe == nfe == gen.expected_nfe(), (name, cfg, model.nfe, nfe)
-    assert [c[0] for c in rec.calls] == list(range(nfe)), "one draw per pass, in order"
+    draws = L if name == "depth-stack" else nfe  # depth-stack: D draws (depth-head steps) per pass
+    assert [c[0] for c in rec.calls] == list(range(draws)), "one draw per step, in order"
     step = torch.cat([torch.full((p.shape[1],), s) for s, p, _ in rec.calls])  # (L,) pass of each draw
     for b in range(B):
         pos = torch.cat([p[b] for _, p, _ in rec.calls])
@@ -461,9 +464,9 @@ class RecomputeCheck:
         return getattr(self.inner, name)
 
     def __call__(self, inputs, cond=None, *, cache=None, positions=None, attn_mask=None, target_positions=None,
-                 last_only=False):
+                 last_only=False, return_hidden=False):
         out = self.inner(inputs, cond, cache=cache, positions=positions, attn_mask=attn_mask,
-                         target_positions=target_positions, last_only=last_only)
+                         target_positions=target_positions, last_only=last_only, return_hidden=return_hidden)
         if cache is None:
             return out
         R, T = inputs.shape[:2]
@@ -488,7 +491,7 @@ class RecomputeCheck:
             full[at : at + mm.shape[0], : mm.shape[1]] = mm
             at += mm.shape[0]
         with torch.no_grad():
-            ref = self.inner.model(x, entry[1], positions=p, attn_mask=full)
+            ref = self.inner.model(x, entry[1], positions=p, attn_mask=full, return_hidden=return_hidden)
         outs = out if isinstance(out, tuple) else (out,)
         refs = ref if isinstance(ref, tuple) else (ref,)
         for o, r in zip(outs, refs):
@@ -498,7 +501,7 @@ class RecomputeCheck:
         return out
 
 
-@pytest.mark.parametrize("name", GRID_ORDERS + SCALE_ORDERS)
+@pytest.mark.parametrize("name", GRID_ORDERS + SCALE_ORDERS + ("depth-stack",))
 @settings(max_examples=6, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_kv_cache_equals_recomputation(name, data):
@@ -654,7 +657,7 @@ def test_bad_values_are_config_errors(name, value):
         generator(name, pixel(2, 2), **value)
 
 
-@pytest.mark.parametrize("name", GRID_ORDERS)
+@pytest.mark.parametrize("name", GRID_ORDERS + ("depth-stack",))
 def test_known_is_refused_clearly(name):
     tok = pixel(2, 2)
     gen = generator(name, tok, **({"window": 1} if name == "zipar" else {}))
@@ -838,3 +841,76 @@ _MS = ("multiscale", {"scales": (1, 2, 4), "downsample": 2, "image_shape": (3, 8
 ])
 def test_conformance_kit_multi_scale(name, config, tok):
     tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=4, **config)
+
+
+# ---------------------------------------------------------------------------
+# depth-stack (RQ-Transformer)
+# ---------------------------------------------------------------------------
+
+
+def test_depth_stack_exact_likelihood_sums_to_one_over_stacks():
+    tok = build_component(REG, "tokenizer", "pixel", {"bits": 1, "per_channel": True, "image_shape": (3, 1, 2)},
+                          path="tokenizer")  # 2 positions × depth 3, V = 2: 64 sequences
+    gen = generator("depth-stack", tok)
+    model = tiny_model(gen.model_spec(), seed=2)
+    every = torch.cartesian_prod(*[torch.arange(2)] * 6)
+    for c in (1, 3):
+        ll = gen.log_likelihood(model, every, torch.full((64,), c))
+        assert abs(torch.logsumexp(ll.double(), 0).item()) < 1e-4
+
+
+def test_depth_stack_spatial_input_is_the_summed_stack_and_heads_are_per_depth():
+    tok = pixel(2, 2, True)
+    gen = generator("depth-stack", tok)
+    spec = gen.model_spec()
+    assert spec.heads == (tok.vocab_size,) * 3 and spec.seq_len == 5 and spec.option("depth_head") == 2
+    model = tiny_model(spec, seed=0)
+    codes = torch.randint(0, 2, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = gen.training_batch(codes, torch.tensor([0, 1]))
+    assert batch.inputs.shape == (2, 5, 3) and torch.equal(batch.inputs[:, 1:], codes.view(2, 4, 3))
+    # the spatial input is order-free within a stack: permuting a stack's codes leaves the hidden states equal
+    perm = batch.inputs.clone()
+    perm[:, 2] = perm[:, 2].flip(-1)
+    h1 = model.model(batch.inputs, batch.cond, positions=batch.positions, return_hidden=True)
+    h2 = model.model(perm, batch.cond, positions=batch.positions, return_hidden=True)
+    assert torch.allclose(h1, h2, atol=1e-6)
+    # one backbone pass per position, D depth-head steps each
+    model.reset()
+    gen.generate(model, SamplerChain(), torch.tensor([0, 2]), rng=RowRNG(0, torch.arange(2)))
+    assert model.nfe == 4 and model.depth_steps == 12
+
+
+def test_depth_stack_refuses_multi_scale_layouts():
+    with pytest.raises(tokenloom.ConfigError, match="single-scale"):
+        REG.get("generator", "depth-stack").cls(REG.get("generator", "depth-stack").cls.Config(),
+                                                tokenizer=_MultiScale())
+
+
+@pytest.mark.parametrize("tok", [None, ("rq", {"depth": 3, "codebook_size": 8, "code_dim": 4, "downsample": 4,
+                                               "image_shape": (3, 8, 8)})])
+def test_conformance_kit_depth_stack(tok):
+    tokenloom.testing.check("generator", "depth-stack", tokenizer=tok, max_examples=6)
+
+
+def test_orders_skipped_by_the_generic_kit_run_are_covered_here():
+    """tests/test_generators.py runs the kit on every generator with its
+    defaults over random pixel layouts, except the orders listed in its
+    KIT_IN_TEST_ORDERS: each of them must refuse some such layout with a
+    ConfigError (that is why it is skipped there) and have a kit case here."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_tg", Path(__file__).with_name("test_generators.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kit_cases = {case[0] for test in (test_conformance_kit, test_conformance_kit_multi_scale)
+                 for mark in test.pytestmark for case in mark.args[1]} | {"depth-stack"}
+    assert mod.KIT_IN_TEST_ORDERS <= kit_cases, mod.KIT_IN_TEST_ORDERS - kit_cases
+    for name in mod.KIT_IN_TEST_ORDERS:
+        refused = False
+        for gh, gw, depth3 in [(1, 1, False), (3, 3, False), (1, 4, False), (2, 2, True), (3, 1, True)]:
+            try:
+                generator(name, pixel(gh, gw, depth3))
+            except tokenloom.ConfigError:
+                refused = True
+        assert refused, f"{name} accepts every pixel layout with its defaults: run it in the generic kit test"
