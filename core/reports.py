@@ -180,12 +180,22 @@ def best_rows(rows: list[dict]) -> dict[str, list[str]]:
 
 def _footnotes(runs: list[dict]) -> tuple[dict[str, str], list[str]]:
     """(metric name -> footnote mark, footnote lines) for metrics whose eval
-    cards differ between cells (:mod:`tokenloom.evalcard`)."""
+    cards differ between cells (:mod:`tokenloom.evalcard`). A cell where a
+    metric gave no number at all (the likelihood of a masked order) does not
+    take part in the comparison of that metric's cards."""
     try:
         from .evalcard import card_footnotes
     except ImportError:  # pragma: no cover - evalcard ships with tokenloom
         return {}, []
-    notes = card_footnotes(runs)
+    compared = []
+    for run in runs:
+        cards = dict(run.get("eval_cards") or {})
+        for name in list(cards):
+            mine = [v for k, v in (run.get("metrics") or {}).items() if _metric_of_key(k, [name])]
+            if mine and all(v is None for v in mine):
+                del cards[name]
+        compared.append({"id": run.get("id"), "eval_cards": cards})
+    notes = card_footnotes(compared)
     return dict(notes.marks), list(notes.lines)
 
 
@@ -326,16 +336,23 @@ def plot_pareto(rows: list[dict], quality: str, cost: str, path: Path) -> bool:
     ys = [q["mean"] for _, _, q in pts]
     front = pareto_front(xs, ys, higher_is_better=way == "higher")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (n, c, q), on in zip(pts, front):
+    offsets = [(6, -10), (-14, -10), (6, 4), (-14, 4)]  # labels of points at one cost: low ones below, alternating sides
+    for k, ((n, c, q), on) in enumerate(zip(pts, front)):
         ax.errorbar(c["mean"], q["mean"], xerr=c["std"] or None, yerr=q["std"] or None, fmt="o",
                     color="tab:red" if on else "0.55", markersize=8 if on else 6, capsize=2, zorder=3 if on else 2)
-        ax.annotate(str(n), (c["mean"], q["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        same = sorted((y, j) for j, (x, y) in enumerate(zip(xs, ys)) if x == c["mean"])
+        ax.annotate(str(n), (c["mean"], q["mean"]), textcoords="offset points", fontsize=8,
+                    xytext=offsets[[j for _, j in same].index(k) % len(offsets)])
     fx = sorted((x, y) for x, y, on in zip(xs, ys, front) if on)
     ax.step([x for x, _ in fx], [y for _, y in fx], where="post", color="tab:red", lw=1.5, label="Pareto front",
             zorder=1)
     ax.scatter([], [], color="0.55", label="dominated")
     if min(xs) > 0 and max(xs) / min(xs) > 8:
-        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.set_xlabel(COST_KEYS.get(cost, cost))
     better = {"lower": "lower is better", "higher": "higher is better"}.get(way or "", "")
     ax.set_ylabel(f"{quality} ({better})" if better else quality)
