@@ -345,12 +345,12 @@ class MaskedCache:
 
 
 __all__ = [
-    "grid_of",
+    "GroupOrder",
+    "MaskedCache",
+    "ScaleOrder",
+    "check_known",
     "flat_index",
+    "grid_of",
     "guidance_rows",
     "sample_codes",
-    "check_known",
-    "GroupOrder",
-    "ScaleOrder",
-    "MaskedCache",
 ]

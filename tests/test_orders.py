@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import tokenloom
+import tokenloom.testing
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import tokenloom
-import tokenloom.testing
 from tokenloom.config import ModelConfig, build_component
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG
@@ -88,13 +87,13 @@ class Recorder(SamplerChain):
 
 
 def chain(kind: str) -> list:
-    build = lambda n, **kw: build_component(REG, "sampler", n, kw, path="sampler")  # noqa: E731
+    build = lambda n, **kw: build_component(REG, "sampler", n, kw, path="sampler")
     return {"plain": [], "topk": [build("top-k", k=3)], "cfg": [build("cfg", scale=2.0), build("temperature", t=0.9)]}[kind]
 
 
 def draw_config(name: str, h: int, w: int, depth: int, data) -> dict:
     """A valid configuration of ``name`` for an h×w×depth layout."""
-    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]  # noqa: E731
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]
     if name == "next-block":
         return {"rows": data.draw(st.sampled_from(divisors(h)))}
     if name == "next-cell":
@@ -130,7 +129,7 @@ def expected_nfe(name: str, h: int, w: int, depth: int, cfg: dict) -> int:
         W = w * depth
         return W if h == 1 else 2 * W + (h - 2) * cfg["window"]
     if name == "random-parallel":
-        return L if cfg["steps"] >= L else cfg["steps"]  # the cosine schedule takes `steps` passes
+        return min(L, cfg["steps"])  # the cosine schedule takes `steps` passes
     raise KeyError(name)
 
 
@@ -402,7 +401,7 @@ def test_zipar_sees_what_its_schedule_has_decoded():
         mask = torch.zeros(n, n, dtype=torch.bool)
         for i, (pi, fi, _, _) in enumerate(slots):
             for j, (pj, fj, hj, _) in enumerate(slots):
-                mask[i, j] = pj <= pi and fj <= fi and fi < hj
+                mask[i, j] = pj <= pi and fj <= fi < hj
         x = torch.stack([v for *_, v in slots], 1)
         pos = torch.tensor([p for p, *_ in slots])
         ref = model.model(x, cond, positions=pos, attn_mask=mask)  # (B, n, V)
@@ -588,7 +587,9 @@ def test_par_with_one_region_is_raster():
 
 
 def test_random_parallel_follows_the_cosine_schedule():
-    from tokenloom.plugins.generators.random_parallel import cosine_schedule  # the plugin's own helper
+    from tokenloom.plugins.generators.random_parallel import (
+        cosine_schedule,  # the plugin's own helper
+    )
 
     sizes = cosine_schedule(64, 16)
     assert len(sizes) == 16 and sum(sizes) == 64 and sizes[0] == 1

@@ -34,9 +34,8 @@ guidance rows share each pass and depth step.
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import grid_of, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 

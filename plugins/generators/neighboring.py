@@ -34,9 +34,8 @@ likelihood is reported (LITERATURE: neighbour orders report none).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import grid_of, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 

@@ -25,9 +25,8 @@ No exact likelihood is reported (LITERATURE: block orders report none).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import GroupOrder, grid_of
 from tokenloom.sampling import SamplerChain
 

@@ -26,9 +26,8 @@ No exact likelihood is reported (LITERATURE: block orders report none).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import GroupOrder, flat_index, grid_of
 from tokenloom.sampling import SamplerChain
 

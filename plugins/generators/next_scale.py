@@ -36,9 +36,8 @@ given the earlier scales, so the product is a normalised distribution).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import ScaleOrder, check_known
 from tokenloom.sampling import SamplerChain
 

@@ -39,9 +39,8 @@ from __future__ import annotations
 import math
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import guidance_rows
 from tokenloom.sampling import SamplerChain
 
@@ -168,10 +167,11 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
                 logp = torch.log_softmax(processed.float(), -1).gather(-1, sampled[..., None])[..., 0]
                 r = (t + 1) / S
                 n_hidden = hidden.sum(1)
-                keep = torch.full_like(n_hidden, int(math.floor(n * self.gamma(r)))) if t < S - 1 else \
-                    torch.zeros_like(n_hidden)
                 if t < S - 1:  # MaskGIT: reveal at least one, keep at least one hidden for later
+                    keep = torch.full_like(n_hidden, math.floor(n * self.gamma(r)))
                     keep = torch.maximum(torch.ones_like(keep), torch.minimum(n_hidden - 1, keep))
+                else:
+                    keep = torch.zeros_like(n_hidden)
                 keep = torch.minimum(keep, n_hidden)
                 noise = rng.gumbel(step, n, stream=_CONFIDENCE_STREAM).to(dev)
                 confidence = logp + tau * (1.0 - r) * noise

@@ -39,9 +39,8 @@ from __future__ import annotations
 import math
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import MaskedCache, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 

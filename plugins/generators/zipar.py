@@ -38,9 +38,8 @@ model's likelihood (its held-out NLL is ``raster``'s).
 from __future__ import annotations
 
 import attrs
-import torch
-
 import tokenloom
+import torch
 from tokenloom.orders import MaskedCache, grid_of, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 
