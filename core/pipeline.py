@@ -574,7 +574,10 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     context = None
     if known is not None:
         context = _context_images(tok, known, device)
-    save_grid(grid, generated[:64], context=None if context is None else context[:64])
+    # image i has class i mod n_classes: with a multiple of n_classes columns, each column is one class
+    ncol = 8 if known is not None or n_classes > 16 else n_classes * max(1, math.ceil(8 / n_classes))
+    shown = ncol * 8 if known is None else 64
+    save_grid(grid, generated[:shown], ncol=ncol, context=None if context is None else context[:shown])
 
     record = {
         "id": run_id,
@@ -650,7 +653,7 @@ DEMO = {
     "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
     "train": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup": 100},
     "sampler": [{"name": "top-k", "k": 16}],
-    "metrics": {"names": [], "n_samples": 64},
+    "metrics": {"names": [], "n_samples": 128},
 }
 
 
