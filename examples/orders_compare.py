@@ -182,10 +182,11 @@ def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
 
     pics = docs / "orders"
     pics.mkdir(parents=True, exist_ok=True)
-    for r in rows:  # the first two rows (16 samples) of each order's grid, at half size
+    for r in rows:  # the first two rows of samples of each order's grid, at half size
         img = Image.open(r["samples"]).convert("RGB")
-        cell = (img.width - 2) // 8
-        crop = img.crop((0, 0, img.width, 2 * cell + 2))
+        white = (torch.tensor(list(img.getdata())).view(img.height, img.width, 3) == 255).all(-1).all(-1)
+        gaps = [y for y in range(1, img.height) if white[y] and not white[y - 1]]  # bottom edges of cell rows
+        crop = img.crop((0, 0, img.width, gaps[1] + 2 if len(gaps) > 1 else img.height))
         crop = crop.resize((crop.width // 2, crop.height // 2), Image.NEAREST)
         with atomic_write(pics / f"{r['order']}.png") as f:
             crop.save(f, format="PNG")
