@@ -576,7 +576,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         context = _context_images(tok, known, device)
     # image i has class i mod n_classes: with a multiple of n_classes columns, each column is one class
     ncol = 8 if known is not None or n_classes > 16 else n_classes * max(1, math.ceil(8 / n_classes))
-    shown = ncol * 8 if known is None else 64
+    shown = min(n, ncol * 8) if known is None else 64
+    shown = shown - shown % ncol if shown >= ncol else shown  # whole rows
     save_grid(grid, generated[:shown], ncol=ncol, context=None if context is None else context[:shown])
 
     record = {
