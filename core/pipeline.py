@@ -90,6 +90,22 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+class StageTimer:
+    """Wall seconds per pipeline stage: ``lap(name)`` books the time since
+    the previous lap to ``name`` (a run's ``record["timings"]``: data,
+    tokenizer, encode, train, auxiliary, generate, nll, decode,
+    ``metric:<name>`` and report; a cached stage shows its load time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(f"[tokenloom] {msg}", file=sys.stderr, flush=True)
@@ -406,11 +422,13 @@ def results_markdown(runs: list[dict]) -> str:
     keys: list[str] = []
     for r in runs:
         keys += [k for k in r["metrics"] if k not in keys]
-    head = ["id", "tokenizer", "generator", "sampler"] + keys
+    regions = any(r.get("region") for r in runs)  # inpainting/outpainting runs: say which region
+    head = ["id", "tokenizer", "generator", "sampler"] + (["region"] if regions else []) + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         c = r["components"]
         cells = [r["id"], c["tokenizer"], c["generator"], " → ".join(c["sampler"]) or "(plain)"]
+        cells += [r.get("region") or "–"] if regions else []
         cells += [_fmt(r["metrics"].get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -467,6 +485,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     progress = progress and dist.is_main()
+    lap = StageTimer()  # wall seconds per stage -> record["timings"]
 
     train_set, holdout = data if data is not None else load_data(cfg)
     if len(holdout) == 0:
@@ -479,12 +498,15 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
 
         data_id = tensors_hash({"train": train_set.images, "train_labels": train_set.labels,
                                 "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
+    lap("data")
 
     with dist.main_first():  # rank 0 fits and encodes; the other ranks load what it cached
         tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, registry=registry, device=device,
                                                   progress=progress, data_id=data_id)
+        lap("tokenizer")
         codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
                            key_extra={"data": data_id, "seed": cfg.seed}, device=device)
+        lap("encode")
     generator = build_component(registry, "generator", cfg.generator.name,
                                 {**cfg.generator.options, "tokenizer": tok}, path="generator")
     if region is not None and not generator.supports_known:
@@ -493,8 +515,10 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash,
                                               cache, device=device, progress=progress, data_id=data_id)
     wrapped = InstrumentedModel(model)
+    lap("train")
     aux_records = train_auxiliary(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash, cache,
                                   device=device, progress=progress, data_id=data_id)
+    lap("auxiliary")
 
     chain = build_chain(cfg.sampler, registry=registry)
     chain.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
@@ -529,8 +553,10 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         stats.update(dist.mean_over_ranks(generator.stats(), mine))  # e.g. acceptance_rate, mean_accepted_length
         if dist.is_main():
             save_tensors(spath, {"codes": gen_codes}, {"stats": json.dumps(stats)})
+    lap("generate")
 
     nll = heldout_nll(generator, wrapped, codes["holdout"], holdout.labels)  # sharded over ranks
+    lap("nll")
     if not dist.is_main():  # rank 0 decodes, computes the metrics and writes; the others wait for its record
         return dist.broadcast(None)
     with torch.no_grad():
@@ -538,6 +564,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         hold_codes = codes["holdout"]
         reconstructed = torch.cat([tok.decode(hold_codes[i : i + 256].to(device)).cpu()
                                    for i in range(0, len(holdout), 256)])
+    lap("decode")
 
     stats = dict(stats)
     stats["train_tokens"] = float(train_record.get("tokens", 0))
@@ -566,6 +593,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         for k, v in dict(values).items():  # a metric's number replaces the pipeline's own of the same name
             metrics[k] = None if v is None else float(v)
         cards[mc.name] = metric.eval_card()
+        lap(f"metric:{mc.name}")
 
     full = config_to_dict(cfg)
     run_id = f"{cfg.generator.name}-{stable_hash({'config': full, 'region': region}, 8)}"
@@ -598,6 +626,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         "seconds": time.perf_counter() - t_start,
         "artifacts": {"samples": os.path.relpath(grid, out), "results_md": "results.md"},
     }
+    lap("report")
+    record["timings"] = lap.seconds
     if write_report:
         write_results(out, record)
     return dist.broadcast(record)
