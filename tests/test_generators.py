@@ -294,3 +294,18 @@ def test_guidance_runs_both_rows_in_one_batched_pass(name):
     same = gen.generate(tiny(gen), SamplerChain([tokenloom.create("sampler", "cfg", scale=1.0)]), cond,
                         rng=RowRNG(0, [0, 1, 2]))
     assert torch.equal(same, plain)
+
+
+@pytest.mark.parametrize("name", ["raster", "random", "masked"])
+def test_image_i_is_the_same_alone_or_in_a_batch_of_8(name):
+    t = tok()
+    gen = tokenloom.create("generator", name, tokenizer=t)
+    m = tiny(gen, seed=2)
+    chain = SamplerChain([tokenloom.create("sampler", "cfg", scale=3.0), tokenloom.create("sampler", "top-k", k=5)])
+    cond = torch.arange(8) % 3
+    batch = gen.generate(m, chain, cond, rng=RowRNG(7, torch.arange(8)))
+    assert torch.equal(batch, gen.generate(m, chain, cond, rng=RowRNG(7, torch.arange(8))))  # same seed
+    for i in range(8):
+        alone = gen.generate(m, chain, cond[i : i + 1], rng=RowRNG(7, [i]))
+        assert torch.equal(alone[0], batch[i]), f"image {i}"
+    assert not torch.equal(batch, gen.generate(m, chain, cond, rng=RowRNG(8, torch.arange(8))))  # seed matters
