@@ -110,16 +110,17 @@ class KVCache:
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        kl, vl = self.k[layer], self.v[layer]  # (B, H, max_len, hd) views, written in place
         if self.lengths is not None:  # ragged: row b writes at [lengths[b], lengths[b] + T)
             B = k.shape[0]
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
             cols = self.lengths.to(k.device)[:, None] + torch.arange(T, device=k.device)  # (B, T)
-            self.k[layer][rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd)
-            self.v[layer][rows, :, cols] = v.transpose(1, 2)
+            kl[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd)
+            vl[rows, :, cols] = v.transpose(1, 2)
         else:
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            kl.narrow(2, start, T).copy_(k)
+            vl.narrow(2, start, T).copy_(v)
+        return kl.narrow(2, 0, end), vl.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         if self.lengths is not None:
@@ -200,11 +201,21 @@ def rope2d_table(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) ->
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of ``x`` (``[B, H, T, hd]``) by the angles
-    whose cos/sin are ``[B or 1, 1, T, hd/2]``."""
+    whose cos/sin are ``[B or 1, 1, T, hd/2]`` (any shapes that broadcast
+    against ``x[..., :hd/2]``)."""
+    return rotate_pairs(x, torch.complex(cos.float(), sin.float()))
+
+
+def rotate_pairs(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[..., hd]``) with each pair ``(x_2i, x_2i+1)`` taken as the
+    complex number ``x_2i + i·x_2i+1`` and multiplied by ``cis`` (unit
+    complex numbers ``cos θ + i·sin θ``, broadcast against ``[..., hd/2]``):
+    ``(a cos θ − b sin θ, a sin θ + b cos θ)`` in one complex multiply
+    (the form of Meta's LLaMA code), computed in float32."""
     x2 = x.float().reshape(*x.shape[:-1], -1, 2)
-    a, b = x2[..., 0], x2[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)
-    return out.flatten(-2).type_as(x)
+    if x2.stride(-1) != 1 or x2.storage_offset() % 2 or any(st % 2 for st in x2.stride()[:-1]):
+        x2 = x2.contiguous()  # view_as_complex needs pairs that are adjacent and aligned
+    return torch.view_as_real(torch.view_as_complex(x2) * cis).flatten(-2).type_as(x)
 
 
 def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
@@ -227,15 +238,17 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Any,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Any,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
+        """``rope``: the rotations ``cos θ + i·sin θ`` (complex), shaped
+        ``[B or 1, T, 1, 1, hd/2]`` to broadcast over ``(q, k)`` and heads."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, hd)
+        if rope is not None:  # q and k rotated in one complex multiply
+            q, k = rotate_pairs(qkv[:, :, :2], rope).unbind(2)  # (B, T, H, hd) each
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, hd)
         is_causal = isinstance(mask, str)  # "causal": the fused path
@@ -266,8 +279,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache, layer):
-        x = x + self.drop(self.attn(self.ln_1(x), rope, mask, cache, layer))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + self._drop(self.attn(self.ln_1(x), rope, mask, cache, layer))
+        return x + self._drop(self.mlp(self.ln_2(x)))
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        return self.drop(y) if self.training and self.drop.p > 0 else y  # no call when it is the identity
 
 
 class Transformer(nn.Module):
@@ -438,8 +454,10 @@ class Transformer(nn.Module):
                 ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
             elif start == 0:  # the class slot's value is ignored
                 ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
-            if ids.numel() and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
-                raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
+            if ids.numel():
+                lo, hi = torch.aminmax(ids)
+                if lo < 0 or hi >= self.spec.vocab_size:
+                    raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
             x = self.tok_emb(ids)  # (B, T, C)
             if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
                 x = x.sum(2)
@@ -463,10 +481,10 @@ class Transformer(nn.Module):
         if self.config.pos == "learned":
             x = x + self.pos_emb(pos)
             rope = None
-        else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # ([B,] T, hd/2)
-            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3)) if pos.dim() == 2 else (cos, sin)
-        has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
+        else:  # ([B,] T, hd/2) -> ([B,] T, 1, 1, hd/2): broadcast over (q, k) and heads
+            rope = torch.complex(self.rope_cos[pos], self.rope_sin[pos])[..., None, None, :]
+        if self.scale_emb is not None or self.depth_emb is not None:
+            has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
         if self.scale_emb is not None:
             x = x + self.scale_emb(self.pos_scale[pos]) * has
         if self.depth_emb is not None:
@@ -622,4 +640,5 @@ __all__ = [
     "layout_coordinates",
     "rope2d_table",
     "apply_rope",
+    "rotate_pairs",
 ]
