@@ -261,3 +261,13 @@ def test_best_rows_marks_ties_and_skips_uninformative_columns():
     best = best_rows(rows)
     assert best["fid"] == ["b", "c"] and best["isc"] == ["b"]
     assert "nfe" not in best and "kid_std" not in best  # all equal; no direction
+
+
+def test_the_shipped_example_grid_plans_as_documented():
+    from pathlib import Path
+
+    from tokenloom.ablation import load_plan
+
+    plan = load_plan(Path(__file__).resolve().parents[1] / "examples" / "ablation-small.toml")
+    assert plan.summary() == "2 tokenizers, 6 models, 20 generation cells (2 seeds → 10 table rows); 4 skipped"
+    assert all("next-scale needs a multi-scale tokenizer" in s.reason for s in plan.skipped)
