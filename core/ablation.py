@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
@@ -271,5 +272,14 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
     return dist.broadcast(report)
 
 
-__all__ = ["Plan", "PlannedCell", "plan_grid", "load_plan", "run_ablation", "row_key", "describe_labels",
-           "finished_record", "SEED_AXIS"]
+__all__ = [
+    "SEED_AXIS",
+    "Plan",
+    "PlannedCell",
+    "describe_labels",
+    "finished_record",
+    "load_plan",
+    "plan_grid",
+    "row_key",
+    "run_ablation",
+]

@@ -30,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -200,6 +201,22 @@ def ddp(model: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-__all__ = ["init_from_env", "shutdown", "is_initialized", "env_world_size", "rank", "world", "is_main",
-           "local_device", "barrier", "broadcast", "agree", "all_gather", "all_reduce_sum", "mean_over_ranks", "main_first", "shard",
-           "ddp"]
+__all__ = [
+    "agree",
+    "all_gather",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast",
+    "ddp",
+    "env_world_size",
+    "init_from_env",
+    "is_initialized",
+    "is_main",
+    "local_device",
+    "main_first",
+    "mean_over_ranks",
+    "rank",
+    "shard",
+    "shutdown",
+    "world",
+]

@@ -24,8 +24,9 @@ import fnmatch
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .checkpoint import atomic_write, write_json, write_text
 
@@ -206,7 +207,7 @@ def _metric_of_key(key: str, names: Iterable[str]) -> str | None:
     for name in names:
         norm = name.replace("-", "_")
         parts = norm.split("_")
-        if key == norm or key.startswith(norm + "_") or key in parts or key.startswith(parts[0] + "_"):
+        if key == norm or key in parts or key.startswith((norm + "_", parts[0] + "_")):
             return name
     return None
 
@@ -465,6 +466,19 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
     return report
 
 
-__all__ = ["DIRECTIONS", "TIMING_KEYS", "QUALITY_KEYS", "COST_KEYS", "direction", "mean_std", "pareto_front",
-           "aggregate_rows", "best_rows", "results_markdown", "plot_pareto", "overview_image",
-           "write_ablation_report", "metric_keys"]
+__all__ = [
+    "COST_KEYS",
+    "DIRECTIONS",
+    "QUALITY_KEYS",
+    "TIMING_KEYS",
+    "aggregate_rows",
+    "best_rows",
+    "direction",
+    "mean_std",
+    "metric_keys",
+    "overview_image",
+    "pareto_front",
+    "plot_pareto",
+    "results_markdown",
+    "write_ablation_report",
+]

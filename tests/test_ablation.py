@@ -5,7 +5,6 @@ a corrupt checkpoint, and the report helpers against independent references."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -17,7 +16,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
 from tokenloom.ablation import plan_grid, run_ablation
 from tokenloom.checkpoint import load_tensors
 from tokenloom.reports import TIMING_KEYS, best_rows, direction, mean_std, pareto_front
@@ -76,7 +74,7 @@ def models_in(cache) -> list:
 def test_tiny_grid_end_to_end_skips_the_incompatible_cell_and_shares_stages(tmp_path, monkeypatch):
     grid, out = write_grid(tmp_path), tmp_path / "out"
     lines: list[str] = []
-    report = run_ablation(grid, out, progress=False, echo=lines.append)
+    run_ablation(grid, out, progress=False, echo=lines.append)
 
     # the plan comes first, from the cache keys: seeds 0/1 give 2 tokenizers; raster and masked models per seed
     assert lines[0].startswith("grid.toml: 2 tokenizers, 4 models, 4 generation cells (2 seeds → 2 table rows)")
@@ -117,7 +115,7 @@ def test_tiny_grid_end_to_end_skips_the_incompatible_cell_and_shares_stages(tmp_
         assert (out / r["artifacts"]["samples"]).is_file()
 
     # the same command again: every cell is finished, nothing runs
-    import tokenloom.pipeline as pipeline
+    from tokenloom import pipeline
 
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
