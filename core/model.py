@@ -499,7 +499,8 @@ class Transformer(nn.Module):
             keys = torch.arange(start + T, device=dev)  # (S,)
             attn_mask = keys[None, None, :] <= slot[:, :, None]  # (B, T, S)
         mask = self._mask(T, start, attn_mask, dev)
-        x = self.drop(x)
+        if self.training and self.drop.p > 0:
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
         if cache is not None:

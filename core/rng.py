@@ -30,6 +30,32 @@ def _mix(h: torch.Tensor, v: torch.Tensor | int) -> torch.Tensor:
     return _hash32(h ^ _hash32(torch.as_tensor(v, dtype=torch.int64, device=h.device) + 0x9E3779B9))
 
 
+def _hash32_int(x: int) -> int:
+    """:func:`_hash32` of one Python integer (the same bits, no tensor ops)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32` in place on an int64 tensor the caller owns (the
+    same bits with fewer temporaries)."""
+    x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+#: Steps whose row keys :class:`RowRNG` derives in one pass (a decoding loop
+#: asks for consecutive steps; the keys are the same bits either way).
+_KEY_BLOCK = 64
+
+
 class RowRNG:
     """Random numbers for a batch of images, row *r* seeded by
     ``(seed, index[r])``.
@@ -49,6 +75,8 @@ class RowRNG:
         self.device = index.device
         base = _hash32(torch.full_like(index, self.seed & _M32) ^ ((self.seed >> 32) & _M32))
         self._row_key = _mix(base, index & _M32)  # [B]
+        self._keys: dict[tuple[int, int], torch.Tensor] = {}  # (stream, block) -> [B, _KEY_BLOCK] step keys
+        self._ctr: dict[int, torch.Tensor] = {}  # numel -> arange(numel)
 
     def __len__(self) -> int:
         return self.index.numel()
@@ -57,22 +85,44 @@ class RowRNG:
         """The generator for a subset of rows (same per-image streams)."""
         return RowRNG(self.seed, self.index[rows], self.device)
 
+    def _key(self, step: int, stream: int) -> torch.Tensor:
+        """``[B]``: ``_mix(_mix(row_key, step), stream)`` — the key of
+        (image, step, stream). The scalar halves of the two mixes are
+        hashed in Python, and the keys of ``_KEY_BLOCK`` consecutive steps
+        are derived in one tensor pass and kept."""
+        step, stream = int(step) & _M32, int(stream) & _M32
+        block, offset = divmod(step, _KEY_BLOCK)
+        keys = self._keys.get((stream, block))
+        if keys is None:
+            first = block * _KEY_BLOCK
+            hs = torch.tensor([_hash32_int(s + 0x9E3779B9) for s in range(first, first + _KEY_BLOCK)],
+                              dtype=torch.int64, device=self.device)  # [K]
+            keys = _hash32_(self._row_key[:, None] ^ hs[None, :])  # (B, K) = _mix(row_key, step)
+            keys = _hash32_(keys ^ _hash32_int(stream + 0x9E3779B9))  # _mix(., stream)
+            if len(self._keys) > 256:  # a long-lived generator: forget old blocks
+                self._keys.clear()
+            self._keys[(stream, block)] = keys
+        return keys[:, offset]
+
     def _bits(self, step: int, numel: int, stream: int) -> torch.Tensor:
-        key = _mix(_mix(self._row_key, int(step) & _M32), int(stream) & _M32)  # [B]
-        ctr = torch.arange(numel, dtype=torch.int64, device=self.device)
-        return _hash32(_hash32(key[:, None] ^ ctr[None, :]) + key[:, None])  # [B, numel]
+        key = self._key(step, stream)[:, None]  # (B, 1)
+        ctr = self._ctr.get(numel)
+        if ctr is None:
+            ctr = self._ctr[numel] = torch.arange(numel, dtype=torch.int64, device=self.device)
+        return _hash32_(_hash32_(key ^ ctr[None, :]).add_(key))  # [B, numel]
 
     def uniform(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= int(s)
         bits = self._bits(step, numel, stream) >> 8  # 24 random bits
-        u = (bits.to(torch.float64) + 0.5) / float(1 << 24)
-        return u.to(torch.float32).reshape(len(self), *shape)
+        # (k + 0.5) / 2^24 rounded to float32: float32 arithmetic rounds k + 0.5 once and the
+        # power-of-two division is exact, so this is the float64 computation's float32 result
+        return bits.to(torch.float32).add_(0.5).div_(float(1 << 24)).reshape(len(self), *shape)
 
     def gumbel(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
         u = self.uniform(step, *shape, stream=stream).double()
-        return (-torch.log(-torch.log(u))).float()
+        return u.log_().neg_().log_().neg_().float()  # -log(-log(u)) in float64
 
     def categorical(self, logits: torch.Tensor, step: int, *, stream: int = 0) -> torch.Tensor:
         """One draw per row from ``softmax(logits)`` ([B, V] or [B, k, V]) by

@@ -109,30 +109,30 @@ class RasterGenerator(tokenloom.Generator):
 
     # -- decoding -------------------------------------------------------------
 
-    def _step_kwargs(self, t: int, B: int, dev: torch.device) -> dict:
-        pos = torch.tensor([t - 1 if t > 0 else tokenloom.NO_POSITION], device=dev)
-        kw = {"positions": pos}
-        if self.config.rar:
-            kw["target_positions"] = torch.tensor([t], device=dev)
-        return kw
-
     def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("raster does not support known= (use 'random' or 'masked' to inpaint)")
         sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
-        B, dev = cond.shape[0], model.device
+        B, dev, L = cond.shape[0], model.device, self.L
         cond = cond.to(dev).long()
         guided = sampler.needs_uncond
         rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
-        cache = model.new_cache(rows.shape[0], self.L)
-        codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        cache = model.new_cache(rows.shape[0], L)
+        codes = torch.zeros(B, L, dtype=torch.long, device=dev)
         token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)  # the class slot
-        for t in range(self.L):
-            logits = model(token, rows, cache=cache, **self._step_kwargs(t, B, dev))[:, -1]  # (rows, V)
-            info = tokenloom.StepInfo(step=t, n_steps=self.L, positions=torch.full((B,), t, device=dev),
+        # per-step tensors made once: the input at step t sits at grid position t - 1 (the class token at none)
+        # and predicts position t (RAR's target-aware embedding); the samplers are told the position t
+        position = torch.arange(-1, L - 1, device=dev).clamp(min=tokenloom.NO_POSITION)  # (L,)
+        target = torch.arange(L, device=dev)  # (L,)
+        decoded = target[:, None].expand(L, B)  # (L, B)
+        for t in range(L):
+            kw = {"target_positions": target[t : t + 1]} if self.config.rar else {}
+            logits = model(token, rows, cache=cache, positions=position[t : t + 1], **kw)[:, -1]  # (rows, V)
+            info = tokenloom.StepInfo(step=t, n_steps=L, positions=decoded[t],
                                       uncond_logits=logits[B:] if guided else None)
-            codes[:, t] = sampler.sample(logits[:B], info, rng)
-            token = codes[:, t : t + 1].repeat(2, 1) if guided else codes[:, t : t + 1]
+            nxt = sampler.sample(logits[:B], info, rng)  # (B,)
+            codes[:, t] = nxt
+            token = (nxt.repeat(2) if guided else nxt)[:, None]
         return codes
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:
