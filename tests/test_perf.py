@@ -1,0 +1,99 @@
+"""The performance pass changed how things are computed, never what: each
+fast path here is checked against the straightforward formula it replaced."""
+
+from __future__ import annotations
+
+import pytest
+import tokenloom
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenloom.interfaces import check_logits
+from tokenloom.model import apply_rope, rotate_pairs
+from tokenloom.rng import RowRNG, _hash32, _hash32_int
+
+_M32 = 0xFFFFFFFF
+
+
+# -- counter-based RNG: the draws are the same bits as the reference formulas ---------------------------------
+
+
+def _ref_mix(h: torch.Tensor, v: int) -> torch.Tensor:
+    return _hash32(h ^ _hash32(torch.as_tensor(v, dtype=torch.int64) + 0x9E3779B9))
+
+
+def _ref_uniform(rng: RowRNG, step: int, numel: int, stream: int) -> torch.Tensor:
+    """RowRNG.uniform as first written: per-step mixes on tensors, float64 arithmetic."""
+    key = _ref_mix(_ref_mix(rng._row_key, int(step) & _M32), int(stream) & _M32)
+    ctr = torch.arange(numel, dtype=torch.int64)
+    bits = _hash32(_hash32(key[:, None] ^ ctr[None, :]) + key[:, None]) >> 8
+    return ((bits.to(torch.float64) + 0.5) / float(1 << 24)).to(torch.float32)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**40), rows=st.lists(st.integers(0, 2**34), min_size=1, max_size=5),
+       steps=st.lists(st.integers(0, 2**33), min_size=1, max_size=4), stream=st.integers(0, 20),
+       numel=st.integers(1, 300))
+def test_row_rng_draws_equal_the_reference_formulas(seed, rows, steps, stream, numel):
+    rng = RowRNG(seed, rows)
+    for step in steps + steps[::-1]:  # repeated steps come from the cached key blocks
+        ref = _ref_uniform(rng, step, numel, stream)
+        assert torch.equal(rng.uniform(step, numel, stream=stream), ref)
+        assert torch.equal(rng.gumbel(step, numel, stream=stream), (-torch.log(-torch.log(ref.double()))).float())
+
+
+@given(x=st.integers(0, 2**40))
+def test_scalar_hash_equals_the_tensor_hash(x):
+    assert _hash32_int(x) == int(_hash32(torch.tensor(x, dtype=torch.int64)))
+
+
+def test_float32_uniforms_equal_the_float64_rounding_for_every_24_bit_value():
+    k = torch.arange(1 << 24, dtype=torch.int64)
+    f64 = ((k.to(torch.float64) + 0.5) / float(1 << 24)).to(torch.float32)
+    f32 = (k.to(torch.float32) + 0.5) / float(1 << 24)
+    assert torch.equal(f32, f64)
+
+
+# -- RoPE as a complex multiply ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (1, 1, 1, 4), (4, 7, 2, 3, 16)])
+def test_rotate_pairs_equals_the_real_rotation(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    theta = torch.randn(*shape[:-1], shape[-1] // 2, generator=g)
+    cos, sin = theta.cos(), theta.sin()
+    a, b = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, atol=1e-6, rtol=0)
+    # a strided view (q and k out of a fused qkv projection) gives the same numbers as a copy
+    qkv = torch.randn(2, 5, 3, 4, 8, generator=g)
+    cis = torch.polar(torch.ones(5, 1, 1, 4), torch.randn(5, 1, 1, 4, generator=g))
+    assert torch.equal(rotate_pairs(qkv[:, :, :2], cis), rotate_pairs(qkv[:, :, :2].contiguous(), cis))
+
+
+def test_rope_keeps_bf16_inputs_in_bf16():
+    x = torch.randn(2, 3, 4, 8).bfloat16()
+    theta = torch.randn(3, 1, 4)
+    out = apply_rope(x, theta.cos(), theta.sin())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+
+
+# -- the logits check's fast path still refuses every bad row -----------------------------------------------
+
+
+@pytest.mark.parametrize("value,message", [(float("nan"), "NaN"), (float("inf"), r"\+inf")])
+def test_check_logits_refuses_nan_and_positive_infinity(value, message):
+    logits = torch.randn(3, 700)
+    logits[1, 650] = value
+    with pytest.raises(tokenloom.InputError, match=message):
+        check_logits(logits)
+
+
+def test_check_logits_refuses_dead_rows_and_accepts_filtered_ones():
+    logits = torch.randn(3, 9)
+    logits[0, 2:] = float("-inf")  # filtered, still samplable
+    check_logits(logits)
+    logits[2] = float("-inf")
+    with pytest.raises(tokenloom.InputError, match=r"rows \[2\]"):
+        check_logits(logits)
