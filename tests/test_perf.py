@@ -97,3 +97,18 @@ def test_check_logits_refuses_dead_rows_and_accepts_filtered_ones():
     logits[2] = float("-inf")
     with pytest.raises(tokenloom.InputError, match=r"rows \[2\]"):
         check_logits(logits)
+
+
+# -- LFQ code ids from the layer's per-group ids ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [{"bits": 6, "entropy_groups": 2}, {"bits": 6, "entropy_groups": 1},
+                                    {"bits": 6, "entropy_groups": 3, "spherical": True}])
+def test_lfq_codes_equal_the_sign_pattern_of_the_quantised_vectors(config):
+    tok = tokenloom.create("tokenizer", "lfq", image_shape=(3, 8, 8), downsample=2, **config)
+    for mode in (tok.eval, tok.train):
+        mode()
+        z = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(0))
+        z[0, :, 0, 0] = 0.0  # sign(0) is a 0 bit in both
+        q = tok.quantize(z)
+        assert torch.equal(q.codes, tok.vectors_to_codes(q.latent.detach().permute(0, 2, 3, 1)).reshape(3, -1))

@@ -56,15 +56,18 @@ class LFQTokenizer(AutoencoderTokenizer):
                        entropy_loss_weight=config.entropy_weight, commitment_loss_weight=config.commitment_weight,
                        diversity_gamma=config.diversity_gamma, spherical=config.spherical)
         self.register_buffer("_weights", 2 ** torch.arange(K - 1, -1, -1), persistent=False)
+        # group c's id (its K/g bits, first most significant) sits at bits (g-1-c)·K/g of the K-bit number
+        self.register_buffer("_group_weights", 2 ** (K // g * torch.arange(g - 1, -1, -1)), persistent=False)
         self.layout = tokenloom.TokenLayout(scales=(self.grid,))
         self.vocab_size = 2**config.bits
 
     def quantize(self, z: torch.Tensor) -> QuantOut:  # z: (B, K, h, w)
         B, K, h, w = z.shape
-        zq, _, aux = self.lfq(z.permute(0, 2, 3, 1).reshape(B, h * w, K))  # (B, N, K), per-group ids, ()
+        zq, ids, aux = self.lfq(z.permute(0, 2, 3, 1).reshape(B, h * w, K))  # (B, N, K), (B, N, g), ()
         latent = zq.reshape(B, h, w, K).permute(0, 3, 1, 2)
         loss = aux if self.training else z.new_zeros(())
-        codes = self.vectors_to_codes(zq.detach()).reshape(B, -1)  # the K-bit number, bit 0 most significant
+        # the K-bit number (bit 0 most significant) from the layer's per-group ids: sign(z_i) > 0 is bit i
+        codes = (ids.long() * self._group_weights).sum(-1).reshape(B, -1)
         return QuantOut(latent, codes, loss, {"aux": float(loss.detach())})
 
     def codes_to_vectors(self, idx: torch.Tensor) -> torch.Tensor:
