@@ -43,6 +43,7 @@ from .interfaces import (
     check_codes,
     check_images,
     check_logits,
+    read_stat,
 )
 from .registry import available, create, get_registry, plugin_report
 
@@ -80,6 +81,7 @@ __all__ = [
     "check_images",
     "check_codes",
     "check_logits",
+    "read_stat",
     "TokenloomError",
     "ConfigError",
     "UnknownComponentError",

@@ -43,6 +43,7 @@ image. Images are always float32 in [-1, 1].
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import attrs
@@ -359,6 +360,21 @@ def check_logits(logits: torch.Tensor, info: StepInfo | None = None, *, where: s
         raise InputError(f"{where}{step}: +inf logits")
 
 
+def read_stat(stats: Mapping[str, Any] | None, key: str, *, metric: str, upper: float | None = None) -> float | None:
+    """``stats[key]`` as a float for a metric that reports run statistics;
+    None when absent (a metric reports "not recorded", never a made-up
+    number). A present value that is not a finite non-negative number (at
+    most ``upper``) is an :class:`InputError` naming the metric and key."""
+    if stats is None or stats.get(key) is None:
+        return None
+    value = stats[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
+            or value < 0 or (upper is not None and value > upper):
+        bound = f" in [0, {upper:g}]" if upper is not None else " >= 0"
+        raise InputError(f"{metric}: ctx.stats[{key!r}] must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 # ---------------------------------------------------------------------------
 # Component bases
 # ---------------------------------------------------------------------------
@@ -641,4 +657,5 @@ __all__ = [
     "check_images",
     "check_codes",
     "check_logits",
+    "read_stat",
 ]

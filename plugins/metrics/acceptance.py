@@ -21,23 +21,11 @@ so compare it between cells with the same draft model and chain.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
 
 import tokenloom
-
-
-def _stat(stats: Any, key: str, upper: float | None) -> float | None:
-    if stats is None or stats.get(key) is None:
-        return None
-    value = stats[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
-            or value < 0 or (upper is not None and value > upper):
-        bound = f" in [0, {upper:g}]" if upper is not None else " >= 0"
-        raise tokenloom.InputError(f"acceptance: ctx.stats[{key!r}] must be a finite number{bound}, got {value!r}")
-    return float(value)
 
 
 class Acceptance(tokenloom.Metric):
@@ -52,10 +40,10 @@ class Acceptance(tokenloom.Metric):
         self._card: dict[str, Any] | None = None
 
     def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
-        out = {"acceptance_rate": _stat(ctx.stats, "acceptance_rate", 1.0),
-               "mean_accepted_length": _stat(ctx.stats, "mean_accepted_length", None),
-               "speedup_nfe": _stat(ctx.stats, "speedup_nfe", None),
-               "speedup_wallclock": _stat(ctx.stats, "speedup_wallclock", None)}
+        out = {"acceptance_rate": tokenloom.read_stat(ctx.stats, "acceptance_rate", metric="acceptance", upper=1.0),
+               "mean_accepted_length": tokenloom.read_stat(ctx.stats, "mean_accepted_length", metric="acceptance"),
+               "speedup_nfe": tokenloom.read_stat(ctx.stats, "speedup_nfe", metric="acceptance"),
+               "speedup_wallclock": tokenloom.read_stat(ctx.stats, "speedup_wallclock", metric="acceptance")}
         self._card = {"metric": "acceptance", "source": "ctx.stats (the speculative decoding loop)",
                       "speculative": any(v is not None for v in out.values()), "device": str(ctx.device)}
         return out

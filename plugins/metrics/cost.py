@@ -22,7 +22,6 @@ between cells whose cards match.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -40,19 +39,6 @@ KEYS: dict[str, str] = {
 }
 
 
-def read_stat(stats: Any, key: str, *, metric: str, upper: float | None = None) -> float | None:
-    """``stats[key]`` as a float, None when absent; a present value that is
-    not a finite non-negative number (at most ``upper``) is an InputError."""
-    if stats is None or key not in stats or stats[key] is None:
-        return None
-    value = stats[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
-            or value < 0 or (upper is not None and value > upper):
-        bound = f" in [0, {upper:g}]" if upper is not None else " >= 0"
-        raise tokenloom.InputError(f"{metric}: ctx.stats[{key!r}] must be a finite number{bound}, got {value!r}")
-    return float(value)
-
-
 class Cost(tokenloom.Metric):
     requires = frozenset({"stats"})
 
@@ -65,7 +51,7 @@ class Cost(tokenloom.Metric):
         self._card: dict[str, Any] | None = None
 
     def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
-        out = {k: read_stat(ctx.stats, k, metric="cost") for k in KEYS}
+        out = {k: tokenloom.read_stat(ctx.stats, k, metric="cost") for k in KEYS}
         self._card = {"metric": "cost", "source": "ctx.stats (core's instrumented backbone)", "keys": KEYS,
                       "device": str(ctx.device), "recorded": sorted(k for k, v in out.items() if v is not None)}
         return out
