@@ -9,8 +9,10 @@ latents (our overhead over the raw quantizer), and encode + decode images/s.
 ``z (B, D, h, w)`` (the tokenizer's own, untrained encoder on random
 images). Ours is ``tokenizer.quantize(z)`` — the layout conversion, the
 quantiser, the code ids in the layout's flat order and the
-:class:`~tokenloom.autoencoder.QuantOut`; the peer is the raw layer on its
-natural input ``(B, h·w, D)``:
+:class:`~tokenloom.autoencoder.QuantOut`; the peer is the raw layer on the
+same ``z`` through its own image path (``accept_image_fmap`` / FSQ's and
+LFQ's ``b d h w`` input), except ``rq`` whose image path fails with a shared
+codebook in 1.32: it gets ``(B, h·w, D)`` sequences, permuted beforehand:
 
 - ``vq``: ``VectorQuantize(use_cosine_sim=True)`` holding *our* codebook
   (the ids are checked equal); ours is :class:`tokenloom.quantize.VectorQuantizer`
@@ -72,13 +74,18 @@ def seq(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).reshape(B, h * w, D)
 
 
+#: Layers whose image path takes ``z (B, D, h, w)`` as it is; ``rq``'s fails with a shared codebook (see rq.py)
+FMAP = {"vq", "fsq", "lfq"}
+
+
 def peer_layer(name: str, tok):
-    """The raw layer on ``(B, N, D)`` latents."""
+    """The raw layer (its image path for :data:`FMAP`, else ``(B, N, D)`` sequences)."""
     if name == "vq":
         from vector_quantize_pytorch import VectorQuantize
 
         q = VectorQuantize(dim=tok.config.code_dim, codebook_size=tok.config.codebook_size, use_cosine_sim=True,
-                           commitment_weight=tok.config.beta, kmeans_init=False, threshold_ema_dead_code=0)
+                           commitment_weight=tok.config.beta, kmeans_init=False, threshold_ema_dead_code=0,
+                           accept_image_fmap=True)
         with torch.no_grad():
             q._codebook.embed.copy_(tok.quantizer.codebook()[None])
         return q
@@ -116,7 +123,7 @@ def main() -> None:
         with torch.no_grad():
             z = tok.encoder(images)  # (B, D, h, w)
         peer = peer_layer(name, tok).eval()
-        zs = seq(z).contiguous()
+        zs = z if name in FMAP else seq(z).contiguous()  # the peer's input: the same latents
         rec = {"tokenizer": name, "latents": list(z.shape)}
 
         # -- encode mode --------------------------------------------------
@@ -141,7 +148,7 @@ def main() -> None:
         tok.train()
         peer.train()
         zt = z.detach().clone().requires_grad_(True)
-        zst = seq(z).detach().clone().requires_grad_(True)
+        zst = zs.detach().clone().requires_grad_(True)
 
         def ours_train():
             q = tok.quantize(zt)
