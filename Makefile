@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokenloom-installed
 EXAMPLE_PLUGIN := examples/tokenloom-example-plugin
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv demo test test-all bench bench-long lint clean
 
 $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,28 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q
 
+# make bench: every figure against its peer in a few minutes each (the demo's wall time included),
+# then the generated sections of docs/benchmarks.md; make bench-long: more repeats, the ablation's
+# wall time, and the quality benchmarks of the tokenizers and the speculative family (an hour or more).
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/decode.py
+	$(PY) bench/train.py
+	$(PY) bench/quantizers.py
+	$(PY) bench/orders.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/report.py
+
+bench-long: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/decode.py --repeats 7
+	$(PY) bench/train.py --repeats 5 --steps-scale 2
+	$(PY) bench/quantizers.py --repeats 9
+	$(PY) bench/orders.py --repeats 5
+	$(PY) bench/pipeline.py --ablation
+	$(PY) bench/report.py
+	$(PY) bench/tokenizers_compare.py
+	$(PY) bench/speculative.py
 
 lint: venv
 	$(PY) -m ruff check core plugins tests
