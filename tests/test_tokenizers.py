@@ -358,7 +358,7 @@ def test_fit_tokenizer_command(tmp_path):
     cfg.write_text('seed = 0\n[data]\nname = "shapes"\nsize = 16\nn = 32\nn_holdout = 8\n'
                    '[tokenizer]\nname = "vq"\ncodebook_size = 16\nchannels = 8\nsteps = 3\n')
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["fit-tokenizer", str(cfg), "--out", str(out), "--no-progress"])
+    res = CliRunner().invoke(cli, ["fit-tokenizer", str(cfg), "--out", str(out), "--no-progress", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "held-out PSNR" in res.output
     for f in ("tokenizer.safetensors", "train_state.safetensors", "reconstruction.json", "reconstruction.md",
