@@ -20,6 +20,18 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "f.txt", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_tensors_round_trip_and_corruption_is_detected(tmp_path):
     path = tmp_path / "t.safetensors"
     tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2, 3])}
