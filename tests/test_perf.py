@@ -112,3 +112,21 @@ def test_lfq_codes_equal_the_sign_pattern_of_the_quantised_vectors(config):
         z[0, :, 0, 0] = 0.0  # sign(0) is a 0 bit in both
         q = tok.quantize(z)
         assert torch.equal(q.codes, tok.vectors_to_codes(q.latent.detach().permute(0, 2, 3, 1)).reshape(3, -1))
+
+
+# -- tokenizers run their networks in fixed chunks: no image depends on its neighbours or position -------------
+
+
+@pytest.mark.parametrize("name", ["vq", "fsq"])
+def test_chunked_encode_decode_do_not_depend_on_position_or_neighbours(name):
+    from tokenloom.testing import random_images
+
+    tok = tokenloom.create("tokenizer", name, image_shape=(3, 16, 16), downsample=4).eval()
+    x = random_images(21, (3, 16, 16), seed=3)  # a partial last chunk
+    with torch.no_grad():
+        codes = tok.encode(x)
+        pixels = tok.decode(codes)
+        for shift in (1, 5):  # every image at another position of its chunk, among other neighbours
+            assert torch.equal(torch.roll(tok.encode(torch.roll(x, shift, 0)), -shift, 0), codes)
+            assert torch.equal(torch.roll(tok.decode(torch.roll(codes, shift, 0)), -shift, 0), pixels)
+        assert torch.equal(tok.encode(x[7:8]), codes[7:8]) and torch.equal(tok.decode(codes[20:]), pixels[20:])
