@@ -28,9 +28,10 @@ codebook learns by EMA, ours by gradient), so that row is marked.
 
 **Encode + decode.** ``decode(encode(images))`` images/s for ``batch``
 images. Peer: the same networks run on the whole batch at once — our
-``encode``/``decode`` run image by image so that image i's codes do not
-depend on its batch neighbours (convolution blocking differs with the batch
-size), and this column is the price of that guarantee.
+``encode``/``decode`` run them in fixed chunks of
+``AutoencoderTokenizer.CHUNK`` images (the last padded) so that image i's
+codes do not depend on its batch neighbours (convolution blocking differs
+with the batch size), and this column is the price of that guarantee.
 
 Ratios are medians of paired alternating repeats (see ``bench/common.py``).
 Target (issue 10): quantisation step ≤ 1.2× the raw layer. Writes
@@ -214,8 +215,8 @@ def main() -> None:
             "and carries no target.\n\n"
           + f"Encode + decode of {args.batch} random {args.size}-px images (untrained networks; speed does not "
             "depend on the weights). *Batched nets*: the same encoder, quantiser and decoder on the whole batch at "
-            "once, which our `encode`/`decode` do not do on purpose (image i's codes must not depend on its batch "
-            "neighbours, bit for bit).\n\n"
+            "once; our `encode`/`decode` run them in fixed chunks of 16 images, the last one padded, on purpose "
+            "(image i's codes must not depend on its batch neighbours, bit for bit).\n\n"
           + common.md_table(["tokenizer", "tokens/image", "encode+decode (images/s)", "batched nets (images/s)",
                              "ours / batched (throughput)"], c_rows))
     common.write_result(args.name, common.result("quantizers", args, machine, summary, md, rows=records))
