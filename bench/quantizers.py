@@ -181,7 +181,7 @@ def main() -> None:
                   flush=True)
             q_rows.append([name, mode, f"{tuple(z.shape)}", f"{us_ours:.0f}", f"{us_peer:.0f}",
                            f"**{common.fx(ratio)}** ({lo:.2f}–{hi:.2f})" + (" †" if different else ""),
-                           common.fx(cpu), f"≤ {TARGET}×"])
+                           common.fx(cpu), "–" if different else f"≤ {TARGET}×"])
             if not different:
                 summary[f"quantize {name} {mode} (× raw layer)"] = common.target(ratio, TARGET, at_most=True)
 
