@@ -27,13 +27,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import datetime
-import json
+import math
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -193,7 +194,7 @@ def md_table(head: list[str], rows: list[list[Any]]) -> str:
 
 def fx(x: float | None, digits: int = 2) -> str:
     """A ratio as ``1.23×`` (``–`` for none)."""
-    return "–" if x is None or x != x else f"{x:.{digits}f}×"
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}×"
 
 
 def setup_threads(threads: int | None) -> None:

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 
-import common  # noqa: F401 - sets OMP_WAIT_POLICY before torch loads
-import torch
-
+import common
 import tokenloom
+import torch
 from tokenloom.config import ModelConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import common
 import torch
-
 from tokenloom import pipeline as P
 from tokenloom.config import build_component, parse_config
 from tokenloom.interfaces import SamplerContext
@@ -113,17 +112,17 @@ def main() -> None:
     def tokenizer_stage(tname: str, steps: int):
         if tname not in stages:
             cfg = config(args, {"name": "raster"}, tname, steps)
-            train_set, holdout = P.load_data(cfg)
+            train_set, _ = P.load_data(cfg)
             data_id = P.data_key(cfg)
             tok, tok_hash, _ = P.fit_tokenizer(cfg, train_set.images, cache, registry=reg, device=dev,
                                                progress=False, data_id=data_id)
-            stages[tname] = (train_set, holdout, data_id, tok, tok_hash)
+            stages[tname] = (train_set, data_id, tok, tok_hash)
         return stages[tname]
 
     def build(gtable: dict, tname: str):
         trained = args.train_all or (gtable["name"] in RASTER_MODEL and tname == "pixel")
         cfg = config(args, gtable, tname, args.train_steps)
-        train_set, holdout, data_id, tok, tok_hash = tokenizer_stage(tname, args.train_steps)
+        train_set, data_id, tok, tok_hash = tokenizer_stage(tname, args.train_steps)
         options = {k: v for k, v in gtable.items() if k != "name"}
         gen = build_component(reg, "generator", gtable["name"], {**options, "tokenizer": tok}, path="generator")
         n_classes = int(train_set.n_classes)

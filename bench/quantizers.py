@@ -45,9 +45,8 @@ import time
 import warnings
 
 import common
-import torch
-
 import tokenloom
+import torch
 from tokenloom.testing import random_images
 
 NAMES = ("vq", "rq", "fsq", "lfq")

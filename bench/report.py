@@ -87,7 +87,7 @@ def bench_section(r: dict) -> str:
 def splice(doc: str, name: str, body: str) -> str:
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(doc):
         return pattern.sub(lambda _m: block, doc)
     return doc.rstrip() + f"\n\n## {name} (generated)\n\n{block}\n"

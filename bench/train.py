@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 
 import common
+import tokenloom
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import tokenloom
 from tokenloom.config import ModelConfig, TrainConfig
 from tokenloom.model import build_model
 from tokenloom.train import batch_indices, configure_optimizer, lr_at, make_batch, train_step
+from torch import nn
 
 MODELS = {
     # name: (n_layer, d_model, n_head, tokenizer kwargs, batch, steps per repeat)
