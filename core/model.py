@@ -39,8 +39,8 @@ import time
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError, InputError
@@ -129,7 +129,7 @@ class KVCache:
         else:
             self.length += n
 
-    def truncate(self, length: "int | torch.Tensor") -> None:
+    def truncate(self, length: int | torch.Tensor) -> None:
         """Roll back to the first ``length`` cached tokens — one length for
         every row (an int), or each row its own (``LongTensor[B]``, which
         makes the cache ragged)."""
@@ -633,13 +633,13 @@ class InstrumentedModel:
 
 __all__ = [
     "NO_POSITION",
+    "InstrumentedModel",
     "KVCache",
     "Transformer",
-    "InstrumentedModel",
-    "build_model",
+    "apply_rope",
     "block_causal_mask",
+    "build_model",
     "layout_coordinates",
     "rope2d_table",
-    "apply_rope",
     "rotate_pairs",
 ]

@@ -95,8 +95,9 @@ def process_window(chain: SamplerChain, logits: torch.Tensor, positions: torch.T
     :class:`StepInfo` plain raster decoding would give it (``step`` = the
     position), so scheduled processors (CFG ramps, temperature schedules)
     see the same step; a chain whose processors all declare
-    ``depends_on_step() == False`` is called once for every position. Positions ``>= n_steps`` (padding past the end) are
-    processed as the last one. Returns processed logits ``[B, K, V]``."""
+    ``depends_on_step() == False`` is called once for every position.
+    Positions ``>= n_steps`` (padding past the end) are processed as the
+    last one. Returns processed logits ``[B, K, V]``."""
     B, K, V = logits.shape
     pos = positions.clamp(0, n_steps - 1)
     flat_logits = logits.reshape(B * K, V)
