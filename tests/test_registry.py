@@ -9,13 +9,12 @@ import types
 
 import attrs
 import pytest
-import torch
 
 import tokenloom
 import tokenloom.testing
 from tokenloom.registry import Registry, set_registry
 
-from conftest import REPO, make_dist
+from conftest import make_dist
 
 GOOD_PLUGIN = '''
 import attrs, torch, tokenloom

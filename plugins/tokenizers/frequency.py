@@ -130,7 +130,7 @@ class FrequencyTokenizer(tokenloom.Tokenizer):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         codes = self.check_codes(codes)
-        B, c = codes.shape[0], self.image_shape[0]
+        B = codes.shape[0]
         bins = []
         for sl, (h, w) in zip(self.layout.scale_slices(), self.layout.scales):
             digits = (codes[:, sl].view(B, 1, h, w) // self._place.view(1, -1, 1, 1)) % self.config.bins
