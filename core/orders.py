@@ -344,6 +344,30 @@ class MaskedCache:
                 torch.tensor(self.valid, dtype=torch.bool, device=device))
 
 
+
+def instruction_sequence(codes: torch.Tensor, order: torch.Tensor, instruction: int) -> TrainBatch:
+    """RandAR's teacher-forcing sequence ``[cls, p0, x0, p1, x1, ...]`` of
+    ``codes`` (``[B, L]``) visited in the orders ``order`` (``[B, L]``, a
+    permutation per row): a position-instruction token (id ``instruction``,
+    at the grid position it announces) before every image token, the loss on
+    the instruction slots, which predict the token they announce. ``cond`` is
+    left at zeros for the caller to fill. Shared by ``random`` and
+    ``random-parallel`` (which must train the very same model)."""
+    B, L = codes.shape
+    x = codes.gather(1, order)  # (B, L) tokens in decoding order
+    inputs = torch.zeros(B, 2 * L, dtype=torch.long, device=codes.device)
+    inputs[:, 1::2] = instruction
+    inputs[:, 2::2] = x[:, :-1]
+    positions = torch.full_like(inputs, NO_POSITION)
+    positions[:, 1::2] = order
+    positions[:, 2::2] = order[:, :-1]
+    targets = torch.zeros_like(inputs)
+    targets[:, 1::2] = x
+    loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
+    loss_mask[:, 1::2] = True
+    return TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask,
+                      cond=torch.zeros(B, dtype=torch.long, device=codes.device), positions=positions)
+
 __all__ = [
     "GroupOrder",
     "MaskedCache",
@@ -352,5 +376,6 @@ __all__ = [
     "flat_index",
     "grid_of",
     "guidance_rows",
+    "instruction_sequence",
     "sample_codes",
 ]

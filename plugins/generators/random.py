@@ -31,6 +31,7 @@ from __future__ import annotations
 import attrs
 import tokenloom
 import torch
+from tokenloom.orders import instruction_sequence
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order
@@ -68,20 +69,7 @@ class RandomOrderGenerator(tokenloom.Generator):
     def sequence(self, codes: torch.Tensor, order: torch.Tensor) -> tokenloom.TrainBatch:
         """The interleaved teacher-forcing sequence of ``codes`` (``[B, L]``)
         in the orders ``order`` (``[B, L]``, a permutation per row)."""
-        B, L = codes.shape
-        x = codes.gather(1, order)  # (B, L) tokens in decoding order
-        inputs = torch.zeros(B, 2 * L, dtype=torch.long, device=codes.device)
-        inputs[:, 1::2] = self.instruction
-        inputs[:, 2::2] = x[:, :-1]
-        positions = torch.full_like(inputs, tokenloom.NO_POSITION)
-        positions[:, 1::2] = order
-        positions[:, 2::2] = order[:, :-1]
-        targets = torch.zeros_like(inputs)
-        targets[:, 1::2] = x
-        loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
-        loss_mask[:, 1::2] = True
-        return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask,
-                                    cond=torch.zeros(B, dtype=torch.long, device=codes.device), positions=positions)
+        return instruction_sequence(codes, order, self.instruction)
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="random.training_batch: codes")

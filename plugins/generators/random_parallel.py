@@ -41,7 +41,7 @@ import math
 import attrs
 import tokenloom
 import torch
-from tokenloom.orders import MaskedCache, guidance_rows, sample_codes
+from tokenloom.orders import MaskedCache, guidance_rows, instruction_sequence, sample_codes
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order (as in `random`)
@@ -92,21 +92,10 @@ class RandomParallelGenerator(tokenloom.Generator):
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="random-parallel.training_batch: codes")
-        B, L, dev = codes.shape[0], self.L, codes.device
-        order = torch.rand(B, L).argsort(-1).to(dev)
-        x = codes.gather(1, order)
-        inputs = torch.zeros(B, 2 * L, dtype=torch.long, device=dev)
-        inputs[:, 1::2] = self.instruction
-        inputs[:, 2::2] = x[:, :-1]
-        positions = torch.full_like(inputs, tokenloom.NO_POSITION)
-        positions[:, 1::2] = order
-        positions[:, 2::2] = order[:, :-1]
-        targets = torch.zeros_like(inputs)
-        targets[:, 1::2] = x
-        loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
-        loss_mask[:, 1::2] = True
-        return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
-                                    positions=positions)
+        order = torch.rand(codes.shape[0], self.L).argsort(-1).to(codes.device)  # the same draws as `random`
+        batch = instruction_sequence(codes, order, self.instruction)
+        batch.cond = cond.long()
+        return batch
 
     # -- parallel decoding ------------------------------------------------------
 
