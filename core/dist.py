@@ -78,6 +78,9 @@ def shutdown() -> None:
     import torch.distributed as td
 
     if is_initialized():
+        # every rank waits for the others (rank 0 still writes reports after the
+        # last collective): tearing gloo down while a peer is connected can abort
+        td.barrier()
         td.destroy_process_group()
 
 
