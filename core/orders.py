@@ -345,6 +345,24 @@ class MaskedCache:
 
 
 
+def raster_spec(tokenizer: Any) -> ModelSpec:
+    """The spec of a plain raster (LlamaGen) model for ``tokenizer``: one
+    place, so that ``raster`` (without RAR), ``zipar``, ``sjd`` and
+    ``speculative`` share one trained model by construction."""
+    L, V = tokenizer.layout.length, tokenizer.vocab_size
+    return ModelSpec(seq_len=L, vocab_size=V, heads=(V,), train_order="raster", attention="causal",
+                     cache_ops=frozenset({"append"}), extra=(), layout=tokenizer.layout)
+
+
+def instruction_spec(tokenizer: Any) -> ModelSpec:
+    """The spec of RandAR's model (``[cls, p0, x0, p1, x1, ...]``, one extra
+    token: the position instruction, id ``vocab_size``): one place, so that
+    ``random`` and ``random-parallel`` share one trained model by construction."""
+    L, V = tokenizer.layout.length, tokenizer.vocab_size
+    return ModelSpec(seq_len=2 * L, vocab_size=V + 1, n_extra_tokens=1, heads=(V,), train_order="random",
+                     attention="causal", cache_ops=frozenset({"append"}), layout=tokenizer.layout)
+
+
 def instruction_sequence(codes: torch.Tensor, order: torch.Tensor, instruction: int) -> TrainBatch:
     """RandAR's teacher-forcing sequence ``[cls, p0, x0, p1, x1, ...]`` of
     ``codes`` (``[B, L]``) visited in the orders ``order`` (``[B, L]``, a
@@ -377,5 +395,7 @@ __all__ = [
     "grid_of",
     "guidance_rows",
     "instruction_sequence",
+    "instruction_spec",
+    "raster_spec",
     "sample_codes",
 ]

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .interfaces import AcceptanceRule, ModelSpec, StepInfo, Tokenizer, TrainBatch, check_codes
+from .interfaces import AcceptanceRule, StepInfo, TrainBatch, check_codes
 from .rng import RowRNG
+from .orders import raster_spec
 from .sampling import SamplerChain, speculative_residual
 
 NO_POSITION = -1
@@ -49,16 +50,6 @@ STREAM = 101
 # ---------------------------------------------------------------------------
 # The raster target: spec and teacher forcing shared with the `raster` order
 # ---------------------------------------------------------------------------
-
-
-def raster_spec(tokenizer: Tokenizer) -> ModelSpec:
-    """The spec of a plain raster (LlamaGen) model for ``tokenizer`` — equal
-    to the ``raster`` generator's (without RAR), so the pipeline trains one
-    model for raster, ``sjd`` and ``speculative``. Rolling back rejected
-    drafts (``KVCache.truncate``) needs nothing from the trained weights."""
-    L, V = tokenizer.layout.length, tokenizer.vocab_size
-    return ModelSpec(seq_len=L, vocab_size=V, heads=(V,), train_order="raster", attention="causal",
-                     cache_ops=frozenset({"append"}), extra=(), layout=tokenizer.layout)
 
 
 def raster_training_batch(codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str) -> TrainBatch:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import attrs
 import tokenloom
 import torch
-from tokenloom.orders import instruction_sequence
+from tokenloom.orders import instruction_sequence, instruction_spec
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order
@@ -52,16 +52,7 @@ class RandomOrderGenerator(tokenloom.Generator):
         self.instruction = self.V  # id of the position-instruction token
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return tokenloom.ModelSpec(
-            seq_len=2 * self.L,
-            vocab_size=self.V + 1,
-            n_extra_tokens=1,
-            heads=(self.V,),
-            train_order="random",
-            attention="causal",
-            cache_ops=frozenset({"append"}),
-            layout=self.tokenizer.layout,
-        )
+        return instruction_spec(self.tokenizer)
 
     def expected_nfe(self) -> int:
         return self.L

@@ -41,7 +41,7 @@ import math
 import attrs
 import tokenloom
 import torch
-from tokenloom.orders import MaskedCache, guidance_rows, instruction_sequence, sample_codes
+from tokenloom.orders import MaskedCache, guidance_rows, instruction_sequence, instruction_spec, sample_codes
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order (as in `random`)
@@ -79,16 +79,7 @@ class RandomParallelGenerator(tokenloom.Generator):
     # -- the random-order model -----------------------------------------------
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return tokenloom.ModelSpec(  # identical to random's: the model is shared
-            seq_len=2 * self.L,
-            vocab_size=self.V + 1,
-            n_extra_tokens=1,
-            heads=(self.V,),
-            train_order="random",
-            attention="causal",
-            cache_ops=frozenset({"append"}),
-            layout=self.tokenizer.layout,
-        )
+        return instruction_spec(self.tokenizer)  # identical to random's: the model is shared
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="random-parallel.training_batch: codes")

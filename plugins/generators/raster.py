@@ -28,6 +28,7 @@ from __future__ import annotations
 import attrs
 import tokenloom
 import torch
+from tokenloom.orders import raster_spec
 from tokenloom.sampling import SamplerChain
 
 
@@ -56,16 +57,9 @@ class RasterGenerator(tokenloom.Generator):
         self._progress = 1.0  # RAR: fraction of training done (1.0: raster)
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return tokenloom.ModelSpec(
-            seq_len=self.L,
-            vocab_size=self.V,
-            heads=(self.V,),
-            train_order="raster-rar" if self.config.rar else "raster",
-            attention="causal",
-            cache_ops=frozenset({"append"}),
-            extra=(("target_aware", True),) if self.config.rar else (),
-            layout=self.tokenizer.layout,
-        )
+        if not self.config.rar:
+            return raster_spec(self.tokenizer)
+        return attrs.evolve(raster_spec(self.tokenizer), train_order="raster-rar", extra=(("target_aware", True),))
 
     def expected_nfe(self) -> int:
         return self.L

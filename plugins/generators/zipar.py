@@ -40,7 +40,7 @@ from __future__ import annotations
 import attrs
 import tokenloom
 import torch
-from tokenloom.orders import MaskedCache, grid_of, guidance_rows, sample_codes
+from tokenloom.orders import MaskedCache, grid_of, guidance_rows, raster_spec, sample_codes
 from tokenloom.sampling import SamplerChain
 
 
@@ -64,16 +64,7 @@ class ZipARGenerator(tokenloom.Generator):
     # -- the raster model ---------------------------------------------------
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return tokenloom.ModelSpec(  # identical to raster's: the model is shared
-            seq_len=self.L,
-            vocab_size=self.V,
-            heads=(self.V,),
-            train_order="raster",
-            attention="causal",
-            cache_ops=frozenset({"append"}),
-            extra=(),
-            layout=self.tokenizer.layout,
-        )
+        return raster_spec(self.tokenizer)  # identical to raster's: the model is shared
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="zipar.training_batch: codes")
