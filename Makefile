@@ -20,11 +20,15 @@ venv: $(STAMP)
 demo: venv
 	$(PY) -m tokenloom demo
 
+# The tests wait passively for OpenMP threads unless told otherwise: they run on machines shared with
+# other jobs and start torchrun ranks, where spinning threads starve the ones doing the work.
+TEST_ENV = OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
+
 test: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
 
 test-all: venv
-	$(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q
 
 # make bench: every figure against its peer in a few minutes each (the demo's wall time included),
 # then the generated sections of docs/benchmarks.md; make bench-long: more repeats, the ablation's

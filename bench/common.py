@@ -20,14 +20,9 @@ summaries.
 
 from __future__ import annotations
 
-import os
-
-# OpenMP threads that spin while waiting make small kernels ~100x slower on a
-# CPU shared with other processes; tokenloom sets the same (see tokenloom/__init__.py)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import datetime
 import math
+import os
 import platform
 import statistics
 import sys
@@ -79,6 +74,8 @@ def machine_info() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "vector_quantize_pytorch": _version("vector-quantize-pytorch"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # OpenMP's wait policy decides what a small kernel costs on a CPU (see docs/benchmarks.md)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
     }
     try:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
@@ -95,6 +92,8 @@ def describe_machine(info: dict[str, Any]) -> str:
         parts.append("load average " + " / ".join(f"{x:.1f}" for x in info["load_average"]))
     if info.get("cuda"):
         parts.append(info["cuda"])
+    if info.get("omp_wait_policy"):
+        parts.append(f"OMP_WAIT_POLICY {info['omp_wait_policy']}")
     for k in ("torch", "transformers", "vector_quantize_pytorch", "tokenloom"):
         if info.get(k):
             parts.append(f"{k.replace('_', '-')} {info[k]}")

@@ -54,7 +54,7 @@ class BareDecoder(torch.nn.Module):
             "ln2": nn.LayerNorm(d), "fc": nn.Linear(d, 4 * d), "p": nn.Linear(4 * d, d)}) for _ in range(n_layer))
         self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, V, bias=False)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, B: int) -> torch.Tensor:
         F, d, H, L = torch.nn.functional, self.d, self.n_head, self.L
         K = torch.zeros(self.n_layer, B, H, L + 1, d // H)
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-bare", action="store_true", help="leave out the bare-loop peer")
+    ap.add_argument("--peer-inference-mode", action=argparse.BooleanOptionalAction, default=True,
+                    help="run GPT-2 generate under torch.inference_mode as well (default: yes, as ours runs)")
     ap.add_argument("--name", default="decode", help="result file bench/results/<name>.json")
     args = ap.parse_args()
     try:
@@ -114,13 +116,16 @@ def main() -> None:
 
     def ours(model, batch):
         cond = torch.zeros(batch, dtype=torch.long, device=dev)
-        return lambda: gen.generate(model, SamplerChain(), cond, rng=RowRNG(0, torch.arange(batch, device=dev)))
+        def run():
+            with torch.inference_mode():  # as tokenloom.pipeline.generate_codes runs it
+                gen.generate(model, SamplerChain(), cond, rng=RowRNG(0, torch.arange(batch, device=dev)))
+        return run
 
     def gpt2(batch):
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
 
         def run():
-            with torch.no_grad():
+            with torch.inference_mode() if args.peer_inference_mode else torch.no_grad():
                 out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
                                   max_new_tokens=L, min_new_tokens=L, pad_token_id=0, eos_token_id=None)
             assert out.shape == (batch, L + 1)

@@ -15,14 +15,7 @@ at import.
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
 from importlib import metadata as _metadata
-
-if "torch" not in _sys.modules:
-    # OpenMP threads that spin while waiting make small matmuls ~1000x slower
-    # when the few cores are shared with other processes; wait passively.
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import CheckpointError, ConfigError, InputError, PluginError, TokenloomError, UnknownComponentError
 from .hookspecs import hookimpl, hookspec

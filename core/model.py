@@ -230,60 +230,152 @@ def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None 
 # ---------------------------------------------------------------------------
 
 
+class CPULinear:
+    """``F.linear`` for inference on the CPU, through oneDNN with each weight
+    reordered once into its blocked layout ("prepacked", the way
+    ``torch.compile``'s CPU backend runs frozen linears).
+
+    Why: on the development machine (AMD EPYC, 2 cores) ``F.linear`` goes to
+    MKL, whose fp32 GEMM reaches about half of what oneDNN's kernels do for
+    the few-row products of a decoding step (bench/decode.py, docs/
+    benchmarks.md), and MKL's result for a row depends on how many rows
+    share the call (below 16) while oneDNN's does not — so with oneDNN an
+    image's logits are the same bits whatever its batch. A single row (one
+    image, one token) stays with ``F.linear``: MKL's matrix-vector product
+    is the faster there.
+
+    A packed weight is kept with the weight's version counter and made again
+    after any in-place change (an optimizer step, ``load_state_dict``). Used
+    only without autograd, for float32 on the CPU, and only where oneDNN
+    is built in; ``TOKENLOOM_ONEDNN=0`` turns it off (then ``F.linear``
+    everywhere). If the oneDNN call fails, it says so once and falls back.
+    """
+
+    def __init__(self) -> None:
+        # id(w) -> (w, its version counter, its storage address, the packed weight)
+        self._packed: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
+        self.enabled = _onednn_wanted()
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.enabled or x.dtype != torch.float32 or x.numel() <= x.shape[-1]:
+            return F.linear(x, w, b)
+        hit = self._packed.get(id(w))
+        if hit is None or hit[0] is not w or hit[1] != w._version or hit[2] != w.data_ptr():
+            hit = self._pack(w)
+            if hit is None:
+                return F.linear(x, w, b)
+        return torch.ops.mkldnn._linear_pointwise(x, hit[3], b, "none", [], "")
+
+    def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
+        try:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
+        except Exception as exc:  # noqa: BLE001 - a torch without these ops: plain F.linear from now on
+            import warnings
+
+            warnings.warn(f"tokenloom: oneDNN linear unavailable ({exc!s:.100}); using F.linear", stacklevel=3)
+            self.enabled = False
+            return None
+        if len(self._packed) > 4096:
+            self._packed.clear()
+        hit = self._packed[id(w)] = (w, w._version, w.data_ptr(), packed)
+        return hit
+
+
+def _onednn_wanted() -> bool:
+    import os
+
+    if os.environ.get("TOKENLOOM_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return bool(torch.backends.mkldnn.is_available())
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor, error: str) -> torch.Tensor:
+    """``table[index]`` (rows of an embedding table) with an out-of-range
+    index reported as ``InputError(error)``. On the CPU the lookup itself
+    detects it (no extra pass over the index on every decoding step); on an
+    accelerator, where a bad index is a device-side assert, it is checked
+    first."""
+    if index.device.type != "cpu" and index.numel():
+        lo, hi = torch.aminmax(index)
+        if lo < 0 or hi >= table.shape[0]:
+            raise InputError(error)
+    try:
+        return F.embedding(index, table)
+    except IndexError:
+        raise InputError(error) from None
+
+
+def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rope: torch.Tensor | None, mask: Any,
+                  cache: KVCache | None, layer: int, dropout: float = 0.0, linear: Any = F.linear) -> torch.Tensor:
+    """One pre-norm GPT-2 block on ``x`` (``[B, T, C]``) as plain functions of
+    its weights ``p`` (:meth:`Block.params`), so that a decoding step costs
+    the kernels and not the ``nn.Module`` calls around them: ``x + attn(ln_1
+    x)``, then ``x + mlp(ln_2 x)``. ``rope``: the rotations ``cos θ + i·sin θ``
+    (complex) shaped ``[B or 1, T, 1, 1, hd/2]`` to broadcast over ``(q, k)``
+    and heads; ``mask``: what SDPA gets (``"causal"``: its fused causal path);
+    ``dropout``: attention and residual dropout (training only); ``linear``:
+    ``F.linear`` or a drop-in for it (:class:`CPULinear` when decoding on the
+    CPU)."""
+    ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = p
+    B, T, C = x.shape
+    qkv = linear(F.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
+    if rope is not None:  # q and k rotated in one complex multiply
+        q, k = rotate_pairs(qkv[:, :, :2], rope).unbind(2)  # (B, T, H, hd) each
+    else:
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, hd)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, H, S, hd)
+    causal = isinstance(mask, str)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                       dropout_p=dropout)  # (B, H, T, hd)
+    y = linear(y.transpose(1, 2).reshape(B, T, C), o_w, o_b)
+    x = x + (F.dropout(y, dropout) if dropout else y)
+    y = linear(F.gelu(linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh"), out_w, out_b)
+    return x + (F.dropout(y, dropout) if dropout else y)
+
+
 class SelfAttention(nn.Module):
+    """The attention weights of a block (:func:`block_forward` computes)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Any,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        """``rope``: the rotations ``cos θ + i·sin θ`` (complex), shaped
-        ``[B or 1, T, 1, 1, hd/2]`` to broadcast over ``(q, k)`` and heads."""
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, hd)
-        if rope is not None:  # q and k rotated in one complex multiply
-            q, k = rotate_pairs(qkv[:, :, :2], rope).unbind(2)  # (B, T, H, hd) each
-        else:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, hd)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, S, hd)
-        is_causal = isinstance(mask, str)  # "causal": the fused path
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if isinstance(mask, str) else mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
+    """The MLP weights of a block: ``proj(gelu(fc(x)))``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-
 
 class Block(nn.Module):
+    """A pre-norm GPT-2 block; the parameter names are nanoGPT's
+    (``ln_1``, ``attn.qkv``, ``attn.proj``, ``ln_2``, ``mlp.fc``, ``mlp.proj``)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
         self.ln_1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The weights in :func:`block_forward`'s order."""
+        a, m = self.attn, self.mlp
+        return (self.ln_1.weight, self.ln_1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
+                self.ln_2.weight, self.ln_2.bias, m.fc.weight, m.fc.bias, m.proj.weight, m.proj.bias)
 
     def forward(self, x, rope, mask, cache, layer):
-        x = x + self._drop(self.attn(self.ln_1(x), rope, mask, cache, layer))
-        return x + self._drop(self.mlp(self.ln_2(x)))
-
-    def _drop(self, y: torch.Tensor) -> torch.Tensor:
-        return self.drop(y) if self.training and self.drop.p > 0 else y  # no call when it is the identity
+        return block_forward(x, self.params(), self.n_head, rope, mask, cache, layer,
+                             self.dropout if self.training else 0.0)
 
 
 class Transformer(nn.Module):
@@ -313,9 +405,8 @@ class Transformer(nn.Module):
         if config.pos == "learned":
             self.pos_emb = nn.Embedding(self.n_pos + 1, d)
         else:
-            cos, sin = rope2d_table(coords, d // config.n_head)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            cos, sin = rope2d_table(coords, d // config.n_head)  # rotations cos θ + i·sin θ per position
+            self.register_buffer("rope_cis", torch.complex(cos, sin), persistent=False)
         # multi-scale / residual-depth layouts: which scale and depth a position is
         self.register_buffer("pos_scale", torch.cat([coords[:, 2].long(), torch.zeros(1, dtype=torch.long)]),
                              persistent=False)
@@ -327,6 +418,8 @@ class Transformer(nn.Module):
 
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self._inference_params: list[tuple[torch.Tensor, ...]] | None = None  # see _layer_params
+        self._cpu_linear = CPULinear()
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in spec.heads)
         # RQ-Transformer's depth transformer: spec option "depth_head" = its number of layers
@@ -377,7 +470,23 @@ class Transformer(nn.Module):
         T = seq_len or self.spec.seq_len
         return 6 * self.n_params() + 12 * self.config.n_layer * self.config.d_model * T
 
+    def train(self, mode: bool = True) -> "Transformer":
+        self._inference_params = None
+        return super().train(mode)
+
+    def _layer_params(self) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's weights (:meth:`Block.params`). In eval mode the list
+        is kept between calls (a decoding step then gathers nothing); it is
+        rebuilt by :meth:`new_cache` and :meth:`train` / ``eval``, so a block
+        replaced on the module is picked up by the next generation."""
+        if self.training:
+            return [b.params() for b in self.blocks]
+        if self._inference_params is None:
+            self._inference_params = [b.params() for b in self.blocks]
+        return self._inference_params
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        self._inference_params = None
         p = next(self.parameters())
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_len or self.spec.seq_len,
                        self.head_dim, dtype=p.dtype, device=p.device)
@@ -386,6 +495,10 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.spec.input_kind == "tokens" else None
 
     # -- forward -------------------------------------------------------------
+
+    def _class_embedding(self, cond: torch.Tensor) -> torch.Tensor:
+        return _lookup(self.cls_emb.weight, cond.long(), f"cond: class ids must lie in [0, {self.n_classes}] "
+                       f"({self.n_classes}: the null class)")
 
     def _mask(self, T: int, start: int, attn_mask: torch.Tensor | None, device: torch.device) -> Any:
         """What SDPA gets: None, ``"causal"`` (the fused path) or a boolean
@@ -454,11 +567,7 @@ class Transformer(nn.Module):
                 ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
             elif start == 0:  # the class slot's value is ignored
                 ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
-            if ids.numel():
-                lo, hi = torch.aminmax(ids)
-                if lo < 0 or hi >= self.spec.vocab_size:
-                    raise InputError(f"inputs: ids must lie in [0, {self.spec.vocab_size})")
-            x = self.tok_emb(ids)  # (B, T, C)
+            x = _lookup(self.tok_emb.weight, ids, f"inputs: ids must lie in [0, {self.spec.vocab_size})")
             if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
                 x = x.sum(2)
         else:
@@ -467,22 +576,21 @@ class Transformer(nn.Module):
             if is_cls.any():
                 if cond is None:
                     cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
-                x = torch.where(is_cls[..., None], self.cls_emb(cond.long())[:, None].to(x.dtype), x)
+                x = torch.where(is_cls[..., None], self._class_embedding(cond)[:, None].to(x.dtype), x)
         elif start == 0:  # sequence index 0: the class token
             if cond is None:
                 cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
-            x = torch.cat([self.cls_emb(cond.long())[:, None], x[:, 1:]], 1)
+            x = torch.cat([self._class_embedding(cond)[:, None], x[:, 1:]], 1)
 
         if positions is None:
             positions = slot - 1 if ragged else torch.arange(start - 1, start - 1 + T, device=dev)
         pos = torch.where(positions < 0, self.n_pos, positions).long()  # no position -> n_pos
-        if pos.numel() and pos.max() > self.n_pos:
-            raise InputError(f"positions: must lie in [-1, {self.n_pos}), got {positions.max().item()}")
+        bad_pos = f"positions: must lie in [-1, {self.n_pos})"
         if self.config.pos == "learned":
-            x = x + self.pos_emb(pos)
+            x = x + _lookup(self.pos_emb.weight, pos, bad_pos)
             rope = None
         else:  # ([B,] T, hd/2) -> ([B,] T, 1, 1, hd/2): broadcast over (q, k) and heads
-            rope = torch.complex(self.rope_cos[pos], self.rope_sin[pos])[..., None, None, :]
+            rope = _lookup(self.rope_cis, pos, bad_pos)[..., None, None, :]
         if self.scale_emb is not None or self.depth_emb is not None:
             has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
         if self.scale_emb is not None:
@@ -501,8 +609,11 @@ class Transformer(nn.Module):
         mask = self._mask(T, start, attn_mask, dev)
         if self.training and self.drop.p > 0:
             x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
+        dropout = self.config.dropout if self.training else 0.0
+        n_head = self.config.n_head
+        linear = self._cpu_linear if x.device.type == "cpu" and not torch.is_grad_enabled() else F.linear
+        for i, params in enumerate(self._layer_params()):
+            x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x[:, -1:] if last_only else x)
@@ -514,7 +625,7 @@ class Transformer(nn.Module):
                 depth_inputs = nxt[:, -1:] if last_only else nxt
             out = self.depth_logits(x, depth_inputs[..., : len(self.heads) - 1])
             return out[0] if len(out) == 1 else out
-        logits = tuple(head(x) for head in self.heads)
+        logits = tuple(linear(x, head.weight) for head in self.heads)
         return logits[0] if len(logits) == 1 else logits
 
     def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -633,6 +744,7 @@ class InstrumentedModel:
 
 __all__ = [
     "NO_POSITION",
+    "CPULinear",
     "InstrumentedModel",
     "KVCache",
     "Transformer",

@@ -345,7 +345,7 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping on any tensor of the decoding loop
             codes = generator.generate(model, chain, labels[idx].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
         if dev.type == "cuda":
             torch.cuda.synchronize()

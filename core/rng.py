@@ -55,6 +55,10 @@ def _hash32_(x: torch.Tensor) -> torch.Tensor:
 #: asks for consecutive steps; the keys are the same bits either way).
 _KEY_BLOCK = 64
 
+#: Most numbers :class:`RowRNG` derives ahead in one pass for consecutive
+#: steps (per kind, stream and draw size): 2^20 float32 = 4 MiB.
+_AHEAD_ELEMENTS = 1 << 20
+
 
 class RowRNG:
     """Random numbers for a batch of images, row *r* seeded by
@@ -77,6 +81,9 @@ class RowRNG:
         self._row_key = _mix(base, index & _M32)  # [B]
         self._keys: dict[tuple[int, int], torch.Tensor] = {}  # (stream, block) -> [B, _KEY_BLOCK] step keys
         self._ctr: dict[int, torch.Tensor] = {}  # numel -> arange(numel)
+        # draws derived ahead: (kind, stream, numel) -> (first step, [B, n, numel]); and the last step asked
+        self._ahead: dict[tuple[str, int, int], tuple[int, torch.Tensor]] = {}
+        self._last: dict[tuple[str, int, int], int] = {}
 
     def __len__(self) -> int:
         return self.index.numel()
@@ -104,28 +111,65 @@ class RowRNG:
             self._keys[(stream, block)] = keys
         return keys[:, offset]
 
-    def _bits(self, step: int, numel: int, stream: int) -> torch.Tensor:
-        key = self._key(step, stream)[:, None]  # (B, 1)
+    def _bits(self, steps: range, numel: int, stream: int) -> torch.Tensor:
+        """``[B, len(steps), numel]`` random int64 in [0, 2^32): counter
+        ``c`` of (image, step, stream) is ``h(h(key ^ c) + key)``."""
+        if len(steps) == 1:
+            key = self._key(steps[0], stream)[:, None, None]  # (B, 1, 1)
+        else:
+            key = torch.stack([self._key(s, stream) for s in steps], 1)[:, :, None]  # (B, n, 1)
         ctr = self._ctr.get(numel)
         if ctr is None:
             ctr = self._ctr[numel] = torch.arange(numel, dtype=torch.int64, device=self.device)
-        return _hash32_(_hash32_(key ^ ctr[None, :]).add_(key))  # [B, numel]
+        return _hash32_(_hash32_(key ^ ctr).add_(key))
 
-    def uniform(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+    def _derive(self, kind: str, steps: range, numel: int, stream: int) -> torch.Tensor:
+        """``[B, len(steps), numel]`` draws of ``kind`` ("uniform" or "gumbel")."""
+        # (k + 0.5) / 2^24 rounded to float32: float32 arithmetic rounds k + 0.5 once and the
+        # power-of-two division is exact, so this is the float64 computation's float32 result
+        u = (self._bits(steps, numel, stream) >> 8).to(torch.float32).add_(0.5).div_(float(1 << 24))  # 24 bits
+        if kind == "uniform":
+            return u
+        return u.double().log_().neg_().log_().neg_().float()  # -log(-log(u)) in float64
+
+    def _draw(self, kind: str, step: int, numel: int, stream: int) -> tuple[torch.Tensor, bool]:
+        """``([B, numel], shared)``: the draws of one step. When a caller asks
+        for consecutive steps of the same kind, stream and size (a decoding
+        loop), the draws of up to ``_KEY_BLOCK`` steps ahead are derived in
+        one pass (at most ``_AHEAD_ELEMENTS`` numbers) and served as views —
+        ``shared`` says so; the bits are the same either way."""
+        step, what = int(step), (kind, int(stream) & _M32, numel)
+        last, self._last[what] = self._last.get(what), step
+        hit = self._ahead.get(what)
+        if hit is not None and 0 <= step - hit[0] < hit[1].shape[1]:
+            return hit[1][:, step - hit[0]], True
+        n = min(_KEY_BLOCK, _AHEAD_ELEMENTS // max(1, len(self) * numel))
+        if last != step - 1 or n < 2:
+            return self._derive(kind, range(step, step + 1), numel, stream)[:, 0], False
+        if len(self._ahead) > 32:  # many kinds of draws: forget the old ones
+            self._ahead.clear()
+        block = self._derive(kind, range(step, step + n), numel, stream)
+        self._ahead[what] = (step, block)
+        return block[:, 0], True
+
+    def _numbers(self, kind: str, step: int, shape: tuple[int, ...], stream: int) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= int(s)
-        bits = self._bits(step, numel, stream) >> 8  # 24 random bits
-        # (k + 0.5) / 2^24 rounded to float32: float32 arithmetic rounds k + 0.5 once and the
-        # power-of-two division is exact, so this is the float64 computation's float32 result
-        return bits.to(torch.float32).add_(0.5).div_(float(1 << 24)).reshape(len(self), *shape)
+        out, shared = self._draw(kind, step, numel, stream)
+        return (out.clone() if shared else out).reshape(len(self), *shape)  # the caller's own tensor
+
+    def uniform(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+        return self._numbers("uniform", step, shape, stream)
 
     def gumbel(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
-        u = self.uniform(step, *shape, stream=stream).double()
-        return u.log_().neg_().log_().neg_().float()  # -log(-log(u)) in float64
+        return self._numbers("gumbel", step, shape, stream)
 
     def categorical(self, logits: torch.Tensor, step: int, *, stream: int = 0) -> torch.Tensor:
         """One draw per row from ``softmax(logits)`` ([B, V] or [B, k, V]) by
         the Gumbel-max trick; ``-inf`` entries are never drawn."""
-        g = self.gumbel(step, *logits.shape[1:], stream=stream).to(logits.device)
+        numel = 1
+        for s in logits.shape[1:]:
+            numel *= s
+        g = self._draw("gumbel", step, numel, stream)[0].view(logits.shape).to(logits.device)
         return torch.argmax(logits.float() + g, dim=-1)
