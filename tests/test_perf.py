@@ -130,3 +130,84 @@ def test_chunked_encode_decode_do_not_depend_on_position_or_neighbours(name):
             assert torch.equal(torch.roll(tok.encode(torch.roll(x, shift, 0)), -shift, 0), codes)
             assert torch.equal(torch.roll(tok.decode(torch.roll(codes, shift, 0)), -shift, 0), pixels)
         assert torch.equal(tok.encode(x[7:8]), codes[7:8]) and torch.equal(tok.decode(codes[20:]), pixels[20:])
+
+
+# -- oneDNN prepacked linears for inference on the CPU -----------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 40), d_in=st.sampled_from([8, 32, 96]), d_out=st.sampled_from([4, 64, 130]),
+       bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]))
+def test_cpu_linear_equals_f_linear(rows, d_in, d_out, bias, lead):
+    from tokenloom.model import CPULinear
+
+    g = torch.Generator().manual_seed(rows * d_in + d_out)
+    w, b = torch.randn(d_out, d_in, generator=g), (torch.randn(d_out, generator=g) if bias else None)
+    x = torch.randn(*lead, rows, d_in, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(CPULinear()(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_cpu_linear_rows_do_not_depend_on_their_batch():
+    """The reason beyond speed: a row's output is the same bits whatever
+    rows share the call (MKL's is not, below 16 rows)."""
+    from tokenloom.model import CPULinear
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(48, 64, generator=g)
+    lin = CPULinear()
+    with torch.no_grad():
+        together = lin(x, w, b)
+        for m in (2, 3, 5, 16):
+            assert torch.equal(torch.cat([lin(x[i : i + m], w, b) for i in range(0, 48, m)]), together)
+
+
+@needs_onednn
+def test_cpu_linear_repacks_after_the_weight_changes():
+    from tokenloom.model import CPULinear
+
+    lin, w, x = CPULinear(), torch.nn.Parameter(torch.randn(8, 4)), torch.randn(5, 4)
+    with torch.no_grad():
+        before = lin(x, w)
+    w.grad = torch.ones_like(w)
+    torch.optim.SGD([w], lr=1.0).step()  # in place: the version counter moves
+    with torch.no_grad():
+        assert torch.allclose(lin(x, w), torch.nn.functional.linear(x, w), atol=1e-5)
+        assert not torch.allclose(lin(x, w), before)
+        w.data = torch.zeros(8, 4)  # new storage, same version counter
+        assert torch.equal(lin(x, w), torch.zeros(5, 8))
+
+
+def test_cpu_linear_can_be_turned_off(monkeypatch):
+    from tokenloom.model import CPULinear
+
+    monkeypatch.setenv("TOKENLOOM_ONEDNN", "0")
+    lin = CPULinear()
+    assert not lin.enabled
+    x, w = torch.randn(5, 4), torch.randn(8, 4)
+    assert torch.equal(lin(x, w), torch.nn.functional.linear(x, w))
+
+
+@needs_onednn
+def test_generation_does_not_depend_on_the_batch_it_shares():
+    """With oneDNN's batch-invariant linears an image's codes are the same
+    bits in any batch of at least two rows."""
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import InstrumentedModel, build_model
+    from tokenloom.sampling import SamplerChain
+
+    tok = tokenloom.create("tokenizer", "pixel", bits=2, image_shape=(3, 6, 6))
+    gen = tokenloom.create("generator", "raster", tokenizer=tok)
+    model = InstrumentedModel(build_model(gen.model_spec(), ModelConfig(n_layer=2, d_model=32, n_head=2),
+                                          n_classes=3).eval())
+    cond = torch.arange(12) % 3
+    with torch.inference_mode():
+        together = gen.generate(model, SamplerChain(), cond, rng=RowRNG(4, torch.arange(12)))
+        for size in (2, 5):
+            parts = [gen.generate(model, SamplerChain(), cond[i : i + size], rng=RowRNG(4, torch.arange(i, min(12, i + size))))
+                     for i in range(0, 12, size)]
+            assert torch.equal(torch.cat(parts), together)
