@@ -3,7 +3,7 @@
 vocabulary, batch and length.
 
     .venv/bin/pip install -e '.[bench]'      # transformers: benchmark only
-    .venv/bin/python bench/decode.py [--layers 4 --width 256 --heads 4 --grid 16 --bits 3 --repeats 3]
+    .venv/bin/python bench/decode.py [--shapes demo wide | --layers 8 --width 512 --heads 8] [--repeats 3]
 
 Ours is the product path: the ``raster`` generator decoding a ``pixel``
 tokenizer's grid (V = 2^(3·bits), L = grid²) through the instrumented
@@ -14,9 +14,10 @@ sampler chain, counter-based RNG). GPT-2 is ``GPT2LMHeadModel.generate`` with
 randomly initialised (speed does not depend on the weights) and run in the
 same process on the same device, *alternately* (see ``bench/common.py``);
 the figure is the median over repeats of the paired ratio GPT-2 seconds /
-our seconds (> 1: we are faster). Rows: batch 1 and 32, with learned
-positions (GPT-2's own) and with 2-D RoPE (our default). Targets (issue 10):
-≥ 3× at batch 1, ≥ 2× at batch 32.
+our seconds (> 1: we are faster). Rows: two model shapes — the demo's
+backbone (4 layers × 128) and a wider one (4 × 256) — at batch 1 and 32, with
+learned positions (GPT-2's own) and with 2-D RoPE (our default). Targets
+(issue 10): ≥ 3× at batch 1, ≥ 2× at batch 32.
 
 Writes ``bench/results/decode.json``. A benchmark, not a test: numbers
 depend on the machine and its load; ``--repeats 7`` for steadier medians.
@@ -76,11 +77,17 @@ class BareDecoder(torch.nn.Module):
         return out
 
 
+#: Model shapes measured by default: the demo's backbone (``tokenloom demo``: 4 layers × 128) and a wider
+#: one (4 × 256), both decoding L = 256 tokens from a V = 512 vocabulary.
+SHAPES = {"demo": (4, 128, 4), "wide": (4, 256, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"named shapes {SHAPES} (layers, width, heads)")
+    ap.add_argument("--layers", type=int, help="a custom shape instead: layers (with --width, --heads)")
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--heads", type=int)
     ap.add_argument("--grid", type=int, default=16, help="L = grid²")
     ap.add_argument("--bits", type=int, default=3, help="V = 2^(3·bits)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -102,26 +109,32 @@ def main() -> None:
     common.setup_threads(args.threads)
     dev = torch.device(args.device)
     machine = common.machine_info()
+    if args.layers or args.width or args.heads:
+        if not (args.layers and args.width and args.heads):
+            raise SystemExit("bench/decode.py: a custom shape needs --layers, --width and --heads")
+        shapes = {f"{args.layers}×{args.width}": (args.layers, args.width, args.heads)}
+    else:
+        unknown = [n for n in args.shapes if n not in SHAPES]
+        if unknown:
+            raise SystemExit(f"bench/decode.py: unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
+        shapes = {n: SHAPES[n] for n in args.shapes}
 
     tok = tokenloom.create("tokenizer", "pixel", bits=args.bits, image_shape=(3, args.grid, args.grid))
     gen = tokenloom.create("generator", "raster", tokenizer=tok)
     V, L = tok.vocab_size, tok.layout.length
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=L + 1, n_embd=args.width, n_layer=args.layers,
-                                    n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                    bos_token_id=0, eos_token_id=None)).to(dev).eval()
-    shape = f"{args.layers} layers, width {args.width}, {args.heads} heads, V = {V}, L = {L}"
-    print(f"decode benchmark: {shape}, device {dev}\n  {common.describe_machine(machine)}")
-    print(f"{'positions':<10} {'batch':>5} {'ours tok/s':>11} {'gpt2 tok/s':>11} {'wall ratio':>10} "
+    print(f"decode benchmark: V = {V}, L = {L}, device {dev}\n  {common.describe_machine(machine)}")
+    print(f"{'shape':<14} {'positions':<10} {'batch':>5} {'ours tok/s':>11} {'gpt2 tok/s':>11} {'wall ratio':>10} "
           f"{'(min–max)':>13} {'cpu ratio':>9}")
 
     def ours(model, batch):
         cond = torch.zeros(batch, dtype=torch.long, device=dev)
+
         def run():
             with torch.inference_mode():  # as tokenloom.pipeline.generate_codes runs it
                 gen.generate(model, SamplerChain(), cond, rng=RowRNG(0, torch.arange(batch, device=dev)))
         return run
 
-    def gpt2(batch):
+    def gpt2(hf, batch):
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
 
         def run():
@@ -131,44 +144,54 @@ def main() -> None:
             assert out.shape == (batch, L + 1)
         return run
 
-    rows, summary, records = [], {}, []
-    n_hf = sum(p.numel() for n, p in hf.named_parameters() if "wte" not in n and "wpe" not in n)
-    bare = BareDecoder(args.layers, args.width, args.heads, V, L).eval()
-    for pos in args.positions:
-        cfg = ModelConfig(n_layer=args.layers, d_model=args.width, n_head=args.heads, pos=pos)
-        model = InstrumentedModel(build_model(gen.model_spec(), cfg, n_classes=1).to(dev).eval())
-        n_ours = model.model.n_params(non_embedding=True)
-        for batch in args.batches:
-            fns = {"ours": ours(model, batch), "gpt2": gpt2(batch)}
-            if pos == "learned" and not args.no_bare and dev.type == "cpu":
-                fns["bare"] = lambda batch=batch: bare.generate(batch)
-            t = common.interleaved(fns, args.repeats)
-            wall = common.paired_ratio(t["gpt2"]["wall"], t["ours"]["wall"])
-            lo, hi = common.spread(t["gpt2"]["wall"], t["ours"]["wall"])
-            cpu = common.paired_ratio(t["gpt2"]["cpu"], t["ours"]["cpu"])
-            a = batch * L / common.median(t["ours"]["wall"])
-            b = batch * L / common.median(t["gpt2"]["wall"])
-            bare_ratio = common.paired_ratio(t["gpt2"]["wall"], t["bare"]["wall"]) if "bare" in t else None
-            print(f"{pos:<10} {batch:>5} {a:>11.0f} {b:>11.0f} {wall:>9.2f}× {f'({lo:.2f}–{hi:.2f})':>13} "
-                  f"{cpu:>8.2f}×" + (f"   bare loop {bare_ratio:.2f}× GPT-2" if bare_ratio else ""), flush=True)
-            records.append({"positions": pos, "batch": batch, "ours_tokens_per_s": a, "gpt2_tokens_per_s": b,
-                            "ratio_wall": wall, "ratio_wall_min": lo, "ratio_wall_max": hi, "ratio_cpu": cpu,
-                            "bare_ratio_wall": bare_ratio, "times": t})
-            rows.append([pos + (" (GPT-2's)" if pos == "learned" else " (our default)"), batch, f"{a:.0f}",
-                         f"{b:.0f}", f"**{common.fx(wall)}** ({lo:.2f}–{hi:.2f})", common.fx(cpu),
-                         common.fx(bare_ratio), f"≥ {TARGETS[batch]:g}×" if batch in TARGETS else "–"])
-            if batch in TARGETS:
-                summary[f"decode {pos} batch {batch} (× GPT-2 generate)"] = common.target(wall, TARGETS[batch])
-    print(f"(non-embedding parameters: ours {n_ours:,}, GPT-2 {n_hf:,}; GPT-2 ties its output head to wte)")
+    rows, summary, records, params = [], {}, [], []
+    for shape_name, (n_layer, width, heads) in shapes.items():
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=L + 1, n_embd=width, n_layer=n_layer,
+                                        n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                        bos_token_id=0, eos_token_id=None)).to(dev).eval()
+        n_hf = sum(p.numel() for n, p in hf.named_parameters() if "wte" not in n and "wpe" not in n)
+        bare = BareDecoder(n_layer, width, heads, V, L).eval()
+        label = f"{shape_name} ({n_layer}×{width})"
+        for pos in args.positions:
+            cfg = ModelConfig(n_layer=n_layer, d_model=width, n_head=heads, pos=pos)
+            model = InstrumentedModel(build_model(gen.model_spec(), cfg, n_classes=1).to(dev).eval())
+            n_ours = model.model.n_params(non_embedding=True)
+            for batch in args.batches:
+                fns = {"ours": ours(model, batch), "gpt2": gpt2(hf, batch)}
+                if pos == "learned" and not args.no_bare and dev.type == "cpu":
+                    fns["bare"] = lambda batch=batch, bare=bare: bare.generate(batch)
+                t = common.interleaved(fns, args.repeats)
+                wall = common.paired_ratio(t["gpt2"]["wall"], t["ours"]["wall"])
+                lo, hi = common.spread(t["gpt2"]["wall"], t["ours"]["wall"])
+                cpu = common.paired_ratio(t["gpt2"]["cpu"], t["ours"]["cpu"])
+                a = batch * L / common.median(t["ours"]["wall"])
+                b = batch * L / common.median(t["gpt2"]["wall"])
+                bare_ratio = common.paired_ratio(t["gpt2"]["wall"], t["bare"]["wall"]) if "bare" in t else None
+                print(f"{label:<14} {pos:<10} {batch:>5} {a:>11.0f} {b:>11.0f} {wall:>9.2f}× "
+                      f"{f'({lo:.2f}–{hi:.2f})':>13} {cpu:>8.2f}×"
+                      + (f"   bare loop {bare_ratio:.2f}× GPT-2" if bare_ratio else ""), flush=True)
+                records.append({"shape": shape_name, "n_layer": n_layer, "width": width, "heads": heads,
+                                "positions": pos, "batch": batch, "ours_tokens_per_s": a, "gpt2_tokens_per_s": b,
+                                "ratio_wall": wall, "ratio_wall_min": lo, "ratio_wall_max": hi, "ratio_cpu": cpu,
+                                "bare_ratio_wall": bare_ratio, "times": t})
+                rows.append([label, pos + (" (GPT-2's)" if pos == "learned" else " (our default)"), batch,
+                             f"{a:.0f}", f"{b:.0f}", f"**{common.fx(wall)}** ({lo:.2f}–{hi:.2f})", common.fx(cpu),
+                             common.fx(bare_ratio), f"≥ {TARGETS[batch]:g}×" if batch in TARGETS else "–"])
+                if batch in TARGETS:
+                    summary[f"decode {shape_name} {pos} batch {batch} (× GPT-2 generate)"] = common.target(
+                        wall, TARGETS[batch])
+        params.append(f"{label}: ours {n_ours:,}, GPT-2 {n_hf:,}")
+    print("(non-embedding parameters: " + "; ".join(params) + "; GPT-2 ties its output head to wte)")
 
-    md = (f"{shape}; tokens/s are medians over {args.repeats} alternating repeats; ratio = median of the "
+    md = (f"V = {V}, L = {L}; tokens/s are medians over {args.repeats} alternating repeats; ratio = median of the "
           "paired ratios GPT-2 seconds / our seconds (min–max over the repeats); CPU ratio: the same with this "
           "process's CPU seconds; *bare loop*: a plain eager KV-cache loop of the same shape (learned positions, "
-          "`torch.multinomial`, no checks — `BareDecoder` in the script), the floor of eager PyTorch here.\n\n"
-          + common.md_table(["positions", "batch", "ours (tok/s)", "GPT-2 generate (tok/s)", "ours / GPT-2 (wall)",
-                             "ours / GPT-2 (CPU)", "bare loop / GPT-2 (wall)", "target"], rows)
-          + f"\n\nNon-embedding parameters: ours {n_ours:,}, GPT-2 {n_hf:,} (GPT-2 ties its output head to the "
-          f"input embedding; ours has a separate {args.width}×{V} head).")
+          "`torch.multinomial`, no checks — `BareDecoder` in the script), the floor of eager PyTorch here. "
+          f"GPT-2 `generate` runs under `torch.{'inference_mode' if args.peer_inference_mode else 'no_grad'}`.\n\n"
+          + common.md_table(["model", "positions", "batch", "ours (tok/s)", "GPT-2 generate (tok/s)",
+                             "ours / GPT-2 (wall)", "ours / GPT-2 (CPU)", "bare loop / GPT-2 (wall)", "target"], rows)
+          + "\n\nNon-embedding parameters: " + "; ".join(params) + " (GPT-2 ties its output head to the input "
+          "embedding; ours has a separate width × V head).")
     common.write_result(args.name, common.result("decode", args, machine, summary, md, rows=records))
 
 

@@ -80,6 +80,7 @@ class KVCache:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer (B, H, max_len, hd) views
         self.max_len = max_len
         self.length = 0
         self.lengths: torch.Tensor | None = None  # LongTensor[B] once ragged
@@ -110,7 +111,7 @@ class KVCache:
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        kl, vl = self.k[layer], self.v[layer]  # (B, H, max_len, hd) views, written in place
+        kl, vl = self._layers[layer]  # (B, H, max_len, hd) views, written in place
         if self.lengths is not None:  # ragged: row b writes at [lengths[b], lengths[b] + T)
             B = k.shape[0]
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
@@ -156,6 +157,7 @@ class KVCache:
         order) — e.g. to drop images that finished decoding."""
         rows = rows.to(self.k.device)
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         if self.lengths is not None:
             self.lengths = self.lengths[rows]
             self.length = int(self.lengths.max()) if self.lengths.numel() else 0
@@ -212,10 +214,13 @@ def rotate_pairs(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     complex numbers ``cos θ + i·sin θ``, broadcast against ``[..., hd/2]``):
     ``(a cos θ − b sin θ, a sin θ + b cos θ)`` in one complex multiply
     (the form of Meta's LLaMA code), computed in float32."""
-    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
-    if x2.stride(-1) != 1 or x2.storage_offset() % 2 or any(st % 2 for st in x2.stride()[:-1]):
-        x2 = x2.contiguous()  # view_as_complex needs pairs that are adjacent and aligned
-    return torch.view_as_real(torch.view_as_complex(x2) * cis).flatten(-2).type_as(x)
+    x2 = (x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2))
+    try:
+        xc = torch.view_as_complex(x2)
+    except RuntimeError:  # view_as_complex needs pairs that are adjacent and aligned
+        xc = torch.view_as_complex(x2.contiguous())
+    out = torch.view_as_real(xc * cis).flatten(-2)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
@@ -319,12 +324,15 @@ def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rop
     CPU)."""
     ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = p
     B, T, C = x.shape
-    qkv = linear(F.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
-    if rope is not None:  # q and k rotated in one complex multiply
-        q, k = rotate_pairs(qkv[:, :, :2], rope).unbind(2)  # (B, T, H, hd) each
+    # torch.layer_norm: F.layer_norm's checks cost more than the kernel on a one-token decoding step
+    qkv = linear(torch.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
+    if rope is not None and (qkv.requires_grad or qkv.dtype != torch.float32):  # q and k: one complex multiply
+        (q, k), v = rotate_pairs(qkv[:, :, :2], rope).unbind(2), qkv[:, :, 2]  # (B, T, H, hd) each
     else:
-        q, k = qkv[:, :, 0], qkv[:, :, 1]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, hd)
+        if rope is not None:  # the same multiply, in place on the projection's own output (no autograd here)
+            torch.view_as_complex(qkv.unflatten(-1, (-1, 2)))[:, :, :2].mul_(rope)
+        q, k, v = qkv.unbind(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (B, H, S, hd)
     causal = isinstance(mask, str)
@@ -332,7 +340,7 @@ def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rop
                                        dropout_p=dropout)  # (B, H, T, hd)
     y = linear(y.transpose(1, 2).reshape(B, T, C), o_w, o_b)
     x = x + (F.dropout(y, dropout) if dropout else y)
-    y = linear(F.gelu(linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh"), out_w, out_b)
+    y = linear(F.gelu(linear(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh"), out_w, out_b)
     return x + (F.dropout(y, dropout) if dropout else y)
 
 
@@ -420,6 +428,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self._inference_params: list[tuple[torch.Tensor, ...]] | None = None  # see _layer_params
         self._cpu_linear = CPULinear()
+        self._errors = {  # the messages of bad inputs, made once (they are looked for on every step)
+            "ids": f"inputs: ids must lie in [0, {spec.vocab_size})",
+            "positions": f"positions: must lie in [-1, {self.n_pos})",
+            "cond": f"cond: class ids must lie in [0, {n_classes}] ({n_classes}: the null class)",
+        }
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in spec.heads)
         # RQ-Transformer's depth transformer: spec option "depth_head" = its number of layers
@@ -497,8 +510,7 @@ class Transformer(nn.Module):
     # -- forward -------------------------------------------------------------
 
     def _class_embedding(self, cond: torch.Tensor) -> torch.Tensor:
-        return _lookup(self.cls_emb.weight, cond.long(), f"cond: class ids must lie in [0, {self.n_classes}] "
-                       f"({self.n_classes}: the null class)")
+        return _lookup(self.cls_emb.weight, cond.long(), self._errors["cond"])
 
     def _mask(self, T: int, start: int, attn_mask: torch.Tensor | None, device: torch.device) -> Any:
         """What SDPA gets: None, ``"causal"`` (the fused path) or a boolean
@@ -567,7 +579,7 @@ class Transformer(nn.Module):
                 ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
             elif start == 0:  # the class slot's value is ignored
                 ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
-            x = _lookup(self.tok_emb.weight, ids, f"inputs: ids must lie in [0, {self.spec.vocab_size})")
+            x = _lookup(self.tok_emb.weight, ids, self._errors["ids"])
             if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
                 x = x.sum(2)
         else:
@@ -585,12 +597,11 @@ class Transformer(nn.Module):
         if positions is None:
             positions = slot - 1 if ragged else torch.arange(start - 1, start - 1 + T, device=dev)
         pos = torch.where(positions < 0, self.n_pos, positions).long()  # no position -> n_pos
-        bad_pos = f"positions: must lie in [-1, {self.n_pos})"
         if self.config.pos == "learned":
-            x = x + _lookup(self.pos_emb.weight, pos, bad_pos)
+            x = x + _lookup(self.pos_emb.weight, pos, self._errors["positions"])
             rope = None
         else:  # ([B,] T, hd/2) -> ([B,] T, 1, 1, hd/2): broadcast over (q, k) and heads
-            rope = _lookup(self.rope_cis, pos, bad_pos)[..., None, None, :]
+            rope = _lookup(self.rope_cis, pos, self._errors["positions"])[..., None, None, :]
         if self.scale_emb is not None or self.depth_emb is not None:
             has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
         if self.scale_emb is not None:
@@ -616,7 +627,8 @@ class Transformer(nn.Module):
             x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
         if cache is not None:
             cache.advance(T)
-        x = self.ln_f(x[:, -1:] if last_only else x)
+        x = torch.layer_norm(x[:, -1:] if last_only else x, self.ln_f.normalized_shape, self.ln_f.weight,
+                             self.ln_f.bias, self.ln_f.eps)
         if return_hidden:
             return x
         if self.depth_layers:
@@ -716,7 +728,10 @@ class InstrumentedModel:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                out = self.model(inputs, cond, **kwargs)
+        else:  # already under no_grad / inference_mode (the pipeline's decoding loop)
             out = self.model(inputs, cond, **kwargs)
         if cuda:
             torch.cuda.synchronize()

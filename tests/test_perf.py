@@ -211,3 +211,22 @@ def test_generation_does_not_depend_on_the_batch_it_shares():
             parts = [gen.generate(model, SamplerChain(), cond[i : i + size], rng=RowRNG(4, torch.arange(i, min(12, i + size))))
                      for i in range(0, 12, size)]
             assert torch.equal(torch.cat(parts), together)
+
+
+@pytest.mark.parametrize("pos", ["rope2d", "learned"])
+def test_inference_forward_equals_the_autograd_forward(pos):
+    """Without autograd the backbone rotates q/k in place and runs its
+    linears through oneDNN; the logits are those of the training path."""
+    from tokenloom.config import ModelConfig
+    from tokenloom.interfaces import ModelSpec, TokenLayout
+    from tokenloom.model import build_model
+
+    spec = ModelSpec(vocab_size=10, seq_len=16, heads=(10,), train_order="t", layout=TokenLayout(scales=((4, 4),)))
+    m = build_model(spec, ModelConfig(n_layer=2, d_model=32, n_head=2, pos=pos), n_classes=3).eval()
+    x, cond = torch.randint(0, 10, (5, 16), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0])
+    with torch.enable_grad():
+        ref = m(x, cond)
+    assert ref.requires_grad
+    with torch.inference_mode():
+        fast = m(x, cond)
+    torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-5)
