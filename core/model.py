@@ -260,6 +260,7 @@ class CPULinear:
         # id(w) -> (w, its version counter, its storage address, the packed weight)
         self._packed: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
         self.enabled = _onednn_wanted()
+        self._op = torch.ops.mkldnn._linear_pointwise if self.enabled else None  # looked up once: ~1 µs a time
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled or x.dtype != torch.float32 or x.numel() <= x.shape[-1]:
@@ -269,7 +270,7 @@ class CPULinear:
             hit = self._pack(w)
             if hit is None:
                 return F.linear(x, w, b)
-        return torch.ops.mkldnn._linear_pointwise(x, hit[3], b, "none", [], "")
+        return self._op(x, hit[3], b, "none", [], "")
 
     def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
         try:
@@ -292,7 +293,10 @@ def _onednn_wanted() -> bool:
 
     if os.environ.get("TOKENLOOM_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return bool(torch.backends.mkldnn.is_available())
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn  # private operators (what torch.compile's CPU backend calls): check they exist
+    return hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
 def _lookup(table: torch.Tensor, index: torch.Tensor, error: str) -> torch.Tensor:
@@ -622,7 +626,9 @@ class Transformer(nn.Module):
             x = self.drop(x)
         dropout = self.config.dropout if self.training else 0.0
         n_head = self.config.n_head
-        linear = self._cpu_linear if x.device.type == "cpu" and not torch.is_grad_enabled() else F.linear
+        # one row (batch 1, one token): MKL's matrix-vector product, called without CPULinear's checks
+        cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and B * T > 1
+        linear = self._cpu_linear if cpu_inference else F.linear
         for i, params in enumerate(self._layer_params()):
             x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
         if cache is not None:
