@@ -262,6 +262,12 @@ class CPULinear:
         self.enabled = _onednn_wanted()
         self._op = torch.ops.mkldnn._linear_pointwise if self.enabled else None  # looked up once: ~1 µs a time
 
+    def __getstate__(self) -> dict:  # a model that is pickled (torch.save(model)) packs again where it is loaded
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled or x.dtype != torch.float32 or x.numel() <= x.shape[-1]:
             return F.linear(x, w, b)

@@ -230,3 +230,19 @@ def test_inference_forward_equals_the_autograd_forward(pos):
     with torch.inference_mode():
         fast = m(x, cond)
     torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_packed_weights_can_be_saved_whole(tmp_path):
+    from tokenloom.config import ModelConfig
+    from tokenloom.interfaces import ModelSpec
+    from tokenloom.model import build_model
+
+    spec = ModelSpec(vocab_size=10, seq_len=8, heads=(10,), train_order="t")
+    m = build_model(spec, ModelConfig(n_layer=1, d_model=16, n_head=2), n_classes=2).eval()
+    x = torch.randint(0, 10, (3, 8))
+    with torch.inference_mode():
+        want = m(x)  # packs the weights
+    torch.save(m, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(again(x), want)
