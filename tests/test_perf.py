@@ -147,8 +147,11 @@ def test_cpu_linear_equals_f_linear(rows, d_in, d_out, bias, lead):
     g = torch.Generator().manual_seed(rows * d_in + d_out)
     w, b = torch.randn(d_out, d_in, generator=g), (torch.randn(d_out, generator=g) if bias else None)
     x = torch.randn(*lead, rows, d_in, generator=g)
+    strided = torch.randn(*lead, d_in, rows, generator=g).transpose(-1, -2)  # not contiguous
     with torch.no_grad():
-        torch.testing.assert_close(CPULinear()(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        for inp in (x, strided):
+            torch.testing.assert_close(CPULinear()(inp, w, b), torch.nn.functional.linear(inp, w, b), atol=1e-5,
+                                       rtol=1e-5)
 
 
 @needs_onednn
