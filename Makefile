@@ -53,8 +53,9 @@ bench-long: venv
 	$(PY) bench/tokenizers_compare.py
 	$(PY) bench/speculative.py
 
+# the same check as tests/test_lint.py: the whole repository (bench/ and examples/ included)
 lint: venv
-	$(PY) -m ruff check core plugins tests
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 
 import common
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.config import ModelConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import common
 import torch
+
 from tokenloom import pipeline as P
 from tokenloom.config import build_component, parse_config
 from tokenloom.interfaces import SamplerContext

@@ -75,6 +75,7 @@ def latency(args, n_images: int) -> dict[str, float]:
     raster and by the cell, alternately; returns total raster time / total
     cell time per label (raster against itself: the measurement noise)."""
     import attrs
+
     from tokenloom import pipeline as P
     from tokenloom.config import build_component
     from tokenloom.interfaces import SamplerContext

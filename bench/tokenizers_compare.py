@@ -90,7 +90,7 @@ def main() -> None:
     rows: list[dict] = done.get("rows", [])
     recs_path = ROOT / "runs" / "bench-tokenizers-recons.pt"  # cache of reconstructions for the grids (git-ignored)
     recs: dict = torch.load(recs_path) if recs_path.exists() and not args.fresh else {}
-    key = lambda r: (r["data"], r["label"], json.dumps(r["options"], sort_keys=True))  # noqa: E731
+    key = lambda r: (r["data"], r["label"], json.dumps(r["options"], sort_keys=True))
     have = {key(r): r for r in rows}
 
     for data, cfg in DATA.items():
@@ -142,8 +142,8 @@ def table(rows: list[dict]) -> str:
             continue
         peer = next((r for r in rs if r["label"] == "vq"), None)
         out += [f"\n**{data}** (32 px, {rs[0]['n_images']} held-out images)\n",
-                "| tokenizer | tokens/image | vocabulary | PSNR (dB) | MSE | utilisation | perplexity | "
-                "fit wall (s) | fit CPU (s) | CPU ÷ vq | PSNR − vq |",
+                ("| tokenizer | tokens/image | vocabulary | PSNR (dB) | MSE | utilisation | perplexity | "
+                 "fit wall (s) | fit CPU (s) | CPU ÷ vq | PSNR − vq |"),
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             ratio = (f"{r['fit_cpu_seconds'] / peer['fit_cpu_seconds']:.2f}"

@@ -34,13 +34,14 @@ from __future__ import annotations
 import argparse
 
 import common
-import tokenloom
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import tokenloom
 from tokenloom.config import ModelConfig, TrainConfig
 from tokenloom.model import build_model
 from tokenloom.train import batch_indices, configure_optimizer, lr_at, make_batch, train_step
-from torch import nn
 
 MODELS = {
     # name: (n_layer, d_model, n_head, tokenizer kwargs, batch, steps per repeat)
@@ -139,7 +140,8 @@ def main() -> None:
             fpt[f"ours-{pos}"] = model.flops_per_token(T)
             state = {"step": 0}
 
-            def ours(model=model, opt=opt, state=state):
+            def ours(model=model, opt=opt, state=state, steps=steps, codes=codes, labels=labels, B=B,
+                     gen=gen, cfg=cfg):
                 for _ in range(steps):
                     s = state["step"]
                     idx = batch_indices(codes.shape[0], B, seed=0, step=s)
@@ -154,7 +156,8 @@ def main() -> None:
         bare_opt = configure_optimizer(bare, cfg)  # nanoGPT's groups: decay on matrices only
         fpt["bare"] = bare.flops_per_token(T)
 
-        def bare_steps():
+        # Bound explicitly: the runners of this model are timed before the loop moves on.
+        def bare_steps(bare=bare, bare_opt=bare_opt, steps=steps, codes=codes, B=B, cfg=cfg):
             for s in range(steps):
                 idx = batch_indices(codes.shape[0], B, seed=1, step=s)
                 x = codes[idx]
@@ -170,7 +173,7 @@ def main() -> None:
 
         n_mm = max(4, round(steps * B * T * fpt["bare"] / (2 * n**3) / 4))  # ~1/4 of a bare repeat's FLOPs
 
-        def matmul():
+        def matmul(n_mm=n_mm):
             for _ in range(n_mm):
                 torch.mm(a, b)
         runners["matmul"] = matmul

@@ -21,7 +21,8 @@ from ``config.seed``, never from the global random state.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch

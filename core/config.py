@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +236,7 @@ class DataConfig:
     size: int = attrs.field(default=32, validator=_positive)
     n: int = attrs.field(default=4000, validator=_positive)
     n_holdout: int = attrs.field(default=500, validator=_non_negative)
-    path: typing.Optional[str] = None
+    path: str | None = None
     channels: int = attrs.field(default=3, validator=_positive)
 
 
@@ -278,7 +277,7 @@ class RunConfig:
     seed: int = 0
     data: DataConfig = DataConfig()
     tokenizer: ComponentConfig = ComponentConfig("pixel")
-    generator: typing.Optional[ComponentConfig] = None
+    generator: ComponentConfig | None = None
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     sampler: tuple[ComponentConfig, ...] = ()

@@ -17,6 +17,7 @@ saturated ±1 pixels of ``shapes`` stay reachable); tokenizers clamp it to
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -59,7 +60,7 @@ class Encoder(nn.Module):
         super().__init__()
         widths = _widths(downsample, channels)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1)]
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [ResBlock(a), nn.Conv2d(a, b, 4, stride=2, padding=1)]
         layers += [ResBlock(widths[-1]), nn.GroupNorm(_groups(widths[-1]), widths[-1]), nn.SiLU(),
                    nn.Conv2d(widths[-1], out_channels, 1)]
@@ -76,7 +77,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = _widths(downsample, channels)[::-1]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1), ResBlock(widths[0])]
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), ResBlock(b)]
         layers += [nn.GroupNorm(_groups(widths[-1]), widths[-1]), nn.SiLU(),
                    nn.Conv2d(widths[-1], out_channels, 3, padding=1)]

@@ -260,8 +260,8 @@ def _split_indices(total: int, config: Any, split: str, seed: int, where: str) -
     """A seeded permutation: the first ``n_holdout`` are held out, the next
     ``n`` train. Indices come back sorted."""
     if config.n_holdout >= total:
-        raise ConfigError([f"data.n_holdout: {where} has {total} images, so n_holdout = {config.n_holdout} "
-                           "leaves none to train on"])
+        raise ConfigError([(f"data.n_holdout: {where} has {total} images, so n_holdout = {config.n_holdout} "
+                            "leaves none to train on")])
     perm = np.random.default_rng(seed).permutation(total)
     if split == "holdout":
         idx = perm[: config.n_holdout]
@@ -451,12 +451,12 @@ def load_dataset(config: Any, *, split: str = "train", seed: int = 0) -> ImageSe
 __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
-    "ImageSet",
     "SHAPES_BACKGROUND",
     "SHAPES_COLOURS",
     "SHAPES_RULES",
     "SHAPE_CLASSES",
     "SHAPE_FILL_RATIO",
+    "ImageSet",
     "load_dataset",
     "parse_shapes",
     "render_shapes",

@@ -747,8 +747,8 @@ def run_fidelity(
     for m in which:
         layer = opts.options.get(f"feature_layer_{m}") or ext.default_layer(m)
         if layer not in ext.dims:
-            raise ConfigError([f"metrics.{metric}.options.feature_layer_{m}: extractor '{ext.name}' has no layer "
-                               f"{layer!r} (layers: {', '.join(ext.dims)})"])
+            raise ConfigError([(f"metrics.{metric}.options.feature_layer_{m}: extractor '{ext.name}' has no layer "
+                                f"{layer!r} (layers: {', '.join(ext.dims)})")])
         layers[m] = layer
     card["feature_layers"] = layers
 

@@ -31,7 +31,7 @@ methods, not at module level, so that ``tokenloom plugins`` starts fast.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -44,7 +44,8 @@ image. Images are always float32 in [-1, 1].
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -155,7 +156,7 @@ class ModelSpec:
     attention: str = "causal"
     cache_ops: frozenset[str] = frozenset({"append"})
     extra: tuple[tuple[str, Any], ...] = ()
-    layout: "TokenLayout | None" = None
+    layout: TokenLayout | None = None
 
     def key(self) -> dict[str, Any]:
         """A JSON-able description used in cache keys."""
@@ -640,23 +641,23 @@ BASES: dict[str, type] = {
 
 
 __all__ = [
-    "KINDS",
     "BASES",
-    "TokenLayout",
-    "ModelSpec",
-    "TrainBatch",
-    "StepInfo",
-    "SamplerContext",
-    "Known",
-    "MetricContext",
-    "Tokenizer",
-    "MultiScaleInputs",
-    "Generator",
-    "Sampler",
+    "KINDS",
     "AcceptanceRule",
+    "Generator",
+    "Known",
     "Metric",
-    "check_images",
+    "MetricContext",
+    "ModelSpec",
+    "MultiScaleInputs",
+    "Sampler",
+    "SamplerContext",
+    "StepInfo",
+    "TokenLayout",
+    "Tokenizer",
+    "TrainBatch",
     "check_codes",
+    "check_images",
     "check_logits",
     "read_stat",
 ]

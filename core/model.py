@@ -493,7 +493,7 @@ class Transformer(nn.Module):
         T = seq_len or self.spec.seq_len
         return 6 * self.n_params() + 12 * self.config.n_layer * self.config.d_model * T
 
-    def train(self, mode: bool = True) -> "Transformer":
+    def train(self, mode: bool = True) -> Transformer:
         self._inference_params = None
         return super().train(mode)
 

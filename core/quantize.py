@@ -94,7 +94,7 @@ class VectorQuantizer(nn.Module):
             norm = self.embedding.weight.norm(dim=-1).mean()
             new = F.normalize(new, dim=-1) * norm
         self.embedding.weight[dead] = new.to(self.embedding.weight)
-        return int(len(dead))
+        return len(dead)
 
 
 __all__ = ["VectorQuantizer"]

@@ -18,8 +18,9 @@ import difflib
 import os
 import re
 import threading
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 import pluggy
@@ -130,7 +131,7 @@ class Registry:
         *,
         disabled: Iterable[str] | None = None,
         strict: bool | None = None,
-    ) -> "Registry":
+    ) -> Registry:
         """Walk the entry points of ``group`` one by one (defaults from the
         environment variables described in the module docstring)."""
         if disabled is None:
@@ -154,7 +155,7 @@ class Registry:
     @classmethod
     def from_plugins(
         cls, plugins: Iterable[tuple[str, Any]], *, dist: str = "local", version: str = "0", strict: bool = False
-    ) -> "Registry":
+    ) -> Registry:
         """Build a registry from ``(name, module_or_object)`` pairs — what the
         test suite uses so that it does not depend on whatever happens to be
         installed."""
@@ -174,7 +175,7 @@ class Registry:
         for src in sources:
             try:
                 obj = src.load()
-            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything, even SystemExit
+            except BaseException as exc:  # a plugin may raise anything, even SystemExit
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 self._fail(src, "import", f"{type(exc).__name__}: {exc}")
@@ -238,7 +239,7 @@ class Registry:
     @staticmethod
     def _check_kind(kind: str) -> str:
         if kind not in KINDS:
-            singular = kind[:-1] if kind.endswith("s") else kind
+            singular = kind.removesuffix("s")
             if singular in KINDS:
                 return singular
             raise UnknownComponentError(f"unknown component kind {kind!r} (kinds: {', '.join(KINDS)})")

@@ -88,7 +88,7 @@ class RowRNG:
     def __len__(self) -> int:
         return self.index.numel()
 
-    def subset(self, rows: torch.Tensor | slice) -> "RowRNG":
+    def subset(self, rows: torch.Tensor | slice) -> RowRNG:
         """The generator for a subset of rows (same per-image streams)."""
         return RowRNG(self.seed, self.index[rows], self.device)
 

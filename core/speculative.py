@@ -35,8 +35,8 @@ import torch
 
 from .errors import InputError
 from .interfaces import AcceptanceRule, StepInfo, TrainBatch, check_codes
-from .rng import RowRNG
 from .orders import raster_spec
+from .rng import RowRNG
 from .sampling import SamplerChain, speculative_residual
 
 NO_POSITION = -1
@@ -330,20 +330,20 @@ def check_not_known(name: str, known: Any) -> None:
 
 
 __all__ = [
-    "raster_spec",
-    "raster_training_batch",
-    "raster_log_likelihood",
-    "process_window",
-    "to_probs",
-    "Noise",
     "STREAM",
+    "ExactRule",
+    "Noise",
+    "SpeculativeStats",
+    "acceptance_rule",
+    "autoregressive_decode",
+    "check_not_known",
     "draw",
     "draw_from_probs",
-    "ExactRule",
-    "acceptance_rule",
-    "verify",
-    "SpeculativeStats",
-    "autoregressive_decode",
+    "process_window",
+    "raster_log_likelihood",
+    "raster_spec",
+    "raster_training_batch",
     "time_baseline",
-    "check_not_known",
+    "to_probs",
+    "verify",
 ]

@@ -26,8 +26,9 @@ Keyword arguments besides the component's config:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import torch
@@ -55,7 +56,7 @@ def _expect_error(what: str, fn: Callable[[], Any]) -> None:
         fn()
     except TokenloomError:
         return
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise AssertionError(
             f"{what}: raised {type(exc).__name__}: {exc} — expected a clear tokenloom.InputError"
         ) from exc
@@ -333,7 +334,7 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
         return ("pixel", {"bits": 1, "pool": 2, "per_channel": depth3, "image_shape": (3, 2 * gh, 2 * gw)})
 
     def chain(kind: int) -> SamplerChain:
-        build = lambda n, **kw: build_component(registry, "sampler", n, kw, path="sampler")  # noqa: E731
+        build = lambda n, **kw: build_component(registry, "sampler", n, kw, path="sampler")
         return SamplerChain([[], [build("top-k", k=3)], [build("cfg", scale=2.0), build("temperature", t=0.9)]][kind])
 
     @_settings(max_examples)
@@ -512,9 +513,10 @@ def check_metric(name: str, *, registry: Any = None, context: Any = None, image_
             bad = getattr(ctx, field).clone()
             bad[0, 0, 0, 0] = float("nan")
             _expect_error(f"{name}.compute(NaN in ctx.{field})",
-                          lambda: metric.compute(attrs.evolve(ctx, **{field: bad})))
+                          lambda field=field, bad=bad: metric.compute(attrs.evolve(ctx, **{field: bad})))
             _expect_error(f"{name}.compute(ctx.{field} in [0, 255])",
-                          lambda: metric.compute(attrs.evolve(ctx, **{field: (getattr(ctx, field) + 1) * 127.5})))
+                          lambda field=field: metric.compute(
+                              attrs.evolve(ctx, **{field: (getattr(ctx, field) + 1) * 127.5})))
 
 
 CHECKS["metric"] = check_metric

@@ -41,12 +41,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     """The reconstruction report as a Markdown document."""
     ho, tr = report["holdout"], report.get("train") or {}
     lines = [
-        f"# Tokenizer `{report['tokenizer']['name']}` on `{report['data']['name']}` "
-        f"({report['data']['size']} px)",
+        (f"# Tokenizer `{report['tokenizer']['name']}` on `{report['data']['name']}` "
+         f"({report['data']['size']} px)"),
         "",
         f"- options: `{report['tokenizer']['options']}`",
-        f"- tokens per image: {ho['tokens_per_image']} ({ho['n_scales']} scale(s), depth {ho['depth']}), "
-        f"vocabulary: {ho['vocab_size']}",
+        (f"- tokens per image: {ho['tokens_per_image']} ({ho['n_scales']} scale(s), depth {ho['depth']}), "
+         f"vocabulary: {ho['vocab_size']}"),
         f"- fit: {report['fit'].get('steps', 0):.0f} steps in {report['fit_seconds']:.1f} s "
         f"on {report['train_images']} training images"
         + (f" (resumed at step {report['fit']['resumed_from']:.0f})" if report["fit"].get("resumed_from") else ""),
@@ -58,9 +58,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         if m:
             lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mse'])} | {m['psnr']:.2f} | "
                          f"{m['utilisation']:.3f} | {m['perplexity']:.1f} |")
-    lines += ["", "PSNR for images in [-1, 1] (peak-to-peak 2) from the mean squared error over all pixels; "
-              "utilisation is the fraction of the vocabulary used at least once on the split, perplexity "
-              "exp(entropy) of its code histogram.", "", "![originals above reconstructions](reconstruction.png)", ""]
+    lines += ["", ("PSNR for images in [-1, 1] (peak-to-peak 2) from the mean squared error over all pixels; "
+                   "utilisation is the fraction of the vocabulary used at least once on the split, perplexity "
+                   "exp(entropy) of its code histogram."),
+              "", "![originals above reconstructions](reconstruction.png)", ""]
     return "\n".join(lines)
 
 

@@ -49,11 +49,11 @@ def run_key(tokenizer: torch.nn.Module, images: torch.Tensor, **options: Any) ->
     config, the image tensor and the loop options."""
     h = hashlib.sha256()
     cfg = tokenizer.config
-    try:
-        import attrs
+    import attrs
 
+    try:
         cfg = attrs.asdict(cfg)
-    except Exception:  # noqa: BLE001 - non-attrs configs are hashed by repr
+    except attrs.exceptions.NotAnAttrsClassError:  # non-attrs configs are hashed by repr (default=str)
         pass
     h.update(json.dumps({"cls": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
                          "config": cfg, "image_shape": list(tokenizer.image_shape), **options},
@@ -223,7 +223,7 @@ def comparison_grid(rows: list[torch.Tensor], *, scale: int = 2, pad: int = 2) -
     from PIL import Image
 
     n = max(r.shape[0] for r in rows)
-    c, h, w = rows[0].shape[1:]
+    _c, h, w = rows[0].shape[1:]
     H, W = h * scale, w * scale
     canvas = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), 128, dtype=np.uint8)
     for ri, r in enumerate(rows):

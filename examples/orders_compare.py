@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.config import build_component, parse_config
 from tokenloom.model import build_model
 from tokenloom.pipeline import run
@@ -178,6 +179,7 @@ def timing_pass(rows: list[dict], registry, rounds: int) -> None:
 
 def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
     from PIL import Image
+
     from tokenloom.checkpoint import atomic_write, write_json, write_text
 
     pics = docs / "orders"

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from tokenloom.ablation import plan_grid, run_ablation
 from tokenloom.checkpoint import load_tensors
 from tokenloom.reports import TIMING_KEYS, best_rows, direction, mean_std, pareto_front

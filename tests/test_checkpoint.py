@@ -6,16 +6,21 @@ import pytest
 import torch
 
 import tokenloom
-from tokenloom.checkpoint import atomic_write, load_component, load_tensors, save_tensors, save_tokenizer
+from tokenloom.checkpoint import (
+    atomic_write,
+    load_component,
+    load_tensors,
+    save_tensors,
+    save_tokenizer,
+)
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target, "w") as fh:
-            fh.write("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_write(target, "w") as fh:
+        fh.write("half")
+        raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 

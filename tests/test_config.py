@@ -70,19 +70,22 @@ def test_three_problems_reported_together(tmp_path):
 
 def test_cli_check_prints_problems_without_traceback(tmp_path):
     bad = write(tmp_path, '[tokenizer]\nname = "pixel"\nbits = 2.5\n[trian]\nsteps = 3\n')
-    out = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(bad)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(bad)],
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert "tokenizer.bits: expected int, got 2.5" in out.stderr
     assert "trian: unknown key (did you mean 'train'?" in out.stderr
     assert "Traceback" not in out.stderr
     good = write(tmp_path, GOOD)
-    ok = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(good)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(good)],
+                        capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and "ok" in ok.stdout, ok.stderr
 
 
 def test_composition_errors_are_caught_by_check(tmp_path):
     path = write(tmp_path, '[data]\nsize = 10\n[tokenizer]\nname = "pixel"\npool = 4\n')
-    out = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tokenloom", "check", str(path)],
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "pool = 4 does not divide the image size 10×10" in out.stderr
 
 

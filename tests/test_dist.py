@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+
 from tokenloom.ablation import run_ablation
 from tokenloom.checkpoint import load_tensors
 from tokenloom.interfaces import TrainBatch

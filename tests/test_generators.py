@@ -8,11 +8,12 @@ import itertools
 import math
 
 import pytest
-import tokenloom
-import tokenloom.testing
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import tokenloom
+import tokenloom.testing
 from tokenloom.config import ModelConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG

@@ -10,6 +10,7 @@ the default extractor.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -125,7 +126,7 @@ def test_fid_grows_monotonically_with_gaussian_noise(tiny_weights, cache):
     values = [metric.compute(MetricContext(real=real, generated=(real + s * eps).clamp(-1, 1)))["fid"]
               for s in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)]
     assert values[0] < 1e-6
-    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert all(a < b for a, b in itertools.pairwise(values)), values
 
 
 def test_fid_eval_card_records_the_protocol(tiny_weights, cache):

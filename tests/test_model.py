@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import tokenloom
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import tokenloom
 from tokenloom.config import ModelConfig
 from tokenloom.model import (
     InstrumentedModel,

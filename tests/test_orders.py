@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import tokenloom
-import tokenloom.testing
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import tokenloom
+import tokenloom.testing
 from tokenloom.config import ModelConfig, build_component
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.rng import RowRNG

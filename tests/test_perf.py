@@ -4,10 +4,11 @@ fast path here is checked against the straightforward formula it replaced."""
 from __future__ import annotations
 
 import pytest
-import tokenloom
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import tokenloom
 from tokenloom.interfaces import check_logits
 from tokenloom.model import apply_rope, rotate_pairs
 from tokenloom.rng import RowRNG, _hash32, _hash32_int

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import tokenloom
 import torch
 from click.testing import CliRunner
 from PIL import Image
+
+import tokenloom
 from tokenloom.checkpoint import load_tensors
 from tokenloom.cli import cli
 from tokenloom.config import load_config

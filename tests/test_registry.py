@@ -9,12 +9,11 @@ import types
 
 import attrs
 import pytest
+from conftest import make_dist
 
 import tokenloom
 import tokenloom.testing
 from tokenloom.registry import Registry, set_registry
-
-from conftest import make_dist
 
 GOOD_PLUGIN = '''
 import attrs, torch, tokenloom
@@ -107,7 +106,7 @@ def test_cli_lists_plugins_and_failures(tmp_path, cli_env):
     make_dist(site, "tokenloom-broken", "0.0.1", "tokenloom_broken", BROKEN_PLUGIN)
     cli_env["PYTHONPATH"] = str(site)
     cmd = [sys.executable, "-m", "tokenloom", "plugins"]
-    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=cli_env)
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=False, env=cli_env)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     tok = {e["name"]: e for e in report["components"]["tokenizer"]}
@@ -115,14 +114,15 @@ def test_cli_lists_plugins_and_failures(tmp_path, cli_env):
     assert tok["pixel"]["distribution"] == "tokenloom"
     assert any(f["dist"] == "tokenloom-broken" and "broken on purpose" in f["error"] for f in report["failures"])
 
-    text = subprocess.run(cmd, capture_output=True, text=True, env=cli_env)
+    text = subprocess.run(cmd, capture_output=True, text=True, check=False, env=cli_env)
     assert text.returncode == 0 and "halftone" in text.stdout and "tokenloom-broken" in text.stdout
 
-    strict = subprocess.run(cmd, capture_output=True, text=True, env={**cli_env, "TOKENLOOM_STRICT_PLUGINS": "1"})
+    strict = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            env={**cli_env, "TOKENLOOM_STRICT_PLUGINS": "1"})
     assert strict.returncode != 0
     assert "tokenloom_broken" in strict.stderr and "Traceback" not in strict.stderr
 
-    skip = subprocess.run(cmd + ["--json"], capture_output=True, text=True,
+    skip = subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=False,
                           env={**cli_env, "TOKENLOOM_STRICT_PLUGINS": "1", "TOKENLOOM_DISABLE_PLUGINS": "tokenloom_broken"})
     assert skip.returncode == 0, skip.stderr
     assert json.loads(skip.stdout)["disabled"] == ["tokenloom_broken"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from scipy import stats
 
 from tokenloom.rng import RowRNG

@@ -4,6 +4,7 @@ loop (resume), reconstruction metrics and the ``fit-tokenizer`` command."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -17,7 +18,12 @@ import tokenloom.testing
 from tokenloom.checkpoint import load_component
 from tokenloom.config import DataConfig
 from tokenloom.data import load_dataset
-from tokenloom.tokenizer_train import code_statistics, evaluate_reconstruction, psnr, train_tokenizer
+from tokenloom.tokenizer_train import (
+    code_statistics,
+    evaluate_reconstruction,
+    psnr,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,20 +38,20 @@ def _one_thread():
 
 # small configs: 16-px images, narrow nets (the kit fits 2 steps)
 SMALL: dict[str, dict] = {
-    "vq": dict(channels=8, codebook_size=64),
-    "rq": dict(channels=8, codebook_size=64, depth=3, downsample=4),
-    "fsq": dict(channels=8, levels=[5, 5, 3]),
-    "lfq": dict(channels=8, bits=6),
-    "multiscale": dict(channels=8, codebook_size=64, scales=[1, 2, 4]),
-    "frequency": dict(levels=2),
-    "pixel": dict(bits=2),
+    "vq": {"channels": 8, "codebook_size": 64},
+    "rq": {"channels": 8, "codebook_size": 64, "depth": 3, "downsample": 4},
+    "fsq": {"channels": 8, "levels": [5, 5, 3]},
+    "lfq": {"channels": 8, "bits": 6},
+    "multiscale": {"channels": 8, "codebook_size": 64, "scales": [1, 2, 4]},
+    "frequency": {"levels": 2},
+    "pixel": {"bits": 2},
 }
 EXTRA_CASES = [
-    ("multiscale", dict(channels=8, codebook_size=64, scales=[1, 2, 4], residual=False), (3, 16, 16)),
-    ("frequency", dict(levels=3, drop_levels=0, bins=16), (1, 16, 16)),
-    ("vq", dict(channels=8, codebook_size=32, restart_every=0, downsample=2), (1, 8, 8)),
-    ("lfq", dict(channels=8, bits=4, spherical=True), (3, 16, 16)),
-    ("lfq", dict(channels=8, bits=5, entropy_groups=1), (3, 16, 16)),
+    ("multiscale", {"channels": 8, "codebook_size": 64, "scales": [1, 2, 4], "residual": False}, (3, 16, 16)),
+    ("frequency", {"levels": 3, "drop_levels": 0, "bins": 16}, (1, 16, 16)),
+    ("vq", {"channels": 8, "codebook_size": 32, "restart_every": 0, "downsample": 2}, (1, 8, 8)),
+    ("lfq", {"channels": 8, "bits": 4, "spherical": True}, (3, 16, 16)),
+    ("lfq", {"channels": 8, "bits": 5, "entropy_groups": 1}, (3, 16, 16)),
 ]
 
 
@@ -142,7 +148,7 @@ def test_multiscale_sum_of_upsampled_scales_reconstructs():
         assert torch.allclose(tok.decoder(total).clamp(-1, 1), tok.decode(codes), atol=1e-5)
         f = tok.encoder(x)
         errors = [float(((f - torch.stack(hs[: k + 1]).sum(0)) ** 2).mean()) for k in range(4)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors  # each scale brings f̂ closer to f
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors  # each scale brings f̂ closer to f
     assert errors[-1] < 0.5 * errors[0]
 
 
@@ -256,7 +262,7 @@ def test_rq_error_falls_with_depth():
         codes = tok.encode(x)
         errs = [float(((tok.decode_depth(codes, d) - x) ** 2).mean()) for d in range(1, 5)]
         assert torch.equal(tok.decode_depth(codes, 4), tok.decode(codes))
-    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert all(b < a for a, b in itertools.pairwise(errs)), errs
     # one codebook for every depth: the stacks use the same vocabulary
     assert tok.code_embeddings().shape == (64, 16) and tok.layout.depth == 4 and tok.layout.length == 4 * 16
     with pytest.raises(tokenloom.InputError, match="depth"):
@@ -301,7 +307,7 @@ def test_vq_restart_moves_unused_codes_onto_encoder_outputs():
 
 def test_training_resumes_to_the_same_weights(tmp_path):
     images = _shapes(16, 32)
-    make = lambda: tokenloom.create("tokenizer", "vq", image_shape=(3, 16, 16), channels=8, codebook_size=32,  # noqa: E731
+    make = lambda: tokenloom.create("tokenizer", "vq", image_shape=(3, 16, 16), channels=8, codebook_size=32,
                                     restart_every=2, batch_size=8)
     straight = make()
     train_tokenizer(straight, images, steps=6, batch_size=8, progress=False)

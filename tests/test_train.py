@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.config import ModelConfig, TrainConfig
 from tokenloom.model import InstrumentedModel, build_model
 from tokenloom.train import batch_indices, heldout_nll, lr_at, make_batch, train
@@ -117,7 +118,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
 
 @pytest.mark.slow
 def test_torch_compile_gives_the_same_first_loss():
-    cfg = dict(steps=2, batch_size=8, warmup=1)
+    cfg = {"steps": 2, "batch_size": 8, "warmup": 1}
     _, gen, codes, labels, eager = setup()
     a = train(eager, gen, codes, labels, TrainConfig(**cfg), seed=0, null_class=3, progress=False)
     _, gen, codes, labels, compiled = setup()

@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.sampling import SamplerChain
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence Gumbel noise

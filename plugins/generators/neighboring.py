@@ -34,8 +34,9 @@ likelihood is reported (LITERATURE: neighbour orders report none).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import grid_of, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 

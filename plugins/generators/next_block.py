@@ -25,8 +25,9 @@ No exact likelihood is reported (LITERATURE: block orders report none).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import GroupOrder, grid_of
 from tokenloom.sampling import SamplerChain
 

@@ -26,8 +26,9 @@ No exact likelihood is reported (LITERATURE: block orders report none).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import GroupOrder, flat_index, grid_of
 from tokenloom.sampling import SamplerChain
 

@@ -31,9 +31,10 @@ zero code (``frequency`` with an odd number of ``bins``).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
 import torch.nn.functional as F
+
+import tokenloom
 from tokenloom.orders import ScaleOrder
 from tokenloom.sampling import SamplerChain
 

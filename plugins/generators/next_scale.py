@@ -36,8 +36,9 @@ given the earlier scales, so the product is a normalised distribution).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import ScaleOrder, check_known
 from tokenloom.sampling import SamplerChain
 

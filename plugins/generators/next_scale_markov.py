@@ -39,8 +39,9 @@ from __future__ import annotations
 import math
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import guidance_rows
 from tokenloom.sampling import SamplerChain
 

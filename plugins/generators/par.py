@@ -39,8 +39,9 @@ from __future__ import annotations
 import math
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import flat_index, grid_of, guidance_rows, sample_codes
 from tokenloom.sampling import SamplerChain
 

@@ -29,8 +29,9 @@ order (one teacher-forced pass), comparable with the ``raster`` order.
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import instruction_sequence, instruction_spec
 from tokenloom.sampling import SamplerChain
 

@@ -39,9 +39,16 @@ from __future__ import annotations
 import math
 
 import attrs
-import tokenloom
 import torch
-from tokenloom.orders import MaskedCache, guidance_rows, instruction_sequence, instruction_spec, sample_codes
+
+import tokenloom
+from tokenloom.orders import (
+    MaskedCache,
+    guidance_rows,
+    instruction_sequence,
+    instruction_spec,
+    sample_codes,
+)
 from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order (as in `random`)

@@ -26,8 +26,9 @@ p(x_t | x_<t, c).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import raster_spec
 from tokenloom.sampling import SamplerChain
 

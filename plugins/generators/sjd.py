@@ -160,7 +160,7 @@ class SJDGenerator(tokenloom.Generator):
         drafts = self._fill_window(drafts, torch.ones_like(drafts, dtype=torch.bool), codes, n, u0)  # all new
         q = torch.nn.functional.one_hot(drafts, V).double()
 
-        rows_of = lambda c: torch.cat([c, torch.full_like(c, model.null_class)]) if guided else c  # noqa: E731
+        rows_of = lambda c: torch.cat([c, torch.full_like(c, model.null_class)]) if guided else c
         cache = model.new_cache(2 * B if guided else B, L + W + 2)
         last = torch.zeros(B, dtype=torch.long, device=dev)  # x_{n-1} (the class slot at n = 0)
         it = 0

@@ -35,7 +35,7 @@ with :meth:`attach_models`; outside a pipeline, attach one yourself
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -61,7 +61,7 @@ class SpeculativeGenerator(tokenloom.Generator):
         draft_n_layer: int = attrs.field(default=1, validator=attrs.validators.ge(1))
         draft_d_model: int = attrs.field(default=64, validator=attrs.validators.ge(1))
         draft_n_head: int = attrs.field(default=2, validator=attrs.validators.ge(1))
-        draft_steps: Optional[int] = attrs.field(default=None, validator=_positive_or_none)
+        draft_steps: int | None = attrs.field(default=None, validator=_positive_or_none)
         baseline: bool = False  # also time plain next-token decoding: speedup_wallclock
 
         def __attrs_post_init__(self) -> None:
@@ -157,7 +157,7 @@ class SpeculativeGenerator(tokenloom.Generator):
         cond = cond.to(dev).long()
         guided = chain.needs_uncond
         out = torch.zeros(B, L, dtype=torch.long, device=dev)
-        rows_of = lambda c: torch.cat([c, torch.full_like(c, target.null_class)]) if guided else c  # noqa: E731
+        rows_of = lambda c: torch.cat([c, torch.full_like(c, target.null_class)]) if guided else c
 
         idx = torch.arange(B, device=dev)
         codes = torch.zeros(B, L, dtype=torch.long, device=dev)

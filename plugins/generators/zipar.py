@@ -38,8 +38,9 @@ model's likelihood (its held-out NLL is ``raster``'s).
 from __future__ import annotations
 
 import attrs
-import tokenloom
 import torch
+
+import tokenloom
 from tokenloom.orders import MaskedCache, grid_of, guidance_rows, raster_spec, sample_codes
 from tokenloom.sampling import SamplerChain
 

@@ -66,7 +66,7 @@ class Reconstruction(tokenloom.Metric):
         per_image = ((x - y) ** 2).flatten(1).mean(1)  # (N,)
         mse = per_image.mean().item()
         psnr = (10 * torch.log10(1.0 / per_image.clamp_min(MSE_FLOOR))).mean().item()
-        card = {"metric": "reconstruction", **self._static(), "n": int(len(x)), "image_shape": list(real.shape[1:])}
+        card = {"metric": "reconstruction", **self._static(), "n": len(x), "image_shape": list(real.shape[1:])}
         out: dict[str, float | None] = {"mse": mse, "psnr": psnr if math.isfinite(psnr) else None, "rfid": None}
         if self.config.rfid:
             result, fcard = run_fidelity({"fid": {}}, rec, real, self.config, ctx, metric="reconstruction",

@@ -9,8 +9,6 @@ linearly from ``t`` at the first step to ``end`` at the last
 
 from __future__ import annotations
 
-import typing
-
 import attrs
 import torch
 
@@ -26,7 +24,7 @@ class Temperature(tokenloom.Sampler):
     @attrs.frozen
     class Config:
         t: float = attrs.field(default=1.0, validator=_positive)
-        end: typing.Optional[float] = attrs.field(default=None, validator=_positive)
+        end: float | None = attrs.field(default=None, validator=_positive)
 
     def depends_on_step(self) -> bool:
         return self.config.end is not None

@@ -129,7 +129,7 @@ class MultiScaleTokenizer(AutoencoderTokenizer):
         for k, s in enumerate(self.config.scales):
             target = self._down(f_ng - f_hat.detach(), s) if self.config.residual else self._down(f, s)
             flat = target.permute(0, 2, 3, 1).reshape(-1, C)  # (B·s·s, C)
-            zq, idx, vq_loss = self.quantizer(flat)
+            _zq, idx, vq_loss = self.quantizer(flat)
             codes.append(idx.reshape(B, s * s))
             e = self.quantizer.lookup(idx).reshape(B, s, s, C).permute(0, 3, 1, 2)  # (B, C, s, s), grads to codebook
             h = self._h(k, e)
