@@ -35,7 +35,15 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, InputError
-from .interfaces import Known, ModelSpec, StepInfo, TrainBatch, check_codes
+from .interfaces import (
+    Known,
+    ModelSpec,
+    MultiScaleInputs,
+    StepInfo,
+    TokenLayout,
+    TrainBatch,
+    check_codes,
+)
 
 NO_POSITION = -1
 
@@ -60,6 +68,25 @@ def grid_of(tokenizer: Any, who: str, *, allow_depth: bool = True) -> tuple[int,
             f"depth {layout.depth} (use depth-stack for residual stacks)")
     h, w = layout.scales[0]
     return h, w, layout.depth
+
+
+def scales_of(tokenizer: Any, who: str, *, inputs: bool = False, depth_one: bool = False) -> TokenLayout:
+    """The multi-scale layout of ``tokenizer``; a :class:`ConfigError` naming
+    ``who`` when it has a single scale, when ``inputs`` is asked for and it
+    does not provide VAR's teacher-forcing inputs (the
+    :class:`~tokenloom.MultiScaleInputs` protocol), or when ``depth_one`` is
+    asked for and it has residual depth."""
+    layout = tokenizer.layout
+    name = type(tokenizer).__name__
+    if layout.n_scales < 2:
+        raise ConfigError(f"{who} needs a multi-scale tokenizer, but {name} has a single scale "
+                          f"{list(layout.scales)} (use tokenizer 'multiscale')")
+    if inputs and not isinstance(tokenizer, MultiScaleInputs):
+        raise ConfigError(f"{who} needs VAR's teacher-forcing inputs (the MultiScaleInputs protocol: "
+                          f"scale_inputs() and embed_dim), which tokenizer {name} does not provide")
+    if depth_one and layout.depth != 1:
+        raise ConfigError(f"{who} needs depth 1, got residual depth {layout.depth}")
+    return layout
 
 
 def flat_index(h: int, w: int, depth: int) -> torch.Tensor:
@@ -398,4 +425,5 @@ __all__ = [
     "instruction_spec",
     "raster_spec",
     "sample_codes",
+    "scales_of",
 ]

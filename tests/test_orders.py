@@ -916,3 +916,16 @@ def test_orders_skipped_by_the_generic_kit_run_are_covered_here():
             except tokenloom.ConfigError:
                 refused = True
         assert refused, f"{name} accepts every pixel layout with its defaults: run it in the generic kit test"
+
+
+def test_multi_scale_orders_name_what_their_tokenizer_lacks():
+    from tokenloom.orders import scales_of
+
+    pixel = tokenloom.create("tokenizer", "pixel", bits=1, image_shape=(3, 4, 4))
+    for name in ("next-scale", "next-scale-markov"):
+        with pytest.raises(tokenloom.ConfigError, match=f"{name} needs a multi-scale tokenizer"):
+            tokenloom.create("generator", name, tokenizer=pixel)
+    haar = tokenloom.create("tokenizer", "frequency", image_shape=(3, 8, 8))  # several bands, no VAR inputs
+    with pytest.raises(tokenloom.ConfigError, match="teacher-forcing inputs"):
+        scales_of(haar, "next-scale", inputs=True)
+    assert scales_of(haar, "next-frequency").n_scales == haar.layout.n_scales

@@ -39,7 +39,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import ScaleOrder, check_known
+from tokenloom.orders import ScaleOrder, check_known, scales_of
 from tokenloom.sampling import SamplerChain
 
 
@@ -53,15 +53,7 @@ class NextScaleGenerator(tokenloom.Generator):
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
-        layout = tokenizer.layout
-        if layout.n_scales < 2:
-            raise tokenloom.ConfigError(
-                f"next-scale needs a multi-scale tokenizer, but {type(tokenizer).__name__} has a single scale "
-                f"{list(layout.scales)} (use tokenizer 'multiscale')")
-        if not isinstance(tokenizer, tokenloom.MultiScaleInputs):
-            raise tokenloom.ConfigError(
-                f"next-scale needs VAR's teacher-forcing inputs (the MultiScaleInputs protocol: scale_inputs() "
-                f"and embed_dim), which tokenizer {type(tokenizer).__name__} does not provide")
+        layout = scales_of(tokenizer, "next-scale", inputs=True)
         self.L, self.V = layout.length, tokenizer.vocab_size
         self.scales = ScaleOrder(layout, self.V, int(tokenizer.embed_dim), tokenizer.scale_inputs,
                                  train_order="next-scale", who="next-scale")

@@ -42,7 +42,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import guidance_rows
+from tokenloom.orders import guidance_rows, scales_of
 from tokenloom.sampling import SamplerChain
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence noise (as `masked`)
@@ -58,17 +58,7 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
-        layout = tokenizer.layout
-        if layout.n_scales < 2:
-            raise tokenloom.ConfigError(
-                f"next-scale-markov needs a multi-scale tokenizer, but {type(tokenizer).__name__} has a single "
-                f"scale {list(layout.scales)} (use tokenizer 'multiscale')")
-        if not isinstance(tokenizer, tokenloom.MultiScaleInputs):
-            raise tokenloom.ConfigError(
-                f"next-scale-markov needs VAR's teacher-forcing inputs (the MultiScaleInputs protocol), which "
-                f"tokenizer {type(tokenizer).__name__} does not provide")
-        if layout.depth != 1:
-            raise tokenloom.ConfigError(f"next-scale-markov needs depth 1, got residual depth {layout.depth}")
+        layout = scales_of(tokenizer, "next-scale-markov", inputs=True, depth_one=True)
         self.L, self.V = layout.length, tokenizer.vocab_size
         self.sizes = [h * w for h, w in layout.scales]
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
