@@ -489,9 +489,17 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token: ``6 N`` for the
         weights plus ``12 · n_layer · d · T`` for attention (Kaplan et al. 2020;
-        PaLM appendix B)."""
+        PaLM appendix B). A depth head (RQ-Transformer) runs its layers over
+        the D codes of every position's stack, so its weights count D times
+        per token (6 N counts them once) plus its attention over D."""
         T = seq_len or self.spec.seq_len
-        return 6 * self.n_params() + 12 * self.config.n_layer * self.config.d_model * T
+        d = self.config.d_model
+        flops = 6 * self.n_params() + 12 * self.config.n_layer * d * T
+        if self.depth_layers:
+            D = len(self.heads)
+            n_depth = sum(p.numel() for m in (*self.depth_blocks, self.depth_ln) for p in m.parameters())
+            flops += 6 * (D - 1) * n_depth + 12 * self.depth_layers * d * D * D
+        return flops
 
     def train(self, mode: bool = True) -> Transformer:
         self._inference_params = None

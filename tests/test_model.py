@@ -231,3 +231,32 @@ def test_flops_per_token_formula_and_seeded_init():
     a, b, c = model(seed=3), model(seed=3), model(seed=4)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("depth, depth_layers", [(1, 0), (4, 1), (4, 2)])
+def test_flops_per_token_matches_torch_flop_counter(depth, depth_layers):
+    """The trainer's FLOP count against torch's own count of one forward and
+    backward pass: within the formula's approximation (attention over T, no
+    softmax or norms) for a plain model and for a depth-head model, whose
+    depth layers run once per code of every stack (counted once, a D = 4
+    depth head was 1.8–2.3× under)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=4)
+    B, V = 4, 16
+    if depth == 1:
+        lay = tokenloom.TokenLayout(scales=((4, 4),))
+        s = tokenloom.ModelSpec(seq_len=16, vocab_size=V, heads=(V,), train_order="t", layout=lay)
+        x = torch.randint(0, V, (B, 16), generator=torch.Generator().manual_seed(0))
+    else:
+        lay = tokenloom.TokenLayout(scales=((4, 4),), depth=depth)
+        s = tokenloom.ModelSpec(seq_len=17, vocab_size=V, heads=(V,) * depth, train_order="t", layout=lay,
+                                extra=(("depth_head", depth_layers),))
+        x = torch.randint(0, V, (B, 17, depth), generator=torch.Generator().manual_seed(0))
+    m = build_model(s, cfg, n_classes=3).train()
+    T = x.shape[1]
+    with FlopCounterMode(display=False) as counter:
+        out = m(x, torch.zeros(B, dtype=torch.long))
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    ratio = counter.get_total_flops() / (B * T * m.flops_per_token(T))
+    assert 0.75 < ratio < 1.1, ratio
