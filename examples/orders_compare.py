@@ -5,12 +5,23 @@ training budget in FLOPs, through the pipeline, and write docs/orders.md.
         [--tokenizer-steps 600] [--n-samples 64] [--docs docs]
 
 Every order runs ``tokenloom.pipeline.run`` into one output directory, so the
-tokenizers (``vq`` for the grid orders, ``multiscale`` for ``next-scale``)
-are fitted once and ``zipar`` reuses the ``raster`` model. The training
-budget is ``--budget-steps`` raster steps in FLOPs (the trainer's count:
-tokens × (6·N + 12·n_layer·d·T)); every other order gets the number of steps
-that spends the same FLOPs at its own sequence length. Timings use one
-intra-op thread (the machine is shared; two threads contend).
+tokenizers (``vq`` for the grid orders and ``random``, ``multiscale`` for
+``next-scale`` and ``next-scale-markov``, ``rq`` for ``depth-stack``, the
+training-free ``frequency`` for ``next-frequency``) are fitted once, and
+``zipar`` reuses the ``raster`` model and ``random-parallel`` the ``random``
+model. The training budget is ``--budget-steps`` raster steps in FLOPs (the
+trainer's count: tokens × (6·N + 12·n_layer·d·T), a depth head's layers
+counted once per code of the stack); every other order gets the number of
+steps that spends the same FLOPs at its own sequence length and parameter
+count. Timings use one intra-op thread (the machine is shared; two threads
+contend). The tokenizers' own held-out reconstructions are judged by the
+same oracle (the ceiling of the oracle columns).
+
+Run time: about 5½ minutes from scratch on the shared 2-core CPU (measured
+5 min 27 s: three fitted tokenizers of 30–40 s, eleven backbones of 15–22 s,
+generation, the reconstruction check, the timing rounds); with a filled cache
+under ``--out`` only what is missing is fitted, trained or generated (about
+30 s when nothing is).
 """
 
 from __future__ import annotations
@@ -33,17 +44,34 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZERS = {
     "vq": {"name": "vq", "codebook_size": 64, "downsample": 4, "steps": 500},
     "multiscale": {"name": "multiscale", "codebook_size": 64, "downsample": 4, "steps": 500},
+    # RQ-VAE: 4×4 positions × depth 4 = 64 codes over one shared codebook of 64 (vq's L and vocabulary)
+    "rq": {"name": "rq", "codebook_size": 64, "depth": 4, "downsample": 8, "steps": 500},
+    # training-free Haar bands (levels 3, finest level dropped: 7 bands, L = 256); shapes is drawn in
+    # palette colours (every channel at ±1), so the smallest odd number of bins keeps them: V = 3^3 = 27
+    "frequency": {"name": "frequency", "levels": 3, "drop_levels": 1, "bins": 3},
 }
+TRAINED = {"vq", "multiscale", "rq"}  # tokenizers fitted for --tokenizer-steps (frequency is training-free)
+
+
+def tokenizer_table(name: str, steps: int) -> dict:
+    return {**TOKENIZERS[name], "steps": steps} if name in TRAINED else dict(TOKENIZERS[name])
 
 # (label, generator table, tokenizer, formula of NFE on an h×w grid)
 ORDERS = [
     ("raster", {"name": "raster"}, "vq", "L = h·w"),
+    ("random", {"name": "random"}, "vq", "L"),
     ("next-scale", {"name": "next-scale"}, "multiscale", "number of scales"),
+    ("next-scale-markov", {"name": "next-scale-markov", "steps": 4}, "multiscale", "Σ_k min(steps, h_k·w_k)"),
+    ("next-frequency", {"name": "next-frequency"}, "frequency", "number of bands"),
+    # one depth layer: the backbone's 2 layers stay the larger part (RQ-Transformer's depth transformer is
+    # the smaller one); its FLOPs (run D times per position) are in the budget
+    ("depth-stack", {"name": "depth-stack", "depth_layers": 1}, "rq", "h·w (+ D depth-head steps each)"),
     ("neighboring", {"name": "neighboring"}, "vq", "h + w − 1"),
     ("next-block", {"name": "next-block", "rows": 1}, "vq", "h / rows"),
     ("next-cell", {"name": "next-cell", "cell": 2}, "vq", "(h/k)·(w/k)"),
     ("par", {"name": "par", "regions": 4}, "vq", "n + (L − n)/n"),
     ("zipar", {"name": "zipar", "window": 4}, "vq", "2w + (h − 2)·window"),
+    ("random-parallel", {"name": "random-parallel", "steps": 16}, "vq", "steps"),
     ("masked", {"name": "masked", "steps": 8}, "vq", "T"),
 ]
 
@@ -80,6 +108,16 @@ def formula_nfe(label: str, gen_table: dict, layout) -> int:
         return 2 * w + (h - 2) * gen_table["window"]
     if label == "masked":
         return gen_table["steps"]
+    if label == "random":
+        return L
+    if label == "random-parallel":  # one token per pass (sequential RandAR) once steps reach L
+        return min(gen_table["steps"], L)
+    if label == "next-scale-markov":
+        return sum(min(gen_table["steps"], sh * sw) for sh, sw in layout.scales)
+    if label == "next-frequency":
+        return layout.n_scales  # one scale per band
+    if label == "depth-stack":
+        return h * w  # positions; the D codes of a stack come from the depth head, not backbone passes
     raise KeyError(label)
 
 
@@ -106,7 +144,7 @@ def main() -> None:
     budget = None
     for label, gen_table, tok_name, formula in ORDERS:
         raw = base_config(args.budget_steps, args.n_samples)
-        raw["tokenizer"] = {**TOKENIZERS[tok_name], "steps": args.tokenizer_steps}
+        raw["tokenizer"] = tokenizer_table(tok_name, args.tokenizer_steps)
         raw["generator"] = dict(gen_table)
         cfg = parse_config(raw, registry=registry)
         tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
@@ -130,13 +168,47 @@ def main() -> None:
             "seconds_per_image": m["seconds_per_image"], "nll_bits_per_image": m.get("nll_bits_per_image"),
             "uniform_bits_per_image": m.get("uniform_bits_per_image"),
             "shapes_valid": m.get("shapes_valid"), "shapes_colour_ok": m.get("shapes_colour_ok"),
+            "shapes_count_ok": m.get("shapes_count_ok"),
             "train_steps": record["train"].get("steps"), "train_flops": record["train"].get("flops"),
             "model_key": record["cache"]["model"], "samples": str(out / record["artifacts"]["samples"]),
             "generator": gen_table,
         })
-    total = time.perf_counter() - t0
+    ceilings = tokenizer_ceilings(rows, out, registry, args.tokenizer_steps)
     timing_pass(rows, registry, args.timing_rounds)
-    write_docs(rows, Path(args.docs), args, total)
+    total = time.perf_counter() - t0
+    print(f"== total {total:.0f} s", file=sys.stderr)
+    write_docs(rows, ceilings, Path(args.docs), args, total)
+
+
+def tokenizer_ceilings(rows: list[dict], out: Path, registry, tokenizer_steps: int) -> dict[str, dict]:
+    """Each tokenizer's own held-out reconstructions (decode ∘ encode of the
+    200 held-out images, the cached fitted tokenizer) judged by the
+    ``shapes-oracle`` rules: no order can sample better images than its
+    tokenizer decodes, so these bound the oracle columns."""
+    from tokenloom.interfaces import MetricContext
+    from tokenloom.pipeline import data_key, fit_tokenizer, load_data
+
+    metric = build_component(registry, "metric", "shapes-oracle", {}, path="metrics.shapes-oracle")
+    result = {}
+    for name in dict.fromkeys(r["tokenizer"] for r in rows):
+        raw = base_config(1, 64)
+        raw["tokenizer"] = tokenizer_table(name, tokenizer_steps)
+        raw["generator"] = dict(next(r["generator"] for r in rows if r["tokenizer"] == name))
+        cfg = parse_config(raw, registry=registry)
+        train_set, holdout = load_data(cfg)
+        tok, _, _ = fit_tokenizer(cfg, train_set.images, out / "cache", registry=registry,
+                                  device=torch.device("cpu"), progress=False, data_id=data_key(cfg))
+        with torch.no_grad():
+            rec = torch.cat([tok.decode(tok.encode(holdout.images[i : i + 256]))
+                             for i in range(0, len(holdout), 256)])  # (N, 3, 32, 32)
+        m = metric.compute(MetricContext(generated=rec, generated_labels=holdout.labels.long(), data=holdout))
+        mse = float(((rec - holdout.images) ** 2).mean())
+        result[name] = {"options": {k: v for k, v in raw["tokenizer"].items() if k != "name"},
+                        "L": tok.layout.length, "vocab": tok.vocab_size, "n": len(holdout),
+                        "psnr_db": 10 * math.log10(4.0 / mse) if mse > 0 else float("inf"),
+                        "shapes_valid": m["shapes_valid"], "shapes_colour_ok": m["shapes_colour_ok"],
+                        "shapes_count_ok": m["shapes_count_ok"]}
+    return result
 
 
 def timing_pass(rows: list[dict], registry, rounds: int) -> None:
@@ -154,7 +226,7 @@ def timing_pass(rows: list[dict], registry, rounds: int) -> None:
     cases = []
     for r in rows:
         raw = base_config(1, 64)
-        raw["tokenizer"] = {**TOKENIZERS[r["tokenizer"]]}
+        raw["tokenizer"] = dict(TOKENIZERS[r["tokenizer"]])
         raw["generator"] = dict(r["generator"])
         cfg = parse_config(raw, registry=registry)
         tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
@@ -177,7 +249,7 @@ def timing_pass(rows: list[dict], registry, rounds: int) -> None:
         r["seconds_per_image_min"] = best[r["order"]]
 
 
-def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
+def write_docs(rows: list[dict], ceilings: dict[str, dict], docs: Path, args, total: float) -> None:
     from PIL import Image
 
     from tokenloom.checkpoint import atomic_write, write_json, write_text
@@ -192,12 +264,14 @@ def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
         crop = crop.resize((crop.width // 2, crop.height // 2), Image.NEAREST)
         with atomic_write(pics / f"{r['order']}.png") as f:
             crop.save(f, format="PNG")
-    write_json(pics / "results.json", {"rows": rows, "seconds_total": total, "budget_steps": args.budget_steps,
-                                       "n_samples": args.n_samples, "torch": torch.__version__})
+    write_json(pics / "results.json", {"rows": rows, "tokenizer_ceilings": ceilings, "seconds_total": total,
+                                       "budget_steps": args.budget_steps, "n_samples": args.n_samples,
+                                       "torch": torch.__version__})
     raster = next(r for r in rows if r["order"] == "raster")
 
-    def shared(r):
-        return r is not raster and r["model_key"] == raster["model_key"]
+    def shared(r):  # the order whose model this row decodes with, if an earlier row trained it
+        return next((f" (the `{o['order']}` model)" for o in rows[: rows.index(r)]
+                     if o["model_key"] == r["model_key"]), "")
 
     def f(v, fmt):
         return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -205,8 +279,8 @@ def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
     lines = [
         ("| order | tokenizer (L) | NFE | formula | formula value | NFE ÷ raster | seconds / image (pipeline) | "
          "seconds / image (min of rounds) | time ÷ raster | held-out NLL (bits / image) | oracle-valid | "
-         "palette-clean | train steps (same FLOPs) | samples |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "palette-clean | count-ok | train steps (same FLOPs) | samples |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         nll = r["nll_bits_per_image"]
@@ -215,8 +289,22 @@ def write_docs(rows: list[dict], docs: Path, args, total: float) -> None:
             f"{r['formula_nfe']} | {r['nfe'] / raster['nfe']:.3f} | {f(r['seconds_per_image'], '.4f')} | "
             f"{f(r['seconds_per_image_min'], '.4f')} | "
             f"{r['seconds_per_image_min'] / raster['seconds_per_image_min']:.2f} | "
-            f"{f(nll, '.1f')} | {f(r['shapes_valid'], '.2f')} | {f(r['shapes_colour_ok'], '.2f')} | {r['train_steps']}"
-            f"{' (the raster model)' if shared(r) else ''} | ![{r['order']}](orders/{r['order']}.png) |")
+            f"{f(nll, '.1f')} | {f(r['shapes_valid'], '.2f')} | {f(r['shapes_colour_ok'], '.2f')} | "
+            f"{f(r['shapes_count_ok'], '.2f')} | {r['train_steps']}"
+            f"{shared(r)} | ![{r['order']}](orders/{r['order']}.png) |")
+    lines += [
+        "",
+        (f"The tokenizers' own reconstructions of the {next(iter(ceilings.values()))['n']} held-out images, "
+         "judged by the same oracle (no order can do better than its tokenizer decodes):"),
+        "",
+        "| tokenizer | options | L | vocabulary | PSNR (dB) | oracle-valid | palette-clean | count-ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in ceilings.items():
+        opts = ", ".join(f"{k} {v}" for k, v in c["options"].items())
+        lines.append(f"| {name} | {opts} | {c['L']} | {c['vocab']} | {c['psnr_db']:.1f} | "
+                     f"{f(c['shapes_valid'], '.2f')} | {f(c['shapes_colour_ok'], '.2f')} | "
+                     f"{f(c['shapes_count_ok'], '.2f')} |")
     table = "\n".join(lines)
     print(table)
     text = (docs / "orders.md").read_text() if (docs / "orders.md").exists() else ""
