@@ -247,7 +247,9 @@ class CPULinear:
     share the call (below 16) while oneDNN's does not — so with oneDNN an
     image's logits are the same bits whatever its batch. A single row (one
     image, one token) stays with ``F.linear``: MKL's matrix-vector product
-    is the faster there.
+    is the faster there — so a micro-batch of one image may differ from the
+    same image among others in the last bits of its logits (rarely in a
+    sampled token); with ``TOKENLOOM_ONEDNN=0`` that holds below 16 rows.
 
     A packed weight is kept with the weight's version counter and made again
     after any in-place change (an optimizer step, ``load_state_dict``). Used
