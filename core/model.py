@@ -249,7 +249,8 @@ class CPULinear:
     image, one token) stays with ``F.linear``: MKL's matrix-vector product
     is the faster there — so a micro-batch of one image may differ from the
     same image among others in the last bits of its logits (rarely in a
-    sampled token); with ``TOKENLOOM_ONEDNN=0`` that holds below 16 rows.
+    sampled token); with ``TOKENLOOM_ONEDNN=0`` (MKL everywhere) so may
+    any batch of fewer than 16 rows.
 
     A packed weight is kept with the weight's version counter and made again
     after any in-place change (an optimizer step, ``load_state_dict``). Used
