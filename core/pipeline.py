@@ -325,6 +325,14 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     :data:`MICRO_BATCH`; image i uses ``RowRNG(seed, i)``. Returns the codes
     and the cost statistics measured by the instrumented ``model``.
 
+    Every micro-batch has exactly :data:`MICRO_BATCH` rows: the last one is
+    filled up with extra images (indices n, n + 1, …, labels and known codes
+    taken round robin) that are generated and dropped. The kernels pick
+    their blocking by the number of rows, so this is what makes image i the
+    same bits whatever ``n`` is; the extras' work counts in the time per
+    image and their draws in the generator's statistics (more samples of
+    the same distribution).
+
     Under torchrun the micro-batches are shared out round robin over the
     ranks and gathered on every rank in their order, so the codes are those
     of one process; ``seconds_per_image`` is then the ranks' summed compute
@@ -339,17 +347,19 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     parts: dict[int, tuple[torch.Tensor, int, float, int]] = {}  # start -> (codes, nfe, seconds, kv bytes)
     _peak_reset()
     for i in tqdm(dist.shard(starts), desc="generate", file=sys.stderr, disable=not progress, leave=False):
-        idx = torch.arange(i, min(n, i + MICRO_BATCH))
-        sub = None if known is None else Known(known.codes[idx].to(dev), known.mask[idx].to(dev))
+        idx = torch.arange(i, i + MICRO_BATCH)  # past n: the extras that fill the last micro-batch
+        real = min(n, i + MICRO_BATCH) - i
+        src = idx % n
+        sub = None if known is None else Known(known.codes[src].to(dev), known.mask[src].to(dev))
         model.reset()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():  # no autograd bookkeeping on any tensor of the decoding loop
-            codes = generator.generate(model, chain, labels[idx].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
+            codes = generator.generate(model, chain, labels[src].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        parts[i] = (codes.cpu(), model.nfe, time.perf_counter() - t0, model.kv_cache_bytes)
+        parts[i] = (codes[:real].cpu(), model.nfe, time.perf_counter() - t0, model.kv_cache_bytes)
     peak = _peak_read(dev)
     if dist.world() > 1:  # every rank's micro-batches, back in their order
         gathered = dist.all_gather((parts, peak))
@@ -549,7 +559,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         generator.reset_stats()
         gen_codes, stats = generate_codes(generator, wrapped, chain, labels, seed=cfg.seed, known=known,
                                           progress=progress)
-        mine = sum(min(n, i + MICRO_BATCH) - i for i in dist.shard(list(range(0, n, MICRO_BATCH))))
+        mine = MICRO_BATCH * len(dist.shard(list(range(0, n, MICRO_BATCH))))  # rows this rank generated
         stats.update(dist.mean_over_ranks(generator.stats(), mine))  # e.g. acceptance_rate, mean_accepted_length
         if dist.is_main():
             save_tensors(spath, {"codes": gen_codes}, {"stats": json.dumps(stats)})

@@ -250,3 +250,47 @@ def test_a_model_with_packed_weights_can_be_saved_whole(tmp_path):
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.inference_mode():
         assert torch.equal(again(x), want)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 40), heads=st.sampled_from([1, 2, 4]), keys=st.integers(1, 50), hd=st.sampled_from([8, 32]))
+def test_attend_equals_sdpa(rows, heads, keys, hd):
+    """The batched one-query path (from BMM_ATTENTION_PAIRS row×head pairs)
+    and SDPA compute the same attention, on cache-like strided keys."""
+    from tokenloom.model import attend
+
+    g = torch.Generator().manual_seed(rows * 100 + keys)
+    q = torch.randn(rows, 1, heads, hd, generator=g).transpose(1, 2)  # (B, H, 1, hd), strided like the decoder's
+    cache_k, cache_v = torch.randn(2, rows, heads, keys + 7, hd, generator=g)
+    k, v = cache_k.narrow(2, 0, keys), cache_v.narrow(2, 0, keys)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        torch.testing.assert_close(attend(q, k, v, None), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_pipeline_images_do_not_depend_on_how_many_are_generated():
+    """Every micro-batch is filled to MICRO_BATCH rows, so image i is the
+    same bits for any n (here the decoder's batched attention path is on:
+    16 rows × 4 heads)."""
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import BMM_ATTENTION_PAIRS, InstrumentedModel, build_model
+    from tokenloom.pipeline import MICRO_BATCH, generate_codes
+    from tokenloom.sampling import SamplerChain
+
+    assert MICRO_BATCH * 4 >= BMM_ATTENTION_PAIRS
+    tok = tokenloom.create("tokenizer", "pixel", bits=2, image_shape=(3, 4, 4))
+    gen = tokenloom.create("generator", "raster", tokenizer=tok)
+    model = InstrumentedModel(build_model(gen.model_spec(), ModelConfig(n_layer=1, d_model=32, n_head=4),
+                                          n_classes=3, seed=1).eval())
+    rows = []
+
+    class Spy:  # the generator, recording how many rows each micro-batch has
+        def generate(self, *args, **kw):
+            rows.append(args[2].shape[0])
+            return gen.generate(*args, **kw)
+
+    runs = {n: generate_codes(Spy(), model, SamplerChain(), torch.arange(n) % 3, seed=5, progress=False)[0]
+            for n in (3, 19, 21)}
+    assert rows == [MICRO_BATCH] * 5  # 1 + 2 + 2 micro-batches, every one full
+    assert runs[19].shape == (19, 16)
+    assert torch.equal(runs[3], runs[21][:3]) and torch.equal(runs[19], runs[21][:19])

@@ -66,7 +66,8 @@ def test_run_writes_results_samples_and_reuses_caches(tmp_path):
                 "train_tokens", "train_flops"):
         assert rec["stats"][key] is not None and rec["stats"][key] >= 0, key
     assert rec["stats"]["train_tokens"] == 4 * 8 * 16
-    assert rec["stats"]["kv_cache_bytes"] == 2 * 1 * 8 * 2 * 16 * 8 * 4  # k+v, layers, rows, heads, L, hd, fp32
+    # k+v, layers, rows (a full micro-batch of 16: the 8 samples and 8 extras), heads, L, hd, fp32
+    assert rec["stats"]["kv_cache_bytes"] == 2 * 1 * 16 * 2 * 16 * 8 * 4
     data = json.loads((out / "results.json").read_text())
     assert data["tokenloom_version"] == tokenloom.__version__
     (r,) = data["runs"]
