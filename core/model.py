@@ -235,7 +235,26 @@ def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None 
 # ---------------------------------------------------------------------------
 
 
-class CPULinear:
+class PlainLinear:
+    """The linears of :func:`block_forward` as plain ``torch.nn.functional``
+    calls (training, accelerators, single rows): ``linear(x, w, b)``, and the
+    two products :class:`CPULinear` fuses — ``gelu_tanh`` (the MLP's hidden
+    layer) and ``add`` (a residual branch added to the stream)."""
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def gelu_tanh(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+        return other + F.linear(x, w, b)
+
+
+PLAIN_LINEAR = PlainLinear()
+
+
+class CPULinear(PlainLinear):
     """``F.linear`` for inference on the CPU, through oneDNN with each weight
     reordered once into its blocked layout ("prepacked", the way
     ``torch.compile``'s CPU backend runs frozen linears).
@@ -252,6 +271,11 @@ class CPULinear:
     sampled token); with ``TOKENLOOM_ONEDNN=0`` (MKL everywhere) so may
     any batch of fewer than 16 rows.
 
+    ``gelu_tanh`` and ``add`` run the MLP's GELU and the residual addition
+    inside the same oneDNN kernel (post-ops): the addition gives the same
+    bits as a separate one, the fused GELU differs from ``F.gelu`` by
+    rounding (~1e-7).
+
     A packed weight is kept with the weight's version counter and made again
     after any in-place change (an optimizer step, ``load_state_dict``). Used
     only without autograd, for float32 on the CPU, and only where oneDNN
@@ -263,7 +287,9 @@ class CPULinear:
         # id(w) -> (w, its version counter, its storage address, the packed weight)
         self._packed: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
         self.enabled = _onednn_wanted()
-        self._op = torch.ops.mkldnn._linear_pointwise if self.enabled else None  # looked up once: ~1 µs a time
+        # looked up once (~1 µs a time)
+        self._op = torch.ops.mkldnn._linear_pointwise if self.enabled else None
+        self._binary = torch.ops.mkldnn._linear_pointwise.binary if self.enabled else None
 
     def __getstate__(self) -> dict:  # a model that is pickled (torch.save(model)) packs again where it is loaded
         return {}
@@ -272,14 +298,32 @@ class CPULinear:
         self.__init__()
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        packed = self._packed_for(x, w)
+        return F.linear(x, w, b) if packed is None else self._op(x, packed, b, "none", [], "")
+
+    def gelu_tanh(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        packed = self._packed_for(x, w)
+        if packed is None:
+            return super().gelu_tanh(x, w, b)
+        return self._op(x, packed, b, "gelu", [], "tanh")
+
+    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_for(x, w)
+        if packed is None or other.shape != (*x.shape[:-1], w.shape[0]) or other.dtype != x.dtype:
+            return super().add(x, w, b, other)
+        return self._binary(x, other, packed, b, "add")
+
+    def _packed_for(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """``w`` packed for oneDNN, or None where ``F.linear`` serves (off,
+        not float32, a single row)."""
         if not self.enabled or x.dtype != torch.float32 or x.numel() <= x.shape[-1]:
-            return F.linear(x, w, b)
+            return None
         hit = self._packed.get(id(w))
         if hit is None or hit[0] is not w or hit[1] != w._version or hit[2] != w.data_ptr():
             hit = self._pack(w)
             if hit is None:
-                return F.linear(x, w, b)
-        return self._op(x, hit[3], b, "none", [], "")
+                return None
+        return hit[3]
 
     def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
         try:
@@ -348,7 +392,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout
 
 
 def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rope: torch.Tensor | None, mask: Any,
-                  cache: KVCache | None, layer: int, dropout: float = 0.0, linear: Any = F.linear) -> torch.Tensor:
+                  cache: KVCache | None, layer: int, dropout: float = 0.0,
+                  linear: PlainLinear = PLAIN_LINEAR) -> torch.Tensor:
     """One pre-norm GPT-2 block on ``x`` (``[B, T, C]``) as plain functions of
     its weights ``p`` (:meth:`Block.params`), so that a decoding step costs
     the kernels and not the ``nn.Module`` calls around them: ``x + attn(ln_1
@@ -356,8 +401,8 @@ def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rop
     (complex) shaped ``[B or 1, T, 1, 1, hd/2]`` to broadcast over ``(q, k)``
     and heads; ``mask``: what SDPA gets (``"causal"``: its fused causal path);
     ``dropout``: attention and residual dropout (training only); ``linear``:
-    ``F.linear`` or a drop-in for it (:class:`CPULinear` when decoding on the
-    CPU)."""
+    how the products are computed (:class:`PlainLinear`, or
+    :class:`CPULinear` for inference on the CPU)."""
     ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = p
     B, T, C = x.shape
     # torch.layer_norm: F.layer_norm's checks cost more than the kernel on a one-token decoding step
@@ -372,10 +417,13 @@ def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rop
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (B, H, S, hd)
     y = attend(q, k, v, mask, dropout)  # (B, H, T, hd)
-    y = linear(y.transpose(1, 2).reshape(B, T, C), o_w, o_b)
-    x = x + (F.dropout(y, dropout) if dropout else y)
-    y = linear(F.gelu(linear(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh"), out_w, out_b)
-    return x + (F.dropout(y, dropout) if dropout else y)
+    y = y.transpose(1, 2).reshape(B, T, C)
+    if dropout:  # training
+        x = x + F.dropout(linear(y, o_w, o_b), dropout)
+        h = linear.gelu_tanh(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)
+        return x + F.dropout(linear(h, out_w, out_b), dropout)
+    x = linear.add(y, o_w, o_b, x)  # x + proj(y)
+    return linear.add(linear.gelu_tanh(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), out_w, out_b, x)
 
 
 class SelfAttention(nn.Module):
@@ -666,7 +714,7 @@ class Transformer(nn.Module):
         n_head = self.config.n_head
         # one row (batch 1, one token): MKL's matrix-vector product, called without CPULinear's checks
         cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and B * T > 1
-        linear = self._cpu_linear if cpu_inference else F.linear
+        linear = self._cpu_linear if cpu_inference else PLAIN_LINEAR
         for i, params in enumerate(self._layer_params()):
             x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
         if cache is not None:
@@ -804,9 +852,11 @@ class InstrumentedModel:
 __all__ = [
     "BMM_ATTENTION_PAIRS",
     "NO_POSITION",
+    "PLAIN_LINEAR",
     "CPULinear",
     "InstrumentedModel",
     "KVCache",
+    "PlainLinear",
     "Transformer",
     "apply_rope",
     "attend",

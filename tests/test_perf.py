@@ -143,16 +143,20 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 @given(rows=st.integers(1, 40), d_in=st.sampled_from([8, 32, 96]), d_out=st.sampled_from([4, 64, 130]),
        bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]))
 def test_cpu_linear_equals_f_linear(rows, d_in, d_out, bias, lead):
-    from tokenloom.model import CPULinear
+    from tokenloom.model import PLAIN_LINEAR, CPULinear
 
     g = torch.Generator().manual_seed(rows * d_in + d_out)
     w, b = torch.randn(d_out, d_in, generator=g), (torch.randn(d_out, generator=g) if bias else None)
     x = torch.randn(*lead, rows, d_in, generator=g)
     strided = torch.randn(*lead, d_in, rows, generator=g).transpose(-1, -2)  # not contiguous
+    other = torch.randn(*lead, rows, d_out, generator=g)
+    lin, plain = CPULinear(), PLAIN_LINEAR
     with torch.no_grad():
         for inp in (x, strided):
-            torch.testing.assert_close(CPULinear()(inp, w, b), torch.nn.functional.linear(inp, w, b), atol=1e-5,
-                                       rtol=1e-5)
+            torch.testing.assert_close(lin(inp, w, b), torch.nn.functional.linear(inp, w, b), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lin.gelu_tanh(inp, w, b), plain.gelu_tanh(inp, w, b), atol=1e-5, rtol=1e-5)
+            # the fused residual addition is the separate addition, bit for bit
+            assert torch.equal(lin.add(inp, w, b, other), other + lin(inp, w, b))
 
 
 @needs_onednn
