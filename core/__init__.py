@@ -15,9 +15,13 @@ at import.
 
 from __future__ import annotations
 
+import importlib as _importlib
+import sys as _sys
+from importlib import abc as _abc
 from importlib import metadata as _metadata
+from importlib import util as _util
 
-from .errors import (
+from .contract.errors import (
     CheckpointError,
     ConfigError,
     InputError,
@@ -25,8 +29,8 @@ from .errors import (
     TokenloomError,
     UnknownComponentError,
 )
-from .hookspecs import hookimpl, hookspec
-from .interfaces import (
+from .contract.hookspecs import hookimpl, hookspec
+from .contract.interfaces import (
     AcceptanceRule,
     Generator,
     Known,
@@ -45,7 +49,46 @@ from .interfaces import (
     check_logits,
     read_stat,
 )
-from .registry import available, create, get_registry, plugin_report
+from .contract.registry import available, create, get_registry, plugin_report
+
+#: The layer each module lives in (``core/<layer>/<module>.py``). ``tokenloom.<module>`` — the
+#: import path plugins and users have always written — stays valid: it is the same module object as
+#: ``tokenloom.<layer>.<module>``, imported on first use (see :class:`_ModuleAlias`).
+LAYOUT = {
+    "contract": ("errors", "hookspecs", "interfaces", "registry", "config", "checkpoint"),
+    "blocks": ("rng", "data", "orders", "sampling", "speculative", "quantize", "convnet", "autoencoder",
+               "tokenizer_train"),
+    "backbone": ("model", "train", "dist"),
+    "evaluation": ("fidelity", "evalcard"),
+    "running": ("pipeline", "pipeline_check", "ablation", "grid", "reports", "tokenizer_fit", "cli"),
+}
+_MOVED = {f"{__name__}.{module}": f"{__name__}.{layer}.{module}"
+          for layer, modules in LAYOUT.items() for module in modules}
+
+
+class _ModuleAlias(_abc.MetaPathFinder, _abc.Loader):
+    """Resolves ``tokenloom.<module>`` to ``tokenloom.<layer>.<module>``: the import returns the real
+    module (one object under both names, so attributes and patches agree), lazily."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None):
+        if fullname in _MOVED:
+            return _util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        module = _importlib.import_module(_MOVED[spec.name])
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module) -> None:
+        # the import machinery stamped the alias spec on the module: give it back its own
+        alias = module.__spec__
+        if alias is not None and alias.loader is self and alias.loader_state is not None:
+            module.__spec__ = alias.loader_state
+
+
+if not any(isinstance(f, _ModuleAlias) for f in _sys.meta_path):
+    _sys.meta_path.append(_ModuleAlias())
 
 #: Position id of a token without a grid position (the class token); see
 #: :class:`tokenloom.ModelSpec`.

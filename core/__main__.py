@@ -1,6 +1,6 @@
 """``python -m tokenloom`` (and ``torchrun ... -m tokenloom``) runs the CLI."""
 
-from .cli import main
+from .running.cli import main
 
 if __name__ == "__main__":
     main()

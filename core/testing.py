@@ -35,8 +35,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .errors import TokenloomError
-from .interfaces import AcceptanceRule, SamplerContext, StepInfo
+from .contract.errors import TokenloomError
+from .contract.interfaces import AcceptanceRule, SamplerContext, StepInfo
 
 CHECKS: dict[str, Callable[..., None]] = {}
 
@@ -84,9 +84,9 @@ def random_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch
 
 def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16), fit_steps: int = 2,
                     max_examples: int = 20, **config: Any) -> None:
-    from .checkpoint import load_component, save_tokenizer
-    from .config import build_component
-    from .registry import get_registry
+    from .contract.checkpoint import load_component, save_tokenizer
+    from .contract.config import build_component
+    from .contract.registry import get_registry
 
     registry = registry or get_registry()
     image_shape = tuple(image_shape)
@@ -200,8 +200,8 @@ def logits_strategy(draw, max_batch: int = 4, max_vocab: int = 64) -> torch.Tens
 
 
 def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **config: Any) -> None:
-    from .config import build_component
-    from .registry import get_registry
+    from .contract.config import build_component
+    from .contract.registry import get_registry
 
     registry = registry or get_registry()
     proc = build_component(registry, "sampler", name, dict(config), path="sampler")
@@ -268,8 +268,8 @@ CHECKS["sampler"] = check_sampler
 
 
 def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: int = 0) -> Any:
-    from .config import ModelConfig
-    from .model import InstrumentedModel, build_model
+    from .backbone.model import InstrumentedModel, build_model
+    from .contract.config import ModelConfig
 
     return InstrumentedModel(build_model(spec, ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos),
                                          n_classes=n_classes, seed=seed).eval())
@@ -278,8 +278,8 @@ def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: in
 def _attach_tiny_auxiliary(gen: Any, spec: Any, *, pos: str, seed: int) -> None:
     """Untrained auxiliary models (e.g. a speculative draft) for a generator
     that asks for them, sized from the tiny target's config."""
-    from .config import ModelConfig
-    from .model import InstrumentedModel, build_model
+    from .backbone.model import InstrumentedModel, build_model
+    from .contract.config import ModelConfig
 
     wanted = gen.auxiliary_models(ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos))
     if wanted:
@@ -317,11 +317,11 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
     - with ``exact_likelihood``, ``log_likelihood`` is a log-probability and
       sums to 1 over every sequence of a small layout.
     """
-    from .config import build_component
-    from .interfaces import Known
-    from .registry import get_registry
-    from .rng import RowRNG
-    from .sampling import SamplerChain
+    from .blocks.rng import RowRNG
+    from .blocks.sampling import SamplerChain
+    from .contract.config import build_component
+    from .contract.interfaces import Known
+    from .contract.registry import get_registry
 
     registry = registry or get_registry()
 
@@ -436,7 +436,7 @@ def metric_context(image_shape=(3, 16, 16), n: int = 24, seed: int = 0) -> Any:
     """A small synthetic :class:`~tokenloom.MetricContext`: ``n`` real and
     generated images, a reconstruction, labels, random codes of a stand-in
     tokenizer (16 codes, 4×4 grid) and every run statistic core records."""
-    from .interfaces import MetricContext, TokenLayout
+    from .contract.interfaces import MetricContext, TokenLayout
 
     class _StandInTokenizer:
         vocab_size = 16
@@ -470,8 +470,8 @@ def check_metric(name: str, *, registry: Any = None, context: Any = None, image_
     import json
     import math
 
-    from .config import build_component
-    from .registry import get_registry
+    from .contract.config import build_component
+    from .contract.registry import get_registry
 
     registry = registry or get_registry()
     metric = build_component(registry, "metric", name, dict(config), path=f"metrics.{name}")
@@ -525,7 +525,7 @@ CHECKS["metric"] = check_metric
 def check(kind: str, name: str, **config: Any) -> None:
     """Run the conformance properties of ``kind`` on the component ``name``
     built with ``config``; raises ``AssertionError`` on the first violation."""
-    from .registry import Registry
+    from .contract.registry import Registry
 
     kind = Registry._check_kind(kind)
     if kind not in CHECKS:

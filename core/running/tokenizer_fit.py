@@ -24,11 +24,11 @@ from typing import Any
 
 import attrs
 
-from .checkpoint import atomic_write, save_tokenizer, write_json, write_text
-from .config import RunConfig, build_component, load_config
-from .data import load_dataset
-from .registry import get_registry
-from .tokenizer_train import comparison_grid, evaluate_reconstruction
+from ..blocks.data import load_dataset
+from ..blocks.tokenizer_train import comparison_grid, evaluate_reconstruction
+from ..contract.checkpoint import atomic_write, save_tokenizer, write_json, write_text
+from ..contract.config import RunConfig, build_component, load_config
+from ..contract.registry import get_registry
 
 
 def _fmt(v: Any) -> str:
@@ -71,7 +71,7 @@ def fit_tokenizer_run(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     files listed in the module docstring into ``out`` and return the report."""
     import torch
 
-    from .autoencoder import AutoencoderTokenizer
+    from ..blocks.autoencoder import AutoencoderTokenizer
 
     registry = registry or get_registry()
     out = Path(out)

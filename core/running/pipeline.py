@@ -35,8 +35,10 @@ from typing import Any
 import attrs
 import torch
 
-from . import dist
-from .checkpoint import (
+from ..backbone import dist
+from ..backbone.train import heldout_nll
+from ..backbone.train import train as train_backbone
+from ..contract.checkpoint import (
     load_component,
     load_tensors,
     save_tensors,
@@ -44,12 +46,10 @@ from .checkpoint import (
     write_json,
     write_text,
 )
-from .config import RunConfig, build_component, config_to_dict
-from .errors import CheckpointError, ConfigError
-from .interfaces import Known, MetricContext, SamplerContext, TokenLayout
+from ..contract.config import RunConfig, build_component, config_to_dict
+from ..contract.errors import CheckpointError, ConfigError
+from ..contract.interfaces import Known, MetricContext, SamplerContext, TokenLayout
 from .pipeline_check import check_composition, image_shape_of
-from .train import heldout_nll
-from .train import train as train_backbone
 
 #: Images generated per forward batch. Fixed, so image i sees the same
 #: floating-point computation whatever ``n_samples`` or the process count.
@@ -75,7 +75,7 @@ def component_key(c: Any) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    from .dist import local_device
+    from ..backbone.dist import local_device
 
     if local_device() is not None and name in ("auto", "cuda"):  # torchrun on GPUs: this rank's GPU
         return local_device()
@@ -139,7 +139,7 @@ def _cached(path: Path) -> bool:
 
 def load_data(cfg: RunConfig) -> tuple[Any, Any]:
     """The training and held-out :class:`~tokenloom.data.ImageSet`."""
-    from .data import load_dataset
+    from ..blocks.data import load_dataset
 
     return load_dataset(cfg.data, split="train", seed=cfg.seed), load_dataset(cfg.data, split="holdout", seed=cfg.seed)
 
@@ -208,8 +208,8 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     """The trained backbone (cached by :func:`model_key`), its training
     record and its key. A killed training run resumes from its last
     checkpoint."""
-    from .model import build_model
-    from .train import load_training_state
+    from ..backbone.model import build_model
+    from ..backbone.train import load_training_state
 
     spec = generator.model_spec()
     key = model_key(cfg, spec, tok_hash, n_classes, data_id)
@@ -230,7 +230,7 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     record = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
               "tokens": result.tokens, "flops": result.flops, "resumed_from": result.resumed_from,
               "n_params": model.n_params()}
-    from .train import save_training_state
+    from ..backbone.train import save_training_state
 
     opt = torch.optim.AdamW(model.parameters())  # weights only: an empty optimiser state
     if dist.is_main():
@@ -249,7 +249,7 @@ def train_auxiliary(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels:
     each through :func:`train_or_load` with its own ``[model]`` config and
     step count, so it is cached by its own key — and attach them. Returns
     each one's training record and key."""
-    from .model import InstrumentedModel
+    from ..backbone.model import InstrumentedModel
 
     wanted = generator.auxiliary_models(cfg.model)
     if not wanted:
@@ -339,7 +339,7 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     time per image."""
     from tqdm.auto import tqdm
 
-    from .rng import RowRNG
+    from ..blocks.rng import RowRNG
 
     n = labels.shape[0]
     dev = model.device
@@ -412,7 +412,7 @@ def save_grid(path: Path, images: torch.Tensor, *, ncol: int = 8, context: torch
     for k in range(n):
         r, q = divmod(k, ncol)
         canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[k, :3]
-    from .checkpoint import atomic_write
+    from ..contract.checkpoint import atomic_write
 
     with atomic_write(path) as fh:
         Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(fh, format="PNG")
@@ -447,7 +447,7 @@ def results_markdown(runs: list[dict]) -> str:
 def write_results(out: Path, record: dict) -> list[dict]:
     """Merge ``record`` into ``out/results.json`` (replacing a run of the
     same id) and rewrite ``results.md``. Returns every run."""
-    from . import __version__
+    from .. import __version__
 
     path = out / "results.json"
     runs: list[dict] = []
@@ -481,9 +481,9 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     and encodes (the others load its cache), all ranks train (DDP), generate
     and score the held-out likelihood (sharded), rank 0 alone decodes,
     computes the metrics and writes files; every rank returns its record."""
-    from .model import InstrumentedModel
-    from .registry import get_registry
-    from .sampling import build_chain
+    from ..backbone.model import InstrumentedModel
+    from ..blocks.sampling import build_chain
+    from ..contract.registry import get_registry
 
     registry = registry or get_registry()
     if cfg.generator is None:
@@ -504,7 +504,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     if data is None:
         data_id = data_key(cfg)
     else:  # data handed in: key the caches by its content
-        from .checkpoint import tensors_hash
+        from ..contract.checkpoint import tensors_hash
 
         data_id = tensors_hash({"train": train_set.images, "train_labels": train_set.labels,
                                 "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
@@ -658,7 +658,7 @@ def _context_images(tok: Any, known: Known, device: torch.device) -> torch.Tenso
 
 def run_file(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> dict:
     """Load a TOML config and :func:`run` it (default ``out``: ``runs/<stem>``)."""
-    from .config import load_config
+    from ..contract.config import load_config
 
     cfg = load_config(path)
     out = Path(out) if out is not None else Path("runs") / Path(path).stem
@@ -701,8 +701,8 @@ DEMO = {
 def demo_config(registry: Any = None) -> tuple[RunConfig, str | None]:
     """The demo's :class:`RunConfig` and a note when something had to
     change (metrics that are not installed are left out)."""
-    from .config import parse_config
-    from .registry import get_registry
+    from ..contract.config import parse_config
+    from ..contract.registry import get_registry
 
     registry = registry or get_registry()
     raw = json.loads(json.dumps(DEMO))

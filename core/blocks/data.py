@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, InputError
+from ..contract.errors import ConfigError, InputError
 
 DATASETS: tuple[str, ...] = ("shapes", "digits", "folder", "npz")
 SPLITS: tuple[str, ...] = ("train", "holdout")

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, InputError
+from ..contract.errors import CheckpointError, ConfigError, InputError
 
 #: Extractors tokenloom accepts; all but ``tokenloom-cnn`` need a local weights file.
 EXTRACTORS: tuple[str, ...] = ("tokenloom-cnn", "inception-v3-compat", "vgg16")
@@ -273,7 +273,7 @@ def classifier_accuracy(net: ExtractorNet, images: torch.Tensor, labels: torch.T
 def save_extractor(path: str | Path, net: ExtractorNet, info: Mapping[str, Any] | None = None) -> str:
     """Write the net as safetensors (atomically, content hash in the metadata).
     Returns the content hash — the ``weights_sha256`` of the eval card."""
-    from .checkpoint import save_tensors
+    from ..contract.checkpoint import save_tensors
 
     meta = {
         "tokenloom_extractor": CNN_NAME,
@@ -286,7 +286,7 @@ def save_extractor(path: str | Path, net: ExtractorNet, info: Mapping[str, Any] 
 def load_extractor(path: str | Path) -> tuple[ExtractorNet, dict[str, Any], str]:
     """Load a net written by :func:`save_extractor`; returns (net, info, content hash).
     A missing, corrupt or foreign file is a :class:`CheckpointError`."""
-    from .checkpoint import load_tensors
+    from ..contract.checkpoint import load_tensors
 
     tensors, meta = load_tensors(path)
     if meta.get("tokenloom_extractor") != CNN_NAME:
@@ -336,8 +336,8 @@ class ExtractorRecipe:
 
 
 def _builtin_training_data(recipe: ExtractorRecipe) -> dict[str, Any]:
-    from .config import DataConfig
-    from .data import SHAPES_COLOURS, load_dataset
+    from ..blocks.data import SHAPES_COLOURS, load_dataset
+    from ..contract.config import DataConfig
 
     colours = list(SHAPES_COLOURS)
     n_aux = len(colours) + 3  # colour present (6), count 1/2/3 (3)
@@ -862,7 +862,7 @@ def _seed_stats_cache(path_str: str, root: Path, ext: Extractor, layer: str, tag
     target = root / f"{name}-{ext.name}-stat-fid-{layer}.pt"
     # torch-fidelity's own statistics have float32 mu and float64 sigma
     stats = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
-    from .checkpoint import atomic_write
+    from ..contract.checkpoint import atomic_write
 
     with atomic_write(target) as fh:
         torch.save(stats, fh)

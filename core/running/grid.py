@@ -38,8 +38,8 @@ from typing import Any
 
 import attrs
 
-from .config import read_toml
-from .errors import ConfigError
+from ..contract.config import read_toml
+from ..contract.errors import ConfigError
 
 AXES = ("tokenizer", "generator", "sampler", "metrics", "seed")
 SECTIONS = ("data", "model", "train", "tokenizer", "generator")

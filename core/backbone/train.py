@@ -28,11 +28,11 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_tensors, save_tensors
-from .config import TrainConfig
-from .errors import CheckpointError
-from .interfaces import Generator, TrainBatch
-from .rng import _hash32, _mix
+from ..blocks.rng import _hash32, _mix
+from ..contract.checkpoint import load_tensors, save_tensors
+from ..contract.config import TrainConfig
+from ..contract.errors import CheckpointError
+from ..contract.interfaces import Generator, TrainBatch
 
 # ---------------------------------------------------------------------------
 # Seeds and schedule
@@ -236,7 +236,7 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
 
     rank, world = dist.rank(), dist.world()
     if world > 1 and cfg.batch_size < world:
-        from .errors import ConfigError
+        from ..contract.errors import ConfigError
 
         raise ConfigError([f"train.batch_size: {cfg.batch_size} is smaller than the {world} processes"])
     device = next(model.parameters()).device

@@ -28,9 +28,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from ..contract.errors import ConfigError
+from ..contract.interfaces import Tokenizer
 from .convnet import DOWNSAMPLE_FACTORS, Decoder, Encoder
-from .errors import ConfigError
-from .interfaces import Tokenizer
 
 
 def _in(*choices: int):

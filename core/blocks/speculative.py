@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .interfaces import AcceptanceRule, StepInfo, TrainBatch, check_codes
+from ..contract.errors import InputError
+from ..contract.interfaces import AcceptanceRule, StepInfo, TrainBatch, check_codes
 from .orders import raster_spec
 from .rng import RowRNG
 from .sampling import SamplerChain, speculative_residual

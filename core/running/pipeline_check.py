@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import RunConfig, build_component
-from .errors import ConfigError
-from .registry import get_registry
+from ..contract.config import RunConfig, build_component
+from ..contract.errors import ConfigError
+from ..contract.registry import get_registry
 
 
 def image_shape_of(cfg: RunConfig) -> tuple[int, int, int]:
@@ -18,7 +18,7 @@ def image_shape_of(cfg: RunConfig) -> tuple[int, int, int]:
 def check_composition(cfg: RunConfig, *, source: str | None = None, registry: Any = None) -> None:
     """Build the tokenizer, generator and sampler chain (untrained) and report
     every composition problem together."""
-    from .sampling import build_chain
+    from ..blocks.sampling import build_chain
 
     registry = registry or get_registry()
     problems: list[str] = []

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, InputError
-from .interfaces import (
+from ..contract.errors import ConfigError, InputError
+from ..contract.interfaces import (
     Known,
     ModelSpec,
     MultiScaleInputs,

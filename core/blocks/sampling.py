@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .errors import ConfigError
-from .interfaces import AcceptanceRule, Sampler, SamplerContext, StepInfo, check_logits
+from ..contract.errors import ConfigError
+from ..contract.interfaces import AcceptanceRule, Sampler, SamplerContext, StepInfo, check_logits
 from .rng import RowRNG
 
 
@@ -86,8 +86,8 @@ class SamplerChain:
 
 def build_chain(configs: Sequence[object] = (), *, registry=None) -> SamplerChain:
     """Build a chain from :class:`~tokenloom.config.ComponentConfig` entries."""
-    from .config import build_component
-    from .registry import get_registry
+    from ..contract.config import build_component
+    from ..contract.registry import get_registry
 
     registry = registry or get_registry()
     samplers = [

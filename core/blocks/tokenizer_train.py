@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_tensors, save_tensors
-from .errors import CheckpointError, InputError
-from .interfaces import check_images
+from ..contract.checkpoint import load_tensors, save_tensors
+from ..contract.errors import CheckpointError, InputError
+from ..contract.interfaces import check_images
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:

@@ -62,7 +62,7 @@ def init_from_env() -> bool:
     if env_world_size() <= 1:
         return False
     if not td.is_available():  # pragma: no cover - every supported build has it
-        from .errors import ConfigError
+        from ..contract.errors import ConfigError
 
         raise ConfigError(["WORLD_SIZE > 1 but this torch build has no torch.distributed"])
     cuda = torch.cuda.is_available() and os.environ.get("TOKENLOOM_DIST_BACKEND", "") != "gloo"

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write, write_json, write_text
+from ..contract.checkpoint import atomic_write, write_json, write_text
 
 #: Which way a metric key is better, first matching pattern wins: "lower",
 #: "higher", or None (no "best" mark: spreads, baselines, properties of the
@@ -185,7 +185,7 @@ def _footnotes(runs: list[dict]) -> tuple[dict[str, str], list[str]]:
     metric gave no number at all (the likelihood of a masked order) does not
     take part in the comparison of that metric's cards."""
     try:
-        from .evalcard import card_footnotes
+        from ..evaluation.evalcard import card_footnotes
     except ImportError:  # pragma: no cover - evalcard ships with tokenloom
         return {}, []
     compared = []
@@ -416,7 +416,7 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
     """Write ``results.json`` and ``results.md`` (and with ``plots``, the
     Pareto plots and ``overview.png``) for the finished cells ``records``
     (cell id -> pipeline record) of ``plan``. Returns the report."""
-    from . import __version__
+    from .. import __version__
     from .ablation import describe_labels
 
     out = Path(out)

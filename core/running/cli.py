@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .errors import TokenloomError
+from ..contract.errors import TokenloomError
 
 
 class _Group(click.Group):
@@ -38,7 +38,7 @@ def cli() -> None:
 def plugins(as_json: bool) -> None:
     """List every component by kind with its distribution, version and module,
     then every plugin that failed to load."""
-    from .registry import get_registry
+    from ..contract.registry import get_registry
 
     report = get_registry().report()
     if as_json:
@@ -61,7 +61,7 @@ def plugins(as_json: bool) -> None:
 def check(config: str) -> None:
     """Validate CONFIG without running anything: every key, type and
     component name, and whether the components compose."""
-    from .config import load_config
+    from ..contract.config import load_config
     from .pipeline_check import check_composition
 
     cfg = load_config(config)
@@ -95,7 +95,7 @@ def run(config: str, out: str | None, region: str | None, no_progress: bool) -> 
     metrics; writes results.json, results.md and samples/<run-id>.png."""
     from pathlib import Path
 
-    from . import dist
+    from ..backbone import dist
     from .pipeline import run_file
 
     dist.init_from_env()  # under torchrun: one process group, rank 0 writes and prints
@@ -120,7 +120,7 @@ def ablate(grid: str, out: str | None, no_progress: bool) -> None:
     overview.png and a sample grid per cell."""
     from pathlib import Path
 
-    from . import dist
+    from ..backbone import dist
     from .ablation import run_ablation
 
     dist.init_from_env()  # under torchrun: one process group, rank 0 writes and prints

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .errors import ConfigError, InputError
-from .interfaces import ModelSpec, TokenLayout
+from ..contract.config import ModelConfig
+from ..contract.errors import ConfigError, InputError
+from ..contract.interfaces import ModelSpec, TokenLayout
 
 #: Position id of a token without a grid position (the class token).
 NO_POSITION = -1

@@ -40,10 +40,10 @@ from typing import Any
 
 import attrs
 
-from . import dist
-from .checkpoint import write_json
-from .config import RunConfig, build_component, parse_config
-from .errors import ConfigError, TokenloomError
+from ..backbone import dist
+from ..contract.checkpoint import write_json
+from ..contract.config import RunConfig, build_component, parse_config
+from ..contract.errors import ConfigError, TokenloomError
 from .grid import Cell, Skipped, expand_grid, short_hash
 from .pipeline import data_key, model_key, tokenizer_key
 from .pipeline_check import check_composition, image_shape_of
@@ -132,7 +132,7 @@ def _problems(exc: ConfigError) -> str:
 
 def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any = None) -> Plan:
     """Expand and validate a grid document (see the module docstring)."""
-    from .registry import get_registry
+    from ..contract.registry import get_registry
 
     registry = registry or get_registry()
     _base, cells, skipped = expand_grid(raw, source=source)
@@ -174,7 +174,7 @@ def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any =
 
 
 def load_plan(path: str | Path, *, registry: Any = None) -> Plan:
-    from .config import read_toml
+    from ..contract.config import read_toml
 
     return plan_grid(read_toml(path), source=str(path), registry=registry)
 
@@ -218,9 +218,9 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
     ``out``; returns the report (what ``results.json`` holds). ``echo``
     receives the plan and progress lines (default: stdout, rank 0 only);
     ``plots``: also draw ``plots/`` and ``overview.png`` at the end."""
-    from .config import read_toml
+    from ..contract.config import read_toml
+    from ..contract.registry import get_registry
     from .pipeline import run as run_cell
-    from .registry import get_registry
     from .reports import write_ablation_report
 
     registry = registry or get_registry()
