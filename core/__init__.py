@@ -31,6 +31,7 @@ from .contract.errors import (
 )
 from .contract.hookspecs import hookimpl, hookspec
 from .contract.interfaces import (
+    NO_POSITION,
     AcceptanceRule,
     Generator,
     Known,
@@ -89,10 +90,6 @@ class _ModuleAlias(_abc.MetaPathFinder, _abc.Loader):
 
 if not any(isinstance(f, _ModuleAlias) for f in _sys.meta_path):
     _sys.meta_path.append(_ModuleAlias())
-
-#: Position id of a token without a grid position (the class token); see
-#: :class:`tokenloom.ModelSpec`.
-NO_POSITION = -1
 
 try:
     __version__ = _metadata.version("tokenloom")

@@ -44,11 +44,7 @@ from torch import nn
 
 from ..contract.config import ModelConfig
 from ..contract.errors import ConfigError, InputError
-from ..contract.interfaces import ModelSpec, TokenLayout
-
-#: Position id of a token without a grid position (the class token).
-NO_POSITION = -1
-
+from ..contract.interfaces import NO_POSITION, ModelSpec, TokenLayout
 
 # ---------------------------------------------------------------------------
 # KV cache

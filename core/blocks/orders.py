@@ -36,6 +36,7 @@ import torch
 
 from ..contract.errors import ConfigError, InputError
 from ..contract.interfaces import (
+    NO_POSITION,
     Known,
     ModelSpec,
     MultiScaleInputs,
@@ -44,9 +45,6 @@ from ..contract.interfaces import (
     TrainBatch,
     check_codes,
 )
-
-NO_POSITION = -1
-
 
 # ---------------------------------------------------------------------------
 # Layouts

@@ -34,12 +34,10 @@ from typing import Any
 import torch
 
 from ..contract.errors import InputError
-from ..contract.interfaces import AcceptanceRule, StepInfo, TrainBatch, check_codes
+from ..contract.interfaces import NO_POSITION, AcceptanceRule, StepInfo, TrainBatch, check_codes
 from .orders import raster_spec
 from .rng import RowRNG
 from .sampling import SamplerChain, speculative_residual
-
-NO_POSITION = -1
 
 #: RowRNG stream of the speculative loops: iteration t of image i draws all
 #: its uniforms at once, ``rng.uniform(t, n, stream=STREAM)``, and

@@ -55,6 +55,10 @@ from .errors import InputError
 
 KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric")
 
+#: Position id of a token without a grid position (the class token, a position instruction's
+#: "nowhere"): ``TrainBatch.positions`` and the backbone's ``positions=`` use it; see :class:`ModelSpec`.
+NO_POSITION = -1
+
 
 # ---------------------------------------------------------------------------
 # Value types
@@ -643,6 +647,7 @@ BASES: dict[str, type] = {
 __all__ = [
     "BASES",
     "KINDS",
+    "NO_POSITION",
     "AcceptanceRule",
     "Generator",
     "Known",
