@@ -85,8 +85,7 @@ def random_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch
 def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16), fit_steps: int = 2,
                     max_examples: int = 20, **config: Any) -> None:
     from .contract.checkpoint import load_component, save_tokenizer
-    from .contract.config import build_component
-    from .contract.registry import get_registry
+    from .contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
     image_shape = tuple(image_shape)
@@ -200,8 +199,7 @@ def logits_strategy(draw, max_batch: int = 4, max_vocab: int = 64) -> torch.Tens
 
 
 def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **config: Any) -> None:
-    from .contract.config import build_component
-    from .contract.registry import get_registry
+    from .contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
     proc = build_component(registry, "sampler", name, dict(config), path="sampler")
@@ -319,9 +317,8 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
     """
     from .blocks.rng import RowRNG
     from .blocks.sampling import SamplerChain
-    from .contract.config import build_component
     from .contract.interfaces import Known
-    from .contract.registry import get_registry
+    from .contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
 
@@ -470,8 +467,7 @@ def check_metric(name: str, *, registry: Any = None, context: Any = None, image_
     import json
     import math
 
-    from .contract.config import build_component
-    from .contract.registry import get_registry
+    from .contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
     metric = build_component(registry, "metric", name, dict(config), path=f"metrics.{name}")
@@ -527,7 +523,7 @@ def check(kind: str, name: str, **config: Any) -> None:
     built with ``config``; raises ``AssertionError`` on the first violation."""
     from .contract.registry import Registry
 
-    kind = Registry._check_kind(kind)
+    kind = Registry.check_kind(kind)
     if kind not in CHECKS:
         raise NotImplementedError(f"no conformance properties for kind {kind!r} yet")
     CHECKS[kind](name, **config)

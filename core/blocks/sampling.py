@@ -86,8 +86,7 @@ class SamplerChain:
 
 def build_chain(configs: Sequence[object] = (), *, registry=None) -> SamplerChain:
     """Build a chain from :class:`~tokenloom.config.ComponentConfig` entries."""
-    from ..contract.config import build_component
-    from ..contract.registry import get_registry
+    from ..contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
     samplers = [
@@ -116,6 +115,27 @@ def mass_ranked_before(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     start = torch.where(new_group, idx, torch.zeros_like(idx)).cummax(dim=-1).values
     before_sorted = excl.gather(-1, start)
     return torch.empty_like(before_sorted).scatter_(-1, order, before_sorted)
+
+
+def mass_ranked_from(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """For every entry ``j`` of each row, the total probability of the entries
+    ranked at or after it — ``key >= key[j]``, so ``j`` and every entry tied
+    with it count — summed from the last-ranked end (the small terms first, so
+    a tail of tiny probabilities does not vanish in rounding as it does in
+    ``1 - mass_ranked_before``). Hugging Face's ``TopPLogitsWarper`` removes an
+    entry iff this mass is ``<= 1 - p``. ``[B, V]``; computed in float64.
+    """
+    probs = probs.double()
+    skey, order = key.double().sort(dim=-1, descending=True, stable=True)
+    sp = probs.gather(-1, order)
+    incl = torch.cumsum(sp, dim=-1)  # last-ranked first
+    V = sp.shape[-1]
+    idx = torch.arange(V, device=sp.device).expand_as(sp)
+    group_end = torch.ones_like(skey, dtype=torch.bool)  # the last index of each run of equal keys
+    group_end[..., :-1] = skey[..., 1:] != skey[..., :-1]
+    end = torch.where(group_end, idx, torch.full_like(idx, V - 1)).flip(-1).cummin(dim=-1).values.flip(-1)
+    from_sorted = incl.gather(-1, end)
+    return torch.empty_like(from_sorted).scatter_(-1, order, from_sorted)
 
 
 def filter_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ the file, one line each, starting with the path of the key::
 Component tables (``[tokenizer]``, ``[generator]``, ``[[sampler]]``,
 ``[metrics.<name>]``) are structured into the registered class's nested
 ``Config``; unknown keys are errors. Types are strict: ``3.5`` is not an int,
-``"3"`` is not a number, ``1`` is not a bool.
+``"3"`` is not a number, ``1`` is not a bool (see :mod:`tokenloom.contract.structure`).
 """
 
 from __future__ import annotations
@@ -22,171 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, IterableValidationError
 
 from .errors import ConfigError, TokenloomError
+from .registry import build_component, get_registry  # build_component: re-exported (its old path)
+from .structure import describe, structure_config
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-# ---------------------------------------------------------------------------
-# Strict structuring of single values
-# ---------------------------------------------------------------------------
-
-
-class _Mismatch(TypeError):
-    pass
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _strict_int(value: Any, _t: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Mismatch(f"expected int, got {_describe(value)}")
-    return value
-
-
-def _strict_float(value: Any, _t: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Mismatch(f"expected float, got {_describe(value)}")
-    return float(value)
-
-
-def _strict_bool(value: Any, _t: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Mismatch(f"expected bool (true/false), got {_describe(value)}")
-    return value
-
-
-def _strict_str(value: Any, _t: Any) -> str:
-    if not isinstance(value, str):
-        raise _Mismatch(f"expected string, got {_describe(value)}")
-    return value
-
-
-def make_converter() -> cattrs.Converter:
-    """The cattrs converter used for every config table: strict primitives,
-    unknown keys forbidden, detailed validation."""
-    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-    conv.register_structure_hook(int, _strict_int)
-    conv.register_structure_hook(float, _strict_float)
-    conv.register_structure_hook(bool, _strict_bool)
-    conv.register_structure_hook(str, _strict_str)
-    return conv
-
-
-converter = make_converter()
-
-
-def _format_exc(exc: BaseException, path: str) -> list[str]:
-    """Flatten a cattrs exception tree into ``path: message`` lines."""
-    if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        lines: list[str] = []
-
-        def fmt(e: BaseException, _type: Any) -> str:
-            return str(e) if isinstance(e, (_Mismatch, ValueError, TypeError)) else f"{type(e).__name__}: {e}"
-
-        for msg in cattrs.transform_error(exc, path=path, format_exception=fmt):
-            if " @ " in msg:
-                text, where = msg.rsplit(" @ ", 1)
-                lines.append(f"{where}: {text}")
-            else:
-                lines.append(msg)
-        return lines
-    return [f"{path}: {exc}"]
-
-
-def _validator_message(exc: BaseException) -> str:
-    msg = str(exc)
-    # attrs validators say e.g. "'k' must be >= 1: 0"; keep it short
-    return msg
-
-
-def structure_config(cls: type, table: Any, path: str) -> Any:
-    """Structure ``table`` into the attrs class ``cls``, checking every key.
-
-    All problems (unknown keys, wrong types, failed validators) are collected
-    and raised together as one :class:`ConfigError`."""
-    if not isinstance(table, dict):
-        raise ConfigError([f"{path}: expected a table, got {_describe(table)}"])
-    attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.init}
-    aliases = {f.alias if getattr(f, "alias", None) else f.name: f for f in fields.values()}
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        f = aliases.get(key)
-        if f is None:
-            close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            known = ", ".join(sorted(aliases)) or "none"
-            problems.append(f"{path}.{key}: unknown key ({hint}known keys: {known})")
-            continue
-        try:
-            if attrs.has(f.type) if isinstance(f.type, type) else False:
-                v = structure_config(f.type, value, f"{path}.{key}")
-            else:
-                v = converter.structure(value, f.type) if f.type is not None else value
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        except Exception as exc:  # noqa: BLE001 - cattrs raises many kinds
-            problems.extend(_format_exc(exc, f"{path}.{key}"))
-            continue
-        if f.validator is not None:
-            try:
-                f.validator(None, f, v)
-            except (ValueError, TypeError) as exc:
-                problems.append(f"{path}.{key}: {_validator_message(exc)}")
-                continue
-        values[key] = v
-    if problems:
-        raise ConfigError(problems)
-    try:
-        return cls(**values)
-    except ConfigError as exc:
-        raise ConfigError([p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]) from None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
-
-
-# ---------------------------------------------------------------------------
-# Components
-# ---------------------------------------------------------------------------
-
-_CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": ()}
-
-
-def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], *, path: str) -> Any:
-    """Look up ``name`` of ``kind`` in ``registry``, structure ``table`` into
-    its ``Config`` and build it (see :func:`tokenloom.create`)."""
-    kind = registry._check_kind(kind)
-    table = dict(table)
-    ctx = {k: table.pop(k) for k in _CONTEXT_KEYS[kind] if k in table}
-    entry = registry.get(kind, name)
-    cfg = structure_config(entry.cls.Config, table, path)
-    if kind == "tokenizer":
-        ctx.setdefault("image_shape", (3, 32, 32))
-    if kind == "generator" and "tokenizer" not in ctx:
-        raise ConfigError([f"{path}: a generator needs tokenizer=<a Tokenizer instance>"])
-    try:
-        return entry.cls(cfg, **ctx)
-    except ConfigError as exc:
-        raise ConfigError([p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]) from None
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, TokenloomError):
-            raise
-        raise ConfigError([f"{path} ({name}): {exc}"]) from None
 
 
 @attrs.frozen
@@ -291,14 +135,14 @@ _TOP_KEYS = ("seed", "data", "tokenizer", "generator", "model", "train", "sample
 
 def _component(registry: Any, kind: str, table: Any, path: str, problems: list[str]) -> ComponentConfig | None:
     if not isinstance(table, dict):
-        problems.append(f"{path}: expected a table with a 'name' key, got {_describe(table)}")
+        problems.append(f"{path}: expected a table with a 'name' key, got {describe(table)}")
         return None
     if "name" not in table:
         problems.append(f"{path}.name: missing (available: {', '.join(registry.available(kind)) or 'none'})")
         return None
     name = table["name"]
     if not isinstance(name, str):
-        problems.append(f"{path}.name: expected string, got {_describe(name)}")
+        problems.append(f"{path}.name: expected string, got {describe(name)}")
         return None
     options = {k: v for k, v in table.items() if k != "name"}
     try:
@@ -327,8 +171,6 @@ def _section(cls: type, raw: dict[str, Any], key: str, problems: list[str]) -> A
 def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | None = None) -> RunConfig:
     """Structure a parsed TOML document into a :class:`RunConfig`, collecting
     every problem into one :class:`ConfigError`."""
-    from .registry import get_registry
-
     registry = registry or get_registry()
     problems: list[str] = []
     for key in raw:
@@ -339,11 +181,11 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
 
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"seed: expected a non-negative int, got {_describe(seed)}")
+        problems.append(f"seed: expected a non-negative int, got {describe(seed)}")
         seed = 0
     device = raw.get("device", "auto")
     if not isinstance(device, str):
-        problems.append(f"device: expected string ('auto', 'cpu', 'cuda', 'cuda:1'), got {_describe(device)}")
+        problems.append(f"device: expected string ('auto', 'cpu', 'cuda', 'cuda:1'), got {describe(device)}")
         device = "auto"
 
     data = _section(DataConfig, raw, "data", problems)
@@ -360,7 +202,7 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
     if isinstance(chain, dict):
         chain = [chain]
     if not isinstance(chain, list):
-        problems.append(f"sampler: expected an array of tables ([[sampler]]), got {_describe(chain)}")
+        problems.append(f"sampler: expected an array of tables ([[sampler]]), got {describe(chain)}")
         chain = []
     for i, table in enumerate(chain):
         c = _component(registry, "sampler", table, f"sampler[{i}]", problems)
@@ -374,16 +216,16 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
     n_samples = 64
     mraw = raw.get("metrics", {})
     if not isinstance(mraw, dict):
-        problems.append(f"metrics: expected a table, got {_describe(mraw)}")
+        problems.append(f"metrics: expected a table, got {describe(mraw)}")
         mraw = {}
     names = mraw.get("names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        problems.append(f"metrics.names: expected a list of strings, got {_describe(names)}")
+        problems.append(f"metrics.names: expected a list of strings, got {describe(names)}")
         names = []
     if "n_samples" in mraw:
         n_samples = mraw["n_samples"]
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
-            problems.append(f"metrics.n_samples: expected a positive int, got {_describe(n_samples)}")
+            problems.append(f"metrics.n_samples: expected a positive int, got {describe(n_samples)}")
             n_samples = 64
     for key, value in mraw.items():
         if key in ("names", "n_samples"):
@@ -454,3 +296,18 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         if m.options:
             out["metrics"][m.name] = dict(m.options)
     return out
+
+
+__all__ = [
+    "ComponentConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "build_component",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "read_toml",
+    "structure_config",
+]

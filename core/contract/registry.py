@@ -26,8 +26,9 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownComponentError
+from .errors import ConfigError, PluginError, TokenloomError, UnknownComponentError
 from .interfaces import BASES, KINDS
+from .structure import structure_config
 
 GROUP = "tokenloom"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -237,7 +238,9 @@ class Registry:
     # -- queries ------------------------------------------------------------
 
     @staticmethod
-    def _check_kind(kind: str) -> str:
+    def check_kind(kind: str) -> str:
+        """``kind`` as registered (``"samplers"`` -> ``"sampler"``); an unknown kind raises
+        :class:`~tokenloom.UnknownComponentError` listing the kinds."""
         if kind not in KINDS:
             singular = kind.removesuffix("s")
             if singular in KINDS:
@@ -246,15 +249,15 @@ class Registry:
         return kind
 
     def available(self, kind: str) -> list[str]:
-        kind = self._check_kind(kind)
+        kind = self.check_kind(kind)
         return sorted(self._entries[kind])
 
     def entries(self, kind: str | None = None) -> list[Entry]:
-        kinds = KINDS if kind is None else (self._check_kind(kind),)
+        kinds = KINDS if kind is None else (self.check_kind(kind),)
         return [e for k in kinds for _, e in sorted(self._entries[k].items())]
 
     def unknown_message(self, kind: str, name: Any) -> str:
-        kind = self._check_kind(kind)
+        kind = self.check_kind(kind)
         names = self.available(kind)
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -262,7 +265,7 @@ class Registry:
         return f"unknown {kind} {name!r} ({hint}available: {listing})"
 
     def get(self, kind: str, name: str) -> Entry:
-        kind = self._check_kind(kind)
+        kind = self.check_kind(kind)
         if (kind, name) in self._conflicts:
             who = " and ".join(f"'{e.dist}' (plugin '{e.plugin}')" for e in self._conflicts[(kind, name)])
             raise PluginError(
@@ -294,6 +297,35 @@ class Registry:
             "failures": [f.as_dict() for f in self.failures],
             "disabled": sorted(self.disabled),
         }
+
+
+# ---------------------------------------------------------------------------
+# Building a component
+# ---------------------------------------------------------------------------
+
+_CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": ()}
+
+
+def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], *, path: str) -> Any:
+    """Look up ``name`` of ``kind`` in ``registry``, structure ``table`` into
+    its ``Config`` and build it (see :func:`tokenloom.create`)."""
+    kind = registry.check_kind(kind)
+    table = dict(table)
+    ctx = {k: table.pop(k) for k in _CONTEXT_KEYS[kind] if k in table}
+    entry = registry.get(kind, name)
+    cfg = structure_config(entry.cls.Config, table, path)
+    if kind == "tokenizer":
+        ctx.setdefault("image_shape", (3, 32, 32))
+    if kind == "generator" and "tokenizer" not in ctx:
+        raise ConfigError([f"{path}: a generator needs tokenizer=<a Tokenizer instance>"])
+    try:
+        return entry.cls(cfg, **ctx)
+    except ConfigError as exc:
+        raise ConfigError([p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]) from None
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, TokenloomError):
+            raise
+        raise ConfigError([f"{path} ({name}): {exc}"]) from None
 
 
 _lock = threading.Lock()
@@ -337,6 +369,4 @@ def create(kind: str, name: str, /, **config: Any) -> Any:
     rest is structured into the class's ``Config``; problems raise
     :class:`~tokenloom.errors.ConfigError` listing each with its key.
     """
-    from .config import build_component
-
     return build_component(get_registry(), kind, name, config, path=kind)
