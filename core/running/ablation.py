@@ -44,13 +44,9 @@ from ..backbone import dist
 from ..contract.checkpoint import write_json
 from ..contract.config import RunConfig, build_component, parse_config
 from ..contract.errors import ConfigError, TokenloomError
-from .grid import Cell, Skipped, expand_grid, short_hash
+from .grid import SEED_AXIS, Cell, Skipped, describe_labels, expand_grid, short_hash
 from .pipeline import data_key, model_key, tokenizer_key
 from .pipeline_check import check_composition, image_shape_of
-
-#: Cell labels that are not part of a table row's identity: several seeds of
-#: one composition are aggregated into one row (mean ± standard deviation).
-SEED_AXIS = "seed"
 
 
 @attrs.frozen
@@ -112,12 +108,6 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         return {"tokenizers": self.tokenizers, "models": self.models, "cells": len(self.cells), "rows": self.rows,
                 "seeds": list(self.seeds), "skipped": len(self.skipped), "summary": self.summary()}
-
-
-def describe_labels(labels: dict[str, str], *, skip: tuple[str, ...] = ()) -> str:
-    """``tokenizer=pixel(bits=1) generator=raster ...`` (or ``base`` for none)."""
-    parts = [f"{k}={v}" for k, v in labels.items() if k not in skip]
-    return " ".join(parts) or "base"
 
 
 def row_key(cell: Cell) -> str:

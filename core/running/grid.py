@@ -42,6 +42,9 @@ from ..contract.config import read_toml
 from ..contract.errors import ConfigError
 
 AXES = ("tokenizer", "generator", "sampler", "metrics", "seed")
+#: Cell labels that are not part of a table row's identity: several seeds of
+#: one composition are aggregated into one row (mean ± standard deviation).
+SEED_AXIS = "seed"
 SECTIONS = ("data", "model", "train", "tokenizer", "generator")
 
 
@@ -83,6 +86,12 @@ def _label(axis: str, value: Any) -> str:
     if axis == "metrics":
         return ",".join(value)
     return _label_table(value)
+
+
+def describe_labels(labels: dict[str, str], *, skip: tuple[str, ...] = ()) -> str:
+    """``tokenizer=pixel(bits=1) generator=raster ...`` (or ``base`` for none)."""
+    parts = [f"{k}={v}" for k, v in labels.items() if k not in skip]
+    return " ".join(parts) or "base"
 
 
 def _matches(pattern: Any, value: Any) -> bool:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract.checkpoint import atomic_write, write_json, write_text
+from .grid import SEED_AXIS, describe_labels
 
 #: Which way a metric key is better, first matching pattern wins: "lower",
 #: "higher", or None (no "best" mark: spreads, baselines, properties of the
@@ -131,8 +132,6 @@ def metric_keys(records: Iterable[dict]) -> list[str]:
 def aggregate_rows(plan: Any, records: dict[str, dict]) -> list[dict]:
     """One row per composition (cells that differ only in their seed), in
     plan order, over the finished cells in ``records`` (cell id -> record)."""
-    from .ablation import SEED_AXIS
-
     rows: dict[str, dict] = {}
     for pc in plan.cells:
         rec = records.get(pc.id)
@@ -417,7 +416,6 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
     Pareto plots and ``overview.png``) for the finished cells ``records``
     (cell id -> pipeline record) of ``plan``. Returns the report."""
     from .. import __version__
-    from .ablation import describe_labels
 
     out = Path(out)
     runs = [records[pc.id] for pc in plan.cells if pc.id in records]
