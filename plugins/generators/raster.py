@@ -8,12 +8,18 @@ Generation", https://arxiv.org/abs/2411.00776).
 index t is ``x_t`` (teacher forcing under a causal mask); the input at index
 t + 1 sits at grid position t (2-D RoPE or learned positions), the class
 token at none. With ``rar = true`` each sequence is instead permuted into a
-random factorisation order π with probability r, where r starts at 1 and
-decays linearly to 0 between the fractions ``rar_start`` and ``rar_end`` of
-training (RAR §3.2), and every input carries RAR's *target-aware*
-positional embedding of the position it predicts next (π(t)), so the model
-always knows which token it is asked for. At the end of training r = 0: the
-model is a plain raster-order model.
+random factorisation order π with probability r, where r is 1 until the
+fraction ``rar_start`` of training and decays linearly to 0 at ``rar_end``
+(RAR §3.2), and every input carries RAR's *target-aware* positional
+embedding of the position it predicts next (π(t)), so the model always knows
+which token it is asked for. After ``rar_end`` r = 0: the model is trained
+as a plain raster-order model. The defaults are the reference's: RAR's
+``configs/training/generator/rar.yaml`` (bytedance/1d-tokenizer) anneals
+between steps 125,000 and 187,500 of 250,000 (``randomness_anneal_start`` /
+``_end``, read by ``utils/train_utils.py:get_rar_random_ratio``), i.e.
+``rar_start = 0.5``, ``rar_end = 0.75`` — pure random orders for the first
+half, pure raster for the last quarter. (Until the issue-18 fix the defaults
+were 0 and 1: an anneal over the whole run.)
 
 **Decoding.** One forward pass per token with a KV cache: the class token
 first, then each sampled token is appended — NFE = L. With classifier-free
@@ -44,8 +50,9 @@ class RasterGenerator(tokenloom.Generator):
     @attrs.frozen
     class Config:
         rar: bool = False
-        rar_start: float = attrs.field(default=0.0, validator=_fraction)
-        rar_end: float = attrs.field(default=1.0, validator=_fraction)
+        # RAR's reference: steps 125k–187.5k of 250k (rar.yaml randomness_anneal_start/_end)
+        rar_start: float = attrs.field(default=0.5, validator=_fraction)
+        rar_end: float = attrs.field(default=0.75, validator=_fraction)
 
         def __attrs_post_init__(self) -> None:
             if self.rar_end < self.rar_start:
