@@ -9,7 +9,7 @@ exclusions) and
    (:func:`tokenloom.pipeline_check.check_composition`); incompatible cells
    are listed with their reason and skipped. The plan counts what will be
    computed from the pipeline's own cache keys — tokenizers by
-   :func:`tokenloom.pipeline.tokenizer_key`, models by tokenizer × the
+   :func:`tokenloom.running.cache.tokenizer_key`, models by tokenizer × the
    generator's ``model_spec()`` (train order, length, vocabulary, ...) ×
    ``[model]`` × ``[train]`` × seed, plus auxiliary models (a speculative
    draft) — and prints e.g. ``3 tokenizers, 4 models, 24 generation cells``;
@@ -42,11 +42,11 @@ import attrs
 
 from ..backbone import dist
 from ..contract.checkpoint import write_json
-from ..contract.config import RunConfig, build_component, parse_config
+from ..contract.config import RunConfig, parse_config
 from ..contract.errors import ConfigError, TokenloomError
-from .grid import SEED_AXIS, Cell, Skipped, describe_labels, expand_grid, short_hash
-from .pipeline import data_key, model_key, tokenizer_key
-from .pipeline_check import check_composition, image_shape_of
+from .cache import data_key, model_key, stable_hash, tokenizer_key
+from .grid import SEED_AXIS, Cell, Skipped, describe_labels, expand_grid
+from .pipeline_check import check_composition
 
 
 @attrs.frozen
@@ -65,7 +65,7 @@ class PlannedCell:
         return self.cell.id
 
     def config_hash(self) -> str:
-        return short_hash(self.cell.config, 16)
+        return stable_hash(self.cell.config, 16)
 
 
 @attrs.frozen
@@ -113,7 +113,7 @@ class Plan:
 def row_key(cell: Cell) -> str:
     """The table row of a cell: its config without the seed."""
     cfg = {k: v for k, v in cell.config.items() if k != SEED_AXIS}
-    return "row-" + short_hash(cfg, 10)
+    return "row-" + stable_hash(cfg, 10)
 
 
 def _problems(exc: ConfigError) -> str:
@@ -135,13 +135,9 @@ def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any =
             cfg = parse_config(cell.config, registry=registry)
             if cfg.generator is None:
                 raise ConfigError(['generator: a cell needs a [generator] table (e.g. name = "raster")'])
-            check_composition(cfg, registry=registry)
+            gen = check_composition(cfg, registry=registry).generator
             data_id = data_key(cfg)
             tkey = tokenizer_key(cfg, data_id)
-            tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
-                                  {**cfg.tokenizer.options, "image_shape": image_shape_of(cfg)}, path="tokenizer")
-            gen = build_component(registry, "generator", cfg.generator.name,
-                                  {**cfg.generator.options, "tokenizer": tok}, path="generator")
             spec = gen.model_spec()
             # the pipeline keys models by the fitted tokenizer's weights; before fitting, the tokenizer's
             # config key stands in for them (fitting is deterministic), and n_classes follows from [data]

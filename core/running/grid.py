@@ -30,9 +30,7 @@ a seed or a swept value (``"generator.steps" = 16``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import attrs
 
 from ..contract.config import read_toml
 from ..contract.errors import ConfigError
+from .cache import stable_hash
 
 AXES = ("tokenizer", "generator", "sampler", "metrics", "seed")
 #: Cell labels that are not part of a table row's identity: several seeds of
@@ -62,14 +61,6 @@ class Cell:
 class Skipped:
     labels: dict[str, str]
     reason: str
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def short_hash(obj: Any, n: int = 8) -> str:
-    return hashlib.sha256(_canonical(obj).encode()).hexdigest()[:n]
 
 
 def _label_table(table: Any) -> str:
@@ -211,7 +202,7 @@ def expand_grid(raw: dict[str, Any], *, source: str | None = None) -> tuple[dict
         if reason is not None:
             skipped.append(Skipped(labels, reason))
             continue
-        key = short_hash(cfg)
+        key = stable_hash(cfg, 8)
         if key in seen:
             continue
         seen.add(key)

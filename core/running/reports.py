@@ -30,6 +30,8 @@ from typing import Any
 
 from ..contract.checkpoint import atomic_write, write_json, write_text
 from .grid import SEED_AXIS, describe_labels
+from .images import GRID_NCOL, GRID_PAD
+from .results import format_number
 
 #: Which way a metric key is better, first matching pattern wins: "lower",
 #: "higher", or None (no "best" mark: spreads, baselines, properties of the
@@ -77,8 +79,6 @@ COST_KEYS: dict[str, str] = {"nfe": "NFE (backbone forward passes per batch)",
 #: Column order of the table: quality first, then cost, then the rest.
 _ORDER = QUALITY_KEYS + ("nll_bits_per_dim", "nll_bits_per_token", "uniform_bits_per_image") + tuple(COST_KEYS)
 
-#: The sample grids the pipeline writes (:func:`tokenloom.pipeline.save_grid`): 8 columns, 2-px padding.
-GRID_NCOL, GRID_PAD = 8, 2
 
 
 def direction(key: str) -> str | None:
@@ -216,21 +216,10 @@ def _metric_of_key(key: str, names: Iterable[str]) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _num(v: float | None) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    v = float(v)
-    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-        return f"{v:.3e}"
-    return f"{v:.4g}"
-
-
 def _cell(m: dict) -> str:
     if m["mean"] is None:
         return "–"
-    return _num(m["mean"]) if m["std"] is None else f"{_num(m['mean'])} ± {_num(m['std'])}"
+    return format_number(m["mean"]) if m["std"] is None else f"{format_number(m['mean'])} ± {format_number(m['std'])}"
 
 
 def _esc(text: str) -> str:
@@ -283,7 +272,7 @@ def results_markdown(report: dict) -> str:
     if names:
         notes.append(f"Metrics: {', '.join(names)}.")
     if constant:
-        notes.append("The same in every row: " + ", ".join(f"{k} = {_num(v)}" for k, v in constant.items()) + ".")
+        notes.append("The same in every row: " + ", ".join(f"{k} = {format_number(v)}" for k, v in constant.items()) + ".")
     lines += [" ".join(notes), ""]
     if report.get("pending"):
         lines += [f"Not finished yet: {len(report['pending'])} cell(s) — run the same command again to continue.",

@@ -13,7 +13,8 @@ Writes into ``DIR``:
 - ``reconstruction.png`` — held-out originals (top row) above their
   reconstructions (bottom row).
 
-Every file is written atomically.
+Every file is written atomically. :func:`fit_seeded` is the one way a tokenizer is
+fitted — here and in a run (:func:`tokenloom.pipeline.fit_tokenizer`, which caches the result).
 """
 
 from __future__ import annotations
@@ -23,18 +24,30 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from ..blocks.data import load_dataset
-from ..blocks.tokenizer_train import comparison_grid, evaluate_reconstruction
-from ..contract.checkpoint import atomic_write, save_tokenizer, write_json, write_text
-from ..contract.config import RunConfig, build_component, load_config
+from ..blocks.tokenizer_train import evaluate_reconstruction
+from ..contract.checkpoint import save_tokenizer, write_json, write_text
+from ..contract.config import RunConfig, load_config
 from ..contract.registry import get_registry
+from .images import grid_image, save_png
+from .pipeline_check import build_tokenizer
+from .results import format_number
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def fit_seeded(tok: Any, images: torch.Tensor, *, seed: int, device: torch.device, progress: bool = True,
+               checkpoint: Path | None = None) -> dict[str, float]:
+    """Fit ``tok`` (already on ``device``) on ``images`` with the global torch RNG seeded from
+    ``seed`` (and restored afterwards), keeping a resumable training state in ``checkpoint``
+    (:meth:`~tokenloom.Tokenizer.fit_resumable`); leaves it in eval mode. Returns the fit's
+    statistics."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        tok.train()
+        stats = tok.fit_resumable(images.to(device), checkpoint=checkpoint, progress=progress)
+    tok.eval()
+    return stats or {}
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -56,7 +69,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     for name, m in (("held-out", ho), ("train", tr)):
         if m:
-            lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mse'])} | {m['psnr']:.2f} | "
+            lines.append(f"| {name} | {m['n_images']} | {format_number(m['mse'])} | {m['psnr']:.2f} | "
                          f"{m['utilisation']:.3f} | {m['perplexity']:.1f} |")
     lines += ["", ("PSNR for images in [-1, 1] (peak-to-peak 2) from the mean squared error over all pixels; "
                    "utilisation is the fraction of the vocabulary used at least once on the split, perplexity "
@@ -67,29 +80,19 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def fit_tokenizer_run(cfg: RunConfig, out: str | Path, *, progress: bool = True, registry: Any = None,
                       n_png: int = 16) -> dict[str, Any]:
-    """Fit ``cfg.tokenizer`` on ``cfg.data`` (seed ``cfg.seed``), write the
+    """Fit ``cfg.tokenizer`` on ``cfg.data`` (seed ``cfg.seed``, on the CPU), write the
     files listed in the module docstring into ``out`` and return the report."""
-    import torch
-
-    from ..blocks.autoencoder import AutoencoderTokenizer
-
     registry = registry or get_registry()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train = load_dataset(cfg.data, split="train", seed=cfg.seed)
     holdout = load_dataset(cfg.data, split="holdout", seed=cfg.seed)
     shape = tuple(train.images.shape[1:])
-    tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
-                          {**cfg.tokenizer.options, "image_shape": shape}, path="tokenizer")
+    tok = build_tokenizer(cfg, registry)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        if isinstance(tok, AutoencoderTokenizer):
-            stats = tok.fit(train.images, progress=progress, checkpoint=out / "train_state.safetensors")
-        else:
-            stats = tok.fit(train.images, progress=progress)
+    stats = fit_seeded(tok, train.images, seed=cfg.seed, device=torch.device("cpu"), progress=progress,
+                       checkpoint=out / "train_state.safetensors")
     fit_seconds = time.perf_counter() - t0
-    tok.eval()
     digest = save_tokenizer(out / "tokenizer.safetensors", tok, name=cfg.tokenizer.name,
                             options=dict(cfg.tokenizer.options))
     evaluation = holdout.images if len(holdout) else train.images[:500]
@@ -98,9 +101,7 @@ def fit_tokenizer_run(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     with torch.no_grad():
         x = evaluation[:n_png]
         y = tok.decode(tok.encode(x))
-    img = comparison_grid([x, y], scale=max(1, 64 // shape[-1]))
-    with atomic_write(out / "reconstruction.png") as fh:
-        img.save(fh, format="PNG")
+    save_png(out / "reconstruction.png", grid_image([x, y], scale=max(1, 64 // shape[-1]), background=128))
     report = {
         "tokenizer": {"name": cfg.tokenizer.name, "options": dict(cfg.tokenizer.options),
                       "config": attrs.asdict(tok.config) if attrs.has(type(tok.config)) else None,
@@ -109,7 +110,7 @@ def fit_tokenizer_run(cfg: RunConfig, out: str | Path, *, progress: bool = True,
         "seed": cfg.seed,
         "image_shape": list(shape),
         "train_images": len(train),
-        "fit": {k: float(v) for k, v in (stats or {}).items()},
+        "fit": {k: float(v) for k, v in stats.items()},
         "fit_seconds": fit_seconds,
         "evaluated_on": "holdout" if len(holdout) else "the first 500 training images (n_holdout = 0)",
         "holdout": ho,
@@ -127,4 +128,4 @@ def fit_tokenizer_file(path: str | Path, out: str | Path, *, progress: bool = Tr
     return fit_tokenizer_run(load_config(path), out, progress=progress)
 
 
-__all__ = ["fit_tokenizer_file", "fit_tokenizer_run", "report_markdown"]
+__all__ = ["fit_seeded", "fit_tokenizer_file", "fit_tokenizer_run", "report_markdown"]

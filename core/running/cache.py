@@ -1,0 +1,117 @@
+"""The stage cache of a run: one content hash, the key of every stage, and the check of a cached file.
+
+Every artifact of a run is cached under ``<out>/cache/`` by a hash of exactly what it depends on
+(the table in :mod:`tokenloom.pipeline`). :func:`stable_hash` is the one hash of the project: cache
+keys, run ids and the ids of grid cells are all short SHA-256 digests of canonical JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..backbone import dist
+from ..contract.checkpoint import load_tensors, tensors_hash
+from ..contract.config import RunConfig
+from ..contract.errors import CheckpointError
+from .pipeline_check import image_shape_of
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """The first ``n`` hex digits of the SHA-256 of the canonical JSON of ``obj`` (keys sorted,
+    no spaces, anything JSON cannot write as its ``str``)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def component_key(c: Any) -> dict:
+    """A component's identity for cache keys: its name and *full* structured
+    config (defaults included, so a plugin changing a default invalidates
+    the cache) — the raw table when the config is not an attrs instance."""
+    cfg = c.config
+    if cfg is not None and attrs.has(type(cfg)):
+        return {"name": c.name, "config": attrs.asdict(cfg)}
+    return c.table()
+
+
+def data_key(cfg: RunConfig) -> str:
+    """The ``data_id`` of caches when the run loads ``cfg.data`` itself."""
+    return stable_hash(attrs.asdict(cfg.data))
+
+
+def data_content_key(train: Any, holdout: Any) -> str:
+    """The ``data_id`` of caches when the image sets are handed in: a hash of their content."""
+    return tensors_hash({"train": train.images, "train_labels": train.labels,
+                         "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
+
+
+def tokenizer_key(cfg: RunConfig, data_id: str) -> str:
+    """The tokenizer's cache key (``cache/tokenizer-<key>.safetensors``):
+    known before fitting, so an ablation can plan which tokenizers it fits."""
+    return stable_hash({"tokenizer": component_key(cfg.tokenizer), "data": data_id, "seed": cfg.seed,
+                        "image_shape": image_shape_of(cfg)})
+
+
+def tokenizer_hash(key: str, weights_sha256: str) -> str:
+    """The identity of a fitted tokenizer: its config key and its weights."""
+    return stable_hash({"key": key, "weights": weights_sha256})
+
+
+def codes_key(tok_hash: str, data_id: str, seed: int) -> str:
+    """The key of the encoded splits (``cache/codes-<key>.safetensors``)."""
+    return stable_hash({"tokenizer": tok_hash, "data": {"data": data_id, "seed": seed}})
+
+
+def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:
+    """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed."""
+    return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": attrs.asdict(cfg.model),
+                        "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed})
+
+
+def samples_key(cfg: RunConfig, model: str, *, n: int, region: str | None, micro_batch: int) -> str:
+    """The key of the generated codes: model × generator × sampler chain × n × region × micro-batch."""
+    return stable_hash({"model": model, "generator": component_key(cfg.generator),
+                        "sampler": [component_key(s) for s in cfg.sampler],
+                        "n": n, "region": region, "seed": cfg.seed, "micro_batch": micro_batch})
+
+
+def cache_ok(path: Path) -> bool:
+    """Whether the cached artifact ``path`` exists and its content hash
+    checks. A corrupt file (unreadable, hash mismatch) is reported on stderr
+    and moved aside to ``<name>.corrupt``, so its stage recomputes it."""
+    if not path.is_file():
+        return False
+    try:
+        load_tensors(path)
+        return True
+    except CheckpointError as exc:
+        bad = path.with_name(path.name + ".corrupt")
+        print(f"[tokenloom] warning: {exc} — moved aside to {bad.name}; recomputing", file=sys.stderr, flush=True)
+        os.replace(path, bad)
+        return False
+
+
+def cached(path: Path) -> bool:
+    """:func:`cache_ok` decided by rank 0 and agreed by every rank."""
+    return bool(dist.agree(cache_ok(path) if dist.is_main() else None))
+
+
+__all__ = [
+    "cache_ok",
+    "cached",
+    "codes_key",
+    "component_key",
+    "data_content_key",
+    "data_key",
+    "model_key",
+    "samples_key",
+    "stable_hash",
+    "tokenizer_hash",
+    "tokenizer_key",
+]

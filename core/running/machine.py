@@ -1,0 +1,60 @@
+"""The machine a run uses: the device it computes on, and the peak memory of a stretch of work
+(the GPU's peak allocation, or on the CPU the process's peak resident set size: Linux ``/proc``,
+``getrusage`` elsewhere)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backbone.dist import local_device
+from ..contract.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a config's ``device`` names: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
+    ``cuda:1``; under torchrun on GPUs, ``auto``/``cuda`` are this rank's GPU."""
+    if local_device() is not None and name in ("auto", "cuda"):  # torchrun on GPUs: this rank's GPU
+        return local_device()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError([f"device: {exc}"]) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"device: {name!r} asked for, but CUDA is not available (use 'auto' or 'cpu')"])
+    return dev
+
+
+def reset_peak_memory() -> None:
+    """Start measuring: reset the CUDA peak statistics and (Linux) the process's peak RSS."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: reset the process's peak resident set size
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> float | None:
+    """The peak since :func:`reset_peak_memory` in bytes: CUDA's peak allocation on ``device``, or
+    the process's peak resident set size (None when neither can be read)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
+    except Exception:  # noqa: BLE001
+        return None
+
+
+__all__ = ["peak_memory_bytes", "reset_peak_memory", "resolve_device"]
