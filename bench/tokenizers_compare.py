@@ -33,7 +33,8 @@ import tokenloom
 from tokenloom.checkpoint import atomic_write, write_json
 from tokenloom.config import DataConfig
 from tokenloom.data import load_dataset
-from tokenloom.tokenizer_train import comparison_grid, evaluate_reconstruction
+from tokenloom.running.images import grid_image
+from tokenloom.tokenizer_train import evaluate_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "tokenizers_compare.json"
@@ -118,7 +119,7 @@ def main() -> None:
         # the reconstruction grid: originals, then one row per default tokenizer
         order = [r[0] for r in ROWS[:7]] + sorted(EXTRA_ON.get(data, {r[0] for r in ROWS[7:]}))
         grid = [holdout.images[:N_PNG]] + [recs[f"{data}|{lab}"] for lab in order if f"{data}|{lab}" in recs]
-        img = comparison_grid(grid, scale=2)
+        img = grid_image(grid, scale=2, background=128)
         with atomic_write(ROOT / "docs" / f"tokenizers_{data}.png") as fh:
             img.save(fh, format="PNG")
         shown = [lab for lab in order if f"{data}|{lab}" in recs]

@@ -180,6 +180,10 @@ class AutoencoderTokenizer(Tokenizer):
             checkpoint_every=checkpoint_every,
         )
 
+    def fit_resumable(self, images: torch.Tensor, *, checkpoint: Any, progress: bool = True) -> dict[str, float]:
+        """:meth:`fit` with its training state saved to ``checkpoint`` (and resumed from it)."""
+        return self.fit(images, progress=progress, checkpoint=checkpoint)
+
 
 def grid_to_codes(idx: torch.Tensor) -> torch.Tensor:
     """``(B, h, w)`` or ``(B, h, w, D)`` indices -> ``LongTensor[B, L]``

@@ -59,7 +59,7 @@ def run_key(tokenizer: torch.nn.Module, images: torch.Tensor, **options: Any) ->
                          "config": cfg, "image_shape": list(tokenizer.image_shape), **options},
                         sort_keys=True, default=str).encode())
     h.update(str(tuple(images.shape)).encode())
-    h.update(images.detach().contiguous().numpy().tobytes())
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -215,26 +215,4 @@ def evaluate_reconstruction(tokenizer: Any, images: torch.Tensor, *, batch_size:
     }
 
 
-def comparison_grid(rows: list[torch.Tensor], *, scale: int = 2, pad: int = 2) -> Any:
-    """A PIL image with one row per tensor ``[n, C, H, W]`` in [-1, 1]
-    (e.g. originals above reconstructions), upscaled ``scale``× by nearest
-    neighbour, separated by ``pad`` grey pixels."""
-    import numpy as np
-    from PIL import Image
-
-    n = max(r.shape[0] for r in rows)
-    _c, h, w = rows[0].shape[1:]
-    H, W = h * scale, w * scale
-    canvas = np.full((len(rows) * (H + pad) + pad, n * (W + pad) + pad, 3), 128, dtype=np.uint8)
-    for ri, r in enumerate(rows):
-        x = ((r.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()
-        for i in range(x.shape[0]):
-            y0, x0 = pad + ri * (H + pad), pad + i * (W + pad)
-            canvas[y0 : y0 + H, x0 : x0 + W] = x[i, :, :, :3]
-    return Image.fromarray(canvas)
-
-
-__all__ = ["code_statistics", "comparison_grid", "evaluate_reconstruction", "psnr", "run_key", "train_tokenizer"]
+__all__ = ["code_statistics", "evaluate_reconstruction", "psnr", "run_key", "train_tokenizer"]

@@ -17,7 +17,10 @@ of the *codes*, comparable across generators that share a tokenizer; across
 tokenizers (or against pixel-level models) it is not a pixel likelihood,
 since a lossy tokenizer discards information the codes do not carry. The
 pipeline passes the held-out split's codes as ``ctx.codes`` with their labels
-as ``ctx.real_labels`` (absent labels: the unconditional/null class).
+as ``ctx.real_labels`` (absent labels: the unconditional/null class), and the
+likelihood it already computed of them in ``ctx.stats`` (``heldout_nll_bits_per_image``,
+``heldout_images``): without ``max_images``, that number is used rather than
+scoring the same codes twice.
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ class NLL(tokenloom.Metric):
         n = codes.shape[0]
         if n == 0:
             raise tokenloom.InputError("nll: no held-out codes to score")
+        if self.config.max_images is None and (ctx.stats or {}).get("heldout_images") == n:
+            # the pipeline scored these very codes already (ctx.stats["heldout_*"]): not a second time
+            bits = tokenloom.read_stat(ctx.stats, "heldout_nll_bits_per_image", metric="nll")
+            return self._result(tok, codes, bits, "the pipeline's likelihood of the held-out codes (ctx.stats)")
         cond = self._cond(ctx, n)
         total = 0.0
         with torch.no_grad():
@@ -80,10 +87,12 @@ class NLL(tokenloom.Metric):
                     raise tokenloom.InputError(f"nll: {type(gen).__name__}.log_likelihood returned values that "
                                                "are not finite log-probabilities (must be <= 0)")
                 total += lp.double().sum().item()
-        bits = -total / n / math.log(2)
+        return self._result(tok, codes, -total / n / math.log(2), "held-out codes (ctx.codes)")
+
+    def _result(self, tok: Any, codes: torch.Tensor, bits: float, source: str) -> dict[str, float | None]:
         dims = int(math.prod(tok.image_shape))
-        self._card.update({"n_images": n, "codes_per_image": int(codes.shape[1]), "pixel_dims": dims,
-                           "source": "held-out codes (ctx.codes)"})
+        self._card.update({"n_images": int(codes.shape[0]), "codes_per_image": int(codes.shape[1]),
+                           "pixel_dims": dims, "source": source})
         return {"nll_bits_per_image": bits, "nll_bits_per_dim": bits / dims,
                 "nll_bits_per_token": bits / codes.shape[1]}
 
