@@ -1,4 +1,4 @@
-"""The conformance kit: the plugin contract as hypothesis properties.
+"""The conformance kit: the plugin contract as properties of shape *and* meaning.
 
 A third party checks their plugin from their own pytest suite::
 
@@ -11,29 +11,68 @@ A third party checks their plugin from their own pytest suite::
 (exactly as a config file would), runs every property for that kind, and
 raises ``AssertionError`` describing the first violation. tokenloom's own
 test suite runs it over every registered component, so a plugin is tested the
-moment it is registered.
+moment it is registered. The kit needs ``hypothesis`` (a development
+dependency, ``pip install 'tokenloom[dev]'``); it is imported when a check
+runs, not with this module.
+
+What is checked besides shapes, types, determinism and clear errors:
+
+- tokenizers: after a brief fit on the kit's blocky images
+  (:func:`blocky_images`), decode(encode(x)) is far closer to x than the best
+  constant image (``recon_bound`` × its error); non-square images (H×W/2 and
+  H/2×W, where the config allows them) pass the same properties; a
+  ``cell_local`` tokenizer lays its grid out along H and W and changing one
+  patch changes only the codes of its cell (and those codes decode only to
+  that patch);
+- samplers: what ``Sampler.transform`` declares — a truncation keeps the
+  largest logit and leaves the kept ones unchanged, a rescale multiplies a
+  row by a positive number, guidance of identical conditional and
+  unconditional logits is the identity; acceptance rules: drafting from q,
+  accepting, else resampling from the residual gives exactly p on small
+  enumerable cases; a relaxed rule is exact at its ``exact_settings`` and
+  never accepts a draft with more probability than the target mass of its
+  declared ``neighbourhood``;
+- generators with an exact likelihood: the log-probabilities of the drawn
+  codes under the logits handed to the sampler chain during decoding equal
+  ``log_likelihood`` of the generated codes (one teacher-forced pass), and
+  samples of a tiny, peaked model over a tiny layout agree with
+  ``exp(log_likelihood)`` by a chi-square test;
+- metrics: a context providing what ``requires`` names gives a number; a
+  context missing a required field is an :class:`~tokenloom.errors.InputError`;
+  for keys with a direction (better lower or higher) computed from real
+  images against generated or reconstructed ones, identical sets score best
+  and a growing distortion moves the score monotonically the wrong way.
 
 Keyword arguments besides the component's config:
 
 - ``image_shape=(C, H, W)`` for tokenizers (default ``(3, 16, 16)``);
 - ``fit_steps=N``: optimiser steps to fit a trainable tokenizer before the
-  properties run (default 2: the contract must hold for any weights);
+  shape properties run (default 2: the contract must hold for any weights);
+- ``recon_steps=N`` (default 150) and ``recon_bound=r`` (default 0.6): the
+  brief fit of the reconstruction property and the bound on the ratio of its
+  error to the best constant image's;
 - ``max_examples=N``: hypothesis examples per property (default 20);
 - ``context=MetricContext(...)`` for metrics (default: :func:`metric_context`,
-  small synthetic images, codes and run statistics).
+  small synthetic images, codes and run statistics);
+- ``registry=``: the :class:`~tokenloom.registry.Registry` to build the
+  component from (default: the process-wide one). The helper components the
+  kit builds itself (the ``pixel`` tokenizer of the generator properties,
+  the samplers of its chains) always come from tokenloom's own plugins, so
+  installed third-party plugins cannot change a check's outcome.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from .contract.errors import TokenloomError
 from .contract.interfaces import AcceptanceRule, SamplerContext, StepInfo
@@ -41,14 +80,52 @@ from .contract.interfaces import AcceptanceRule, SamplerContext, StepInfo
 CHECKS: dict[str, Callable[..., None]] = {}
 
 
+def _hypothesis() -> tuple[Any, Any]:
+    """``(hypothesis, hypothesis.strategies)``, or an ImportError that names
+    the missing development dependency."""
+    try:
+        import hypothesis
+        from hypothesis import strategies
+    except ImportError as exc:
+        raise ImportError(
+            "tokenloom.testing needs 'hypothesis', a development dependency of tokenloom: "
+            "pip install 'tokenloom[dev]' (or pip install 'hypothesis>=6.90')"
+        ) from exc
+    return hypothesis, strategies
+
+
 def _settings(max_examples: int):
-    return settings(
+    hypothesis, _ = _hypothesis()
+    return hypothesis.settings(
         max_examples=max_examples,
         deadline=None,
         derandomize=True,
         database=None,
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=list(hypothesis.HealthCheck),
     )
+
+
+def _given(**strategies: Any):
+    return _hypothesis()[0].given(**strategies)
+
+
+#: The built-in plugin modules the kit builds its helper components from.
+_KIT_PLUGINS = {
+    "pixel": "tokenloom.plugins.tokenizers.pixel",
+    "top-k": "tokenloom.plugins.samplers.top_k",
+    "cfg": "tokenloom.plugins.samplers.cfg",
+    "temperature": "tokenloom.plugins.samplers.temperature",
+}
+
+
+@functools.cache
+def _kit_registry() -> Any:
+    """A registry of the few built-in components the kit itself uses, built
+    from tokenloom's own plugin modules (never from what happens to be installed)."""
+    from .contract.registry import Registry
+
+    return Registry.from_plugins([(n, importlib.import_module(m)) for n, m in _KIT_PLUGINS.items()],
+                                 dist="tokenloom", strict=True)
 
 
 def _expect_error(what: str, fn: Callable[[], Any]) -> None:
@@ -82,22 +159,159 @@ def random_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch
 # ---------------------------------------------------------------------------
 
 
+def blocky_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Piecewise-constant images in [-1, 1]: squares of ``b×b`` pixels (4, or 1
+    for images under 8 pixels) each painted one of four saturated colours
+    (channel values ±1), deterministic in ``seed`` — images every tokenizer
+    should reconstruct far better than a constant image after a brief fit."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = image_shape
+    b = 4 if min(h, w) >= 8 else 1
+    ones = [1.0] * c
+    palette = torch.tensor([[-1.0] * c, ones, [1.0] + [-1.0] * (c - 1), [-1.0] * (c - 1) + [1.0]])
+    idx = torch.randint(0, 4, (n, -(-h // b), -(-w // b)), generator=g)
+    x = palette[idx].permute(0, 3, 1, 2).repeat_interleave(b, 2).repeat_interleave(b, 3)
+    return x[:, :, :h, :w].contiguous()
+
+
+def _fit_quietly(tok: Any, images: torch.Tensor, steps: int, name: str) -> dict:
+    stats = tok.fit(images, steps=steps, progress=False)
+    assert isinstance(stats, dict), f"{name}: fit() must return a dict, got {type(stats).__name__}"
+    tok.eval()
+    return stats
+
+
+def _shape_contract(tok: Any, name: str, image_shape: tuple[int, int, int], max_examples: int) -> None:
+    """encode/decode shapes, ranges, determinism and batch independence."""
+    _, st = _hypothesis()
+    layout, V = tok.layout, tok.vocab_size
+    L = layout.length
+    c, h, w = image_shape
+    where = f"{name} at {c}×{h}×{w}"
+
+    @_settings(max_examples)
+    @_given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
+    def encode_decode(n: int, seed: int) -> None:
+        x = random_images(n, image_shape, seed)
+        with torch.no_grad():
+            codes = tok.encode(x)
+            assert codes.dtype == torch.long, f"{where}: encode must return int64 codes, got {codes.dtype}"
+            assert tuple(codes.shape) == (n, L), (
+                f"{where}: encode shape {tuple(codes.shape)} != {(n, L)} from the layout")
+            assert codes.min() >= 0 and codes.max() < V, f"{where}: codes outside [0, {V})"
+            again = tok.encode(x)
+            assert torch.equal(codes, again), f"{where}: encode is not deterministic in eval mode"
+            singles = torch.cat([tok.encode(x[i : i + 1]) for i in range(n)])
+            assert torch.equal(codes, singles), f"{where}: a batch encodes differently from its images one by one"
+            y = tok.decode(codes)
+            assert y.dtype == torch.float32 and tuple(y.shape) == (n, c, h, w), (
+                f"{where}: decode must return float32 {(n, c, h, w)}, got {y.dtype} {tuple(y.shape)}"
+            )
+            assert torch.isfinite(y).all() and y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, (
+                f"{where}: decoded images outside [-1, 1]"
+            )
+
+    @_settings(max_examples)
+    @_given(n=st.integers(1, 3), seed=st.integers(0, 2**16))
+    def decode_any_codes(n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, V, (n, L), generator=g)
+        with torch.no_grad():
+            y = tok.decode(codes)
+            assert tuple(y.shape) == (n, c, h, w) and torch.isfinite(y).all(), f"{where}: decode of valid codes failed"
+            assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, f"{where}: decoded images outside [-1, 1]"
+            assert torch.equal(tok.decode(codes[:1]), y[:1]), f"{where}: decode of a batch differs from one by one"
+
+    encode_decode()
+    decode_any_codes()
+
+
+def _reconstruction(tok: Any, name: str, image_shape: tuple[int, int, int], steps: int, bound: float) -> float:
+    """Fit briefly on blocky images, then the error of decode(encode(x)) on
+    other blocky images must be at most ``bound`` times that of the best
+    constant image (each image's per-channel mean). Returns the ratio."""
+    c, h, w = image_shape
+    _fit_quietly(tok, blocky_images(64, image_shape, seed=101), steps, name)
+    x = blocky_images(16, image_shape, seed=202)
+    with torch.no_grad():
+        y = tok.decode(tok.encode(x))
+    err = float(((y - x) ** 2).mean())
+    constant = float(((x - x.mean((2, 3), keepdim=True)) ** 2).mean())
+    ratio = err / constant
+    assert ratio <= bound, (
+        f"{name} at {c}×{h}×{w}: after {steps} fit steps on blocky images, decode(encode(x)) has mean squared "
+        f"error {err:.4g}, {ratio:.2f}× that of the best constant image ({constant:.4g}); the kit's bound is "
+        f"{bound}× — encode/decode do not carry the image (a layout mix-up, a constant decoder?)")
+    return ratio
+
+
+def _locality(tok: Any, name: str, image_shape: tuple[int, int, int]) -> None:
+    """A ``cell_local`` tokenizer: one grid laid out along H and W; changing
+    one patch changes only the codes of its cell, and changing a cell's codes
+    changes only its patch of the decoded image."""
+    c, h, w = image_shape
+    where = f"{name} at {c}×{h}×{w} (cell_local)"
+    layout = tok.layout
+    assert layout.n_scales == 1, f"{where}: a cell-local tokenizer has one grid, got scales {layout.scales}"
+    gh, gw = layout.grid
+    assert h * gw == w * gh and h % gh == 0 and w % gw == 0, (
+        f"{where}: the grid {gh}×{gw} does not follow the image's H×W = {h}×{w} (rows and columns swapped?)")
+    ph, pw, D = h // gh, w // gw, layout.depth
+    x = blocky_images(2, image_shape, seed=303)
+    with torch.no_grad():
+        codes = tok.encode(x)
+        base = tok.decode(codes)
+    cells = {(0, gw - 1), (gh - 1, 0), (gh // 2, (gw - 1) // 3), (gh - 1, gw - 1)}
+    for r, col in sorted(cells):
+        y = x.clone()
+        y[:, :, r * ph : (r + 1) * ph, col * pw : (col + 1) * pw] *= -1  # every value changes sign
+        with torch.no_grad():
+            other = tok.encode(y)
+        changed = (other != codes).reshape(2, gh, gw, D).any(-1).any(0)
+        outside = changed.clone()
+        outside[r, col] = False
+        assert not outside.any(), (
+            f"{where}: changing the patch of cell ({r}, {col}) changed the codes of cells "
+            f"{[tuple(i) for i in outside.nonzero().tolist()][:4]} (code i must belong to cell (i // w, i % w))")
+        assert changed[r, col], f"{where}: changing the patch of cell ({r}, {col}) did not change its codes"
+        with torch.no_grad():
+            diff = (tok.decode(other) - base).abs().sum((0, 1))  # (H, W)
+        diff[r * ph : (r + 1) * ph, col * pw : (col + 1) * pw] = 0
+        assert not diff.any(), (
+            f"{where}: the codes of cell ({r}, {col}) decode outside its patch, e.g. at pixel "
+            f"{tuple(diff.nonzero()[0].tolist())}")
+
+
+def _non_square_shapes(image_shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    c, h, w = image_shape
+    return [s for s in ((c, h, w // 2), (c, h // 2, w)) if s[1] >= 1 and s[2] >= 1 and s[1] != s[2]]
+
+
 def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16), fit_steps: int = 2,
-                    max_examples: int = 20, **config: Any) -> None:
+                    recon_steps: int = 150, recon_bound: float = 0.6, max_examples: int = 20,
+                    **config: Any) -> None:
+    """Tokenizer properties at ``image_shape`` and at the non-square shapes
+    H×W/2 and H/2×W (skipped for a shape the config rejects with a
+    ConfigError): shapes and ranges of encode/decode, determinism, batch
+    independence, the reconstruction bound, locality for ``cell_local``
+    tokenizers, ``code_embeddings()``, save -> load, and clear errors."""
     from .contract.checkpoint import load_component, save_tokenizer
+    from .contract.errors import ConfigError
     from .contract.registry import build_component, get_registry
 
     registry = registry or get_registry()
     image_shape = tuple(image_shape)
-    tok = build_component(registry, "tokenizer", name, {**config, "image_shape": image_shape}, path="tokenizer")
+
+    def build(shape: tuple[int, int, int]) -> Any:
+        return build_component(registry, "tokenizer", name, {**config, "image_shape": shape}, path="tokenizer")
+
+    tok = build(image_shape)
     layout, V = tok.layout, tok.vocab_size
     assert isinstance(V, int) and V >= 1, f"{name}: vocab_size must be a positive int, got {V!r}"
     L = layout.length
-    train = random_images(32, image_shape, seed=1234)
-    stats = tok.fit(train, steps=fit_steps, progress=False)
-    assert isinstance(stats, dict), f"{name}: fit() must return a dict, got {type(stats).__name__}"
-    tok.eval()
+    _fit_quietly(tok, random_images(32, image_shape, seed=1234), fit_steps, name)
     c, h, w = image_shape
+    cell_local = bool(getattr(tok, "cell_local", False))
 
     emb = tok.code_embeddings()
     assert isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == V, (
@@ -105,40 +319,23 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
     )
     assert emb.dtype.is_floating_point and torch.isfinite(emb).all(), f"{name}: code_embeddings() not finite floats"
 
-    @_settings(max_examples)
-    @given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
-    def encode_decode(n: int, seed: int) -> None:
-        x = random_images(n, image_shape, seed)
-        with torch.no_grad():
-            codes = tok.encode(x)
-            assert codes.dtype == torch.long, f"{name}: encode must return int64 codes, got {codes.dtype}"
-            assert tuple(codes.shape) == (n, L), f"{name}: encode shape {tuple(codes.shape)} != {(n, L)} from the layout"
-            assert codes.min() >= 0 and codes.max() < V, f"{name}: codes outside [0, {V})"
-            again = tok.encode(x)
-            assert torch.equal(codes, again), f"{name}: encode is not deterministic in eval mode"
-            singles = torch.cat([tok.encode(x[i : i + 1]) for i in range(n)])
-            assert torch.equal(codes, singles), f"{name}: a batch encodes differently from its images one by one"
-            y = tok.decode(codes)
-            assert y.dtype == torch.float32 and tuple(y.shape) == (n, c, h, w), (
-                f"{name}: decode must return float32 {(n, c, h, w)}, got {y.dtype} {tuple(y.shape)}"
-            )
-            assert torch.isfinite(y).all() and y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, (
-                f"{name}: decoded images outside [-1, 1]"
-            )
+    _shape_contract(tok, name, image_shape, max_examples)
+    if cell_local:
+        _locality(tok, name, image_shape)
 
-    @_settings(max_examples)
-    @given(n=st.integers(1, 3), seed=st.integers(0, 2**16))
-    def decode_any_codes(n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        codes = torch.randint(0, V, (n, L), generator=g)
-        with torch.no_grad():
-            y = tok.decode(codes)
-            assert tuple(y.shape) == (n, c, h, w) and torch.isfinite(y).all(), f"{name}: decode of valid codes failed"
-            assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, f"{name}: decoded images outside [-1, 1]"
-            assert torch.equal(tok.decode(codes[:1]), y[:1]), f"{name}: decode of a batch differs from one by one"
-
-    encode_decode()
-    decode_any_codes()
+    # meaning: a fresh tokenizer, fitted briefly, reconstructs the kit's blocky images
+    _reconstruction(build(image_shape), name, image_shape, recon_steps, recon_bound)
+    # the same at non-square shapes: the layout must follow H and W
+    for shape in _non_square_shapes(image_shape):
+        try:
+            other = build(shape)
+        except ConfigError:
+            continue  # the config does not allow this shape (e.g. a square token grid)
+        _fit_quietly(other, random_images(32, shape, seed=1234), fit_steps, name)
+        _shape_contract(other, name, shape, max(2, max_examples // 4))
+        if cell_local:
+            _locality(other, name, shape)
+        _reconstruction(build(shape), name, shape, recon_steps, recon_bound)
 
     # save -> load gives identical codes
     x = random_images(3, image_shape, seed=7)
@@ -179,33 +376,185 @@ CHECKS["tokenizer"] = check_tokenizer
 # ---------------------------------------------------------------------------
 
 
-@st.composite
-def logits_strategy(draw, max_batch: int = 4, max_vocab: int = 64) -> torch.Tensor:
-    """Random ``[B, V]`` logits: several scales, integer-valued rows with ties,
-    ``-inf`` entries (at least one finite entry per row)."""
-    b = draw(st.integers(1, max_batch))
-    v = draw(st.integers(1, max_vocab))
-    seed = draw(st.integers(0, 2**16))
-    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0, 100.0]))
+def logits_strategy(max_batch: int = 4, max_vocab: int = 64) -> Any:
+    """A hypothesis strategy of random ``[B, V]`` logits: several scales,
+    integer-valued rows with ties, ``-inf`` entries (at least one finite entry
+    per row)."""
+    _, st = _hypothesis()
+
+    @st.composite
+    def draw_logits(draw) -> torch.Tensor:
+        b = draw(st.integers(1, max_batch))
+        v = draw(st.integers(1, max_vocab))
+        seed = draw(st.integers(0, 2**16))
+        scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0, 100.0]))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(b, v, generator=g) * scale
+        if draw(st.booleans()):  # ties
+            x = torch.round(x)
+        if draw(st.booleans()) and v > 1:  # -inf entries
+            dead = torch.rand(b, v, generator=g) < 0.4
+            dead[torch.arange(b), torch.randint(0, v, (b,), generator=g)] = False
+            x = x.masked_fill(dead, float("-inf"))
+        return x
+
+    return draw_logits()
+
+
+TRANSFORMS = ("truncate", "select", "rescale", "guide", "identity", "other")
+
+
+def _check_transform(name: str, proc: Any, logits: torch.Tensor, out: torch.Tensor, info: StepInfo) -> None:
+    """What ``proc.transform`` declares holds for ``out = proc(logits, info)``."""
+    kind = getattr(proc, "transform", "truncate")
+    assert kind in TRANSFORMS, f"{name}: transform must be one of {TRANSFORMS}, got {kind!r}"
+    finite, kept = torch.isfinite(logits), torch.isfinite(out)
+    if kind in ("truncate", "select", "identity"):
+        bad = kept & (out != logits)
+        assert not bad.any(), (
+            f"{name}: transform = {kind!r} keeps logits unchanged, but entry {tuple(bad.nonzero()[0].tolist())} "
+            f"went from {logits[bad][0].item():.4g} to {out[bad][0].item():.4g}")
+        if kind == "identity":
+            assert torch.equal(kept, finite), f"{name}: transform = 'identity' removed entries"
+        if kind == "truncate":
+            top = logits.amax(-1, keepdim=True)
+            lost = ~(kept & (logits == top)).any(-1)
+            assert not lost.any(), (
+                f"{name}: transform = 'truncate' keeps the largest logit, but row {int(lost.nonzero()[0])} lost it")
+            lowest_kept = out.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
+            skipped = finite & ~kept & (logits > lowest_kept)
+            assert not skipped.any(), (
+                f"{name}: transform = 'truncate' keeps every entry larger than a kept one, but removed entry "
+                f"{tuple(skipped.nonzero()[0].tolist())}")
+    elif kind == "rescale":
+        assert torch.equal(kept, finite), f"{name}: transform = 'rescale' must keep exactly the finite entries"
+        x, y = logits.masked_fill(~finite, 0).double(), out.masked_fill(~finite, 0).double()
+        ref = x.abs().argmax(-1, keepdim=True)
+        xr, yr = x.gather(-1, ref), y.gather(-1, ref)
+        factor = torch.where(xr != 0, yr / xr.where(xr != 0, torch.ones_like(xr)), torch.ones_like(xr))
+        assert (factor > 0).all(), f"{name}: transform = 'rescale' multiplies by a positive number, got {factor.min():.4g}"
+        scale = y.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+        assert ((y - factor * x).abs() <= 1e-5 * scale + 1e-6).all(), (
+            f"{name}: transform = 'rescale', but the output is not one positive multiple of each row")
+    elif kind == "guide":
+        same = proc(logits, attrs.evolve(info, uncond_logits=logits.clone()))
+        assert torch.equal(torch.isfinite(same), finite), (
+            f"{name}: transform = 'guide' with identical conditional and unconditional logits changed which are finite")
+        x, y = logits.masked_fill(~finite, 0), same.masked_fill(~finite, 0)
+        assert torch.allclose(y, x, rtol=1e-5, atol=1e-5), (
+            f"{name}: transform = 'guide', but identical conditional and unconditional logits do not come back "
+            f"unchanged (max difference {(y - x).abs().max().item():.4g})")
+
+
+def _exact_outcome(rule: Any, p: torch.Tensor, q: torch.Tensor, n_u: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one case (``p``, ``q``: ``[V]``): the output distribution of
+    drafting ``x ~ q``, accepting it, else resampling from the residual
+    (``[V]``, float64), and the acceptance probability of each draft ``[V]``,
+    integrating ``u`` over a midpoint grid of ``n_u`` points."""
+    V = p.shape[0]
+    u = ((torch.arange(n_u, dtype=torch.float64) + 0.5) / n_u).float().repeat(V)
+    drafted = torch.arange(V).repeat_interleave(n_u)
+    acc = rule.accept(p.expand(V * n_u, V), q.expand(V * n_u, V), drafted, u)
+    assert acc.dtype == torch.bool and tuple(acc.shape) == (V * n_u,), "accept must return BoolTensor[B]"
+    a = acc.double().reshape(V, n_u).mean(-1)  # (V,) acceptance probability per draft
+    r = rule.residual(p.expand(V, V), q.expand(V, V), torch.arange(V)).double()  # (V, V) one row per draft
+    qd = q.double()
+    out = qd * a + (qd * (1 - a)) @ r
+    return out, a
+
+
+def _acceptance_cases(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Small enumerable (p, q) pairs: random, peaked, with zeros on either side, q = p."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, v, generator=g) * scale
-    if draw(st.booleans()):  # ties
-        x = torch.round(x)
-    if draw(st.booleans()) and v > 1:  # -inf entries
-        dead = torch.rand(b, v, generator=g) < 0.4
-        dead[torch.arange(b), torch.randint(0, v, (b,), generator=g)] = False
-        x = x.masked_fill(dead, float("-inf"))
-    return x
+    cases = []
+    for V in (2, 3, 5, 6):
+        for temp in (0.5, 2.0):
+            p = torch.softmax(torch.randn(V, generator=g) * temp * 2, -1)
+            q = torch.softmax(torch.randn(V, generator=g) * temp * 2, -1)
+            cases.append((p, q))
+        zp = torch.rand(V, generator=g)
+        zp[0] = 0.0
+        zq = torch.rand(V, generator=g)
+        zq[-1] = 0.0
+        cases.append((zp / zp.sum(), zq / zq.sum()))
+        cases.append((cases[-3][0], cases[-3][0].clone()))
+    return cases
+
+
+def _bind_rule(rule: Any, V: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(1000 + seed + V)
+    rule.bind(SamplerContext(vocab_size=V, code_embeddings=torch.randn(V, 3, generator=g),
+                             token_embeddings=torch.randn(V, 4, generator=g)))
+
+
+def check_acceptance(name: str, rule: Any, *, n_u: int = 2000) -> None:
+    """The meaning of an acceptance rule on small enumerable cases (see the
+    module docstring): exact, or exact at ``exact_settings`` and bounded by its
+    ``neighbourhood``."""
+    from .blocks.sampling import speculative_residual
+
+    tol = 2.0 / n_u + 1e-6
+    relaxed = getattr(rule, "exact_settings", None)
+    if relaxed is None:
+        exact = rule
+    else:
+        assert isinstance(relaxed, Mapping) and relaxed, f"{name}: exact_settings must be a non-empty mapping"
+        try:
+            exact = type(rule)(attrs.evolve(rule.config, **dict(relaxed)))
+        except (TypeError, ValueError) as exc:
+            raise AssertionError(f"{name}: exact_settings {dict(relaxed)} do not fit its Config: {exc}") from None
+    off = "" if relaxed is None else f" with its exact_settings {dict(relaxed)}"
+    for i, (p, q) in enumerate(_acceptance_cases()):
+        V = p.shape[0]
+        _bind_rule(exact, V, i)
+        out, _ = _exact_outcome(exact, p, q, n_u)
+        gap = (out - p.double()).abs().max().item()
+        assert gap <= tol, (
+            f"{name}{off}: drafting from q, accepting, else resampling from the residual does not give p "
+            f"(V = {V}, case {i}): p = {[round(v, 4) for v in p.tolist()]}, q = {[round(v, 4) for v in q.tolist()]}, "
+            f"output = {[round(v, 4) for v in out.tolist()]}")
+        if relaxed is None:
+            continue
+        _bind_rule(rule, V, i)
+        _, a = _exact_outcome(rule, p, q, n_u)
+        drafts = torch.arange(V)
+        hood = rule.neighbourhood(p.expand(V, V), drafts)
+        assert hood.dtype == torch.bool and tuple(hood.shape) == (V, V), f"{name}: neighbourhood must be BoolTensor[B, V]"
+        assert hood[drafts, drafts].all(), f"{name}: a draft's neighbourhood must contain the draft"
+        pd, qd = p.double(), q.double()
+        reach = (hood.double() * pd).sum(-1)  # (V,) target mass of each draft's neighbourhood
+        over = qd * a > reach + tol
+        assert not over.any(), (
+            f"{name}: accepts draft {int(over.nonzero()[0])} with probability {float((qd * a)[over][0]):.4f}, more "
+            f"than the target mass {float(reach[over][0]):.4f} of its declared neighbourhood (case {i})")
+        others = hood & (drafts[None, :] != drafts[:, None])
+        alone = (others.double() * (pd + qd)).sum(-1) == 0  # no other token with target or draft mass
+        exact_a = torch.where(qd > 0, (pd / qd.clamp(min=1e-300)).clamp(max=1), torch.ones_like(qd))
+        wrong = alone & (qd > 0) & ((a - exact_a).abs() > tol)
+        assert not wrong.any(), (
+            f"{name}: draft {int(wrong.nonzero()[0])} has no other token with mass in its neighbourhood, yet it is "
+            f"accepted with probability {float(a[wrong][0]):.4f} instead of min(1, p/q) = "
+            f"{float(exact_a[wrong][0]):.4f} (case {i})")
+        r = rule.residual(p.expand(V, V), q.expand(V, V), drafts).double()
+        plain = speculative_residual(pd[None], qd[None])[0]
+        moved = alone[:, None] & ((r - plain[None]).abs() > 1e-6)
+        assert not moved.any(), (
+            f"{name}: the residual after rejecting draft {int(moved.nonzero()[0][0])}, whose neighbourhood holds "
+            f"no other token with mass, is not norm(max(p - q, 0)) (case {i})")
 
 
 def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **config: Any) -> None:
+    """Sampler properties: a new tensor of the input's shape, no NaN/+inf, no
+    revived ``-inf``, the declared ``depends_on_step()`` and ``transform``; for
+    acceptance rules, the accept/residual shapes and :func:`check_acceptance`."""
     from .contract.registry import build_component, get_registry
 
+    _, st = _hypothesis()
     registry = registry or get_registry()
     proc = build_component(registry, "sampler", name, dict(config), path="sampler")
 
     @_settings(max_examples)
-    @given(logits=logits_strategy(), step=st.integers(0, 15))
+    @_given(logits=logits_strategy(), step=st.integers(0, 15))
     def contract(logits: torch.Tensor, step: int) -> None:
         V = logits.shape[-1]
         g = torch.Generator().manual_seed(V * 7 + step)
@@ -227,6 +576,7 @@ def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **
         assert not torch.isposinf(out).any(), f"{name}: produced +inf"
         assert torch.isfinite(out).any(-1).all(), f"{name}: left a row with no finite entry"
         assert torch.isneginf(out[torch.isneginf(logits)]).all(), f"{name}: revived a -inf entry"
+        _check_transform(name, proc, logits, out, info)
         if not proc.depends_on_step():  # the declaration holds at every step
             for other in (0, 7, 15):
                 o2 = proc(logits, StepInfo(step=other, n_steps=16, uncond_logits=uncond))
@@ -246,6 +596,8 @@ def check_sampler(name: str, *, registry: Any = None, max_examples: int = 60, **
             )
 
     contract()
+    if isinstance(proc, AcceptanceRule):
+        check_acceptance(name, proc)
 
     # bad rows are a clear error naming the step
     dead = torch.zeros(2, 5)
@@ -266,7 +618,8 @@ CHECKS["sampler"] = check_sampler
 
 
 def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: int = 0) -> Any:
-    from .backbone.model import InstrumentedModel, build_model
+    from .backbone.instrumented import InstrumentedModel
+    from .backbone.model import build_model
     from .contract.config import ModelConfig
 
     return InstrumentedModel(build_model(spec, ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos),
@@ -276,7 +629,8 @@ def _tiny_model(spec: Any, *, pos: str = "learned", n_classes: int = 3, seed: in
 def _attach_tiny_auxiliary(gen: Any, spec: Any, *, pos: str, seed: int) -> None:
     """Untrained auxiliary models (e.g. a speculative draft) for a generator
     that asks for them, sized from the tiny target's config."""
-    from .backbone.model import InstrumentedModel, build_model
+    from .backbone.instrumented import InstrumentedModel
+    from .backbone.model import build_model
     from .contract.config import ModelConfig
 
     wanted = gen.auxiliary_models(ModelConfig(n_layer=2, d_model=16, n_head=2, pos=pos))
@@ -298,8 +652,130 @@ def _seeded_batch(gen: Any, codes: torch.Tensor, cond: torch.Tensor, seed: int) 
         return gen.training_batch(codes, cond)
 
 
+def _recording_chain(samplers: list) -> Any:
+    from .blocks.sampling import SamplerChain
+
+    class RecordingChain(SamplerChain):
+        def __init__(self, procs: list) -> None:
+            super().__init__(procs)
+            self.pending: list[torch.Tensor] = []
+            self.logp: list[torch.Tensor] = []  # per draw: log p of the drawn codes, (B,) or (B, k)
+            self.calls = 0
+
+        def __call__(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+            self.calls += 1
+            self.pending.append(logits.detach().double().clone())
+            return super().__call__(logits, info)
+
+        def draw(self, processed: torch.Tensor, rng: Any, step: int, *, stream: int = 0) -> torch.Tensor:
+            tokens = super().draw(processed, rng, step, stream=stream)
+            if self.pending:
+                raw = self.pending.pop()
+                if raw.shape[:-1] == tokens.shape:
+                    self.logp.append(torch.log_softmax(raw, -1).gather(-1, tokens[..., None].to(raw.device))[..., 0])
+            return tokens
+
+        def decode_log_likelihood(self, B: int, L: int) -> torch.Tensor | None:
+            """Sum of the recorded log-probabilities per row, or None when the
+            loop did not draw each of the ``L`` codes exactly once through
+            ``chain(logits)`` then ``chain.draw`` (speculative loops)."""
+            if self.pending or len(self.logp) == 0 or self.calls != len(self.logp):
+                return None
+            per_row = [lp.reshape(B, -1) for lp in self.logp if lp.numel() % B == 0]
+            if len(per_row) != len(self.logp) or sum(x.shape[1] for x in per_row) != L:
+                return None
+            return torch.cat(per_row, 1).sum(1)
+
+    return RecordingChain(samplers)
+
+
+def _peaked(model: Any, scale: float = 5.0) -> Any:
+    """Scale the output heads of a tiny untrained model so that its
+    conditionals are far from uniform (the chi-square test then has teeth)."""
+    inner = getattr(model, "model", model)
+    with torch.no_grad():
+        for p in inner.heads.parameters():
+            p.mul_(scale)
+    return model
+
+
+def chi_square_pvalue(samples: torch.Tensor, every: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square p-value of ``samples`` (``[N, L]`` codes) against
+    the distribution ``probs`` over the sequences ``every`` (``[S, L]``);
+    sequences with an expected count under 5 are pooled into one cell."""
+    V = int(max(every.max(), samples.max())) + 1
+    place = V ** torch.arange(every.shape[1] - 1, -1, -1, dtype=torch.float64)
+    index = {int(k): i for i, k in enumerate((every.double() @ place).long().tolist())}
+    counts = torch.zeros(every.shape[0], dtype=torch.float64)
+    for k, n in zip(*torch.unique((samples.double() @ place).long(), return_counts=True), strict=True):
+        if int(k) not in index:
+            return 0.0  # a sequence outside the support
+        counts[index[int(k)]] = float(n)
+    expected = probs.double() / probs.double().sum() * samples.shape[0]
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]) if small.any() else counts
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]) if small.any() else expected
+    keep = exp > 0
+    if (obs[~keep] > 0).any():
+        return 0.0
+    obs, exp = obs[keep], exp[keep]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = max(int(obs.numel()) - 1, 1)
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _likelihood_properties(name: str, gen: Any, tok: Any, *, seed: int, n_samples: int) -> None:
+    """Decode-time log-probabilities equal the teacher-forced ``log_likelihood``;
+    when every sequence can be enumerated, ``exp(log_likelihood)`` sums to one
+    and samples follow it (chi-square)."""
+    from .blocks.rng import RowRNG
+    from .blocks.sampling import SamplerChain
+
+    L, V = tok.layout.length, tok.vocab_size
+    spec = gen.model_spec()
+    model = _peaked(_tiny_model(spec, pos="rope2d", seed=seed))
+    _attach_tiny_auxiliary(gen, spec, pos="rope2d", seed=seed)
+    context = SamplerContext(vocab_size=V, code_embeddings=tok.code_embeddings(),
+                             token_embeddings=model.token_embeddings())
+
+    # what the decoding loop saw equals one teacher-forced pass over what it generated
+    B = 6
+    cond = torch.arange(B) % 4  # 3 is the null class of the tiny model (unconditional rows)
+    recorder = _recording_chain([])
+    recorder.bind(context)
+    with torch.no_grad():
+        out = gen.generate(model, recorder, cond, rng=RowRNG(seed, torch.arange(B)))
+        decoded = recorder.decode_log_likelihood(B, L)
+        if decoded is not None:
+            forced = gen.log_likelihood(model, out, cond).double()
+            gap = (decoded - forced).abs().max().item()
+            assert gap <= 1e-3 * max(1.0, forced.abs().max().item()), (
+                f"{name}: the logits the decoding loop handed to the sampler chain give the generated codes "
+                f"log-probabilities {[round(v, 3) for v in decoded.tolist()]}, but log_likelihood (teacher "
+                f"forcing) says {[round(v, 3) for v in forced.tolist()]} — decoding and training disagree")
+
+    if V**L > 256:
+        return
+    every = torch.cartesian_prod(*[torch.arange(V)] * L).reshape(-1, L) if L > 1 else torch.arange(V)[:, None]
+    with torch.no_grad():
+        for c in (0, 3):
+            ll = gen.log_likelihood(model, every, torch.full((every.shape[0],), c)).double()
+            total = torch.logsumexp(ll, 0)
+            assert abs(total.item()) < 1e-4, (
+                f"{name}: exp(log_likelihood) sums to {total.exp().item():.6f} over all codes (class {c})")
+        cond = torch.full((n_samples,), 1)
+        probs = gen.log_likelihood(model, every, torch.full((every.shape[0],), 1)).double().exp()
+        samples = gen.generate(model, SamplerChain([]), cond, rng=RowRNG(seed + 7, torch.arange(n_samples)))
+    pvalue = chi_square_pvalue(samples, every, probs)
+    assert pvalue > 1e-4, (
+        f"{name}: {n_samples} samples of a tiny model do not follow exp(log_likelihood) over the {every.shape[0]} "
+        f"sequences (chi-square p = {pvalue:.2g}) — decoding samples another distribution than the one "
+        "log_likelihood reports")
+
+
 def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, dict] | None = None,
-                    max_examples: int = 8, **config: Any) -> None:
+                    max_examples: int = 8, n_samples: int = 3000, **config: Any) -> None:
     """Generator properties, over random token layouts (grids of 1–4 × 1–4
     pixel tokens, with and without residual depth) unless ``tokenizer=(name,
     options)`` (with ``image_shape`` among the options) fixes one:
@@ -313,17 +789,30 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
     - same seed → identical codes, and image i is the same alone or in a batch;
     - with ``supports_known``, every known token is kept;
     - with ``exact_likelihood``, ``log_likelihood`` is a log-probability and
-      sums to 1 over every sequence of a small layout.
+      sums to 1 over every sequence of a small layout; the log-probabilities
+      of the drawn codes under the logits the decoding loop handed to the
+      chain equal ``log_likelihood`` of the generated codes (loops that draw
+      each code once: not the speculative ones); and ``n_samples`` samples of
+      a tiny peaked model follow ``exp(log_likelihood)`` (chi-square, p >
+      1e-4) — unless the class sets ``samples_follow_likelihood = False``
+      (an order whose likelihood is that of another order, e.g. ``random``'s
+      raster-order likelihood: they agree only for a trained model).
+
+    The generator is always handed a :class:`~tokenloom.sampling.SamplerChain`.
     """
     from .blocks.rng import RowRNG
     from .blocks.sampling import SamplerChain
     from .contract.interfaces import Known
     from .contract.registry import build_component, get_registry
 
+    _, st = _hypothesis()
     registry = registry or get_registry()
+    kit = _kit_registry()
 
     def make(tok_name: str, tok_opts: dict) -> tuple[Any, Any]:
-        tok = build_component(registry, "tokenizer", tok_name, dict(tok_opts), path="tokenizer")
+        # the kit's own pixel layouts come from the built-in plugin; a caller's tokenizer from `registry`
+        source = registry if tokenizer is not None else kit
+        tok = build_component(source, "tokenizer", tok_name, dict(tok_opts), path="tokenizer")
         gen = build_component(registry, "generator", name, {**config, "tokenizer": tok}, path="generator")
         return tok, gen
 
@@ -331,11 +820,11 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
         return ("pixel", {"bits": 1, "pool": 2, "per_channel": depth3, "image_shape": (3, 2 * gh, 2 * gw)})
 
     def chain(kind: int) -> SamplerChain:
-        build = lambda n, **kw: build_component(registry, "sampler", n, kw, path="sampler")
+        build = lambda n, **kw: build_component(kit, "sampler", n, kw, path="sampler")
         return SamplerChain([[], [build("top-k", k=3)], [build("cfg", scale=2.0), build("temperature", t=0.9)]][kind])
 
     @_settings(max_examples)
-    @given(gh=st.integers(1, 4), gw=st.integers(1, 4), depth3=st.booleans(), seed=st.integers(0, 2**16),
+    @_given(gh=st.integers(1, 4), gw=st.integers(1, 4), depth3=st.booleans(), seed=st.integers(0, 2**16),
            pos=st.sampled_from(["learned", "rope2d"]), kind=st.integers(0, 2))
     def properties(gh: int, gw: int, depth3: bool, seed: int, pos: str, kind: int) -> None:
         tok, gen = make(*(tokenizer or pixel_layout(gh, gw, depth3)))
@@ -407,15 +896,11 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
 
     properties()
 
-    if getattr(registry.get("generator", name).cls, "exact_likelihood", False) and tokenizer is None:
-        # an exact likelihood sums to one over every sequence (V = 2, L = 6: 64 sequences)
-        tok, gen = make("pixel", {"bits": 1, "image_shape": (1, 2, 3)})
-        L, V = tok.layout.length, tok.vocab_size
-        model = _tiny_model(gen.model_spec(), pos="rope2d", seed=1)
-        every = torch.cartesian_prod(*[torch.arange(V)] * L).reshape(-1, L)
-        for c in (0, 3):
-            total = torch.logsumexp(gen.log_likelihood(model, every, torch.full((every.shape[0],), c)).double(), 0)
-            assert abs(total.item()) < 1e-4, f"{name}: exp(log_likelihood) sums to {total.exp().item():.6f} over all codes"
+    cls = registry.get("generator", name).cls
+    if getattr(cls, "exact_likelihood", False) and getattr(cls, "samples_follow_likelihood", True):
+        # a tiny enumerable layout (V = 2, L = 4: 16 sequences) unless the caller fixed the tokenizer
+        tok, gen = make(*(tokenizer or ("pixel", {"bits": 1, "image_shape": (1, 2, 2)})))
+        _likelihood_properties(name, gen, tok, seed=1, n_samples=n_samples)
 
 
 CHECKS["generator"] = check_generator
@@ -465,7 +950,6 @@ def check_metric(name: str, *, registry: Any = None, context: Any = None, image_
     :class:`~tokenloom.MetricContext` to use instead of :func:`metric_context`."""
     import copy
     import json
-    import math
 
     from .contract.registry import build_component, get_registry
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenloom
+from tokenloom.backbone.instrumented import InstrumentedModel
+from tokenloom.backbone.kvcache import KVCache
 from tokenloom.config import ModelConfig
 from tokenloom.model import (
-    InstrumentedModel,
-    KVCache,
     apply_rope,
     block_causal_mask,
     build_model,
@@ -260,3 +260,51 @@ def test_flops_per_token_matches_torch_flop_counter(depth, depth_layers):
         sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     ratio = counter.get_total_flops() / (B * T * m.flops_per_token(T))
     assert 0.75 < ratio < 1.1, ratio
+
+
+def test_old_public_path_keeps_the_moved_names():
+    """``tokenloom.model`` re-exports what moved to the backbone's own rooms
+    (the KV cache, the CPU kernels, the instrumented wrapper): the same
+    objects, listed in its ``__all__``."""
+    from tokenloom import model as public
+    from tokenloom.backbone import instrumented, kernels, kvcache
+
+    moved = {kvcache: ["KVCache"], instrumented: ["InstrumentedModel"],
+             kernels: ["BMM_ATTENTION_PAIRS", "PLAIN_LINEAR", "CPULinear", "PlainLinear", "attend"]}
+    for module, names in moved.items():
+        assert sorted(module.__all__) == sorted(names)
+        for name in names:
+            assert getattr(public, name) is getattr(module, name) and name in public.__all__
+    assert all(hasattr(public, name) for name in public.__all__)
+
+
+def test_backbone_rooms_do_not_import_the_model():
+    """The KV cache, the kernels and the instrumented wrapper import no
+    ``tokenloom.model`` (which imports them): no import loop (a fresh
+    interpreter, so nothing is imported already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import tokenloom.backbone.kvcache, tokenloom.backbone.kernels, "
+            "tokenloom.backbone.instrumented; print('tokenloom.backbone.model' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_block_weights_are_named_after_the_block_parameters():
+    """:class:`BlockWeights` names each of the twelve weights that
+    :func:`block_forward` unpacks in field order after the parameter it is,
+    and the functional block equals the module's own forward."""
+    from tokenloom.model import BlockWeights, block_forward
+
+    block = model().blocks[0]
+    params = dict(block.named_parameters())
+    weights = block.params()
+    assert isinstance(weights, BlockWeights) and len(weights) == 12 == len(params)
+    renamed = {"qkv": "attn.qkv", "attn_proj": "attn.proj", "fc": "mlp.fc", "mlp_proj": "mlp.proj"}
+    for field, w in zip(BlockWeights._fields, weights):
+        stem, kind = field.rsplit("_", 1)
+        assert w is params[f"{renamed.get(stem, stem)}.{kind}"], field
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(block_forward(x, weights, 4, None, "causal", None, 0), block(x, None, "causal", None, 0))

@@ -143,7 +143,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 @given(rows=st.integers(1, 40), d_in=st.sampled_from([8, 32, 96]), d_out=st.sampled_from([4, 64, 130]),
        bias=st.booleans(), lead=st.sampled_from([(), (2,), (1, 3)]))
 def test_cpu_linear_equals_f_linear(rows, d_in, d_out, bias, lead):
-    from tokenloom.model import PLAIN_LINEAR, CPULinear
+    from tokenloom.backbone.kernels import PLAIN_LINEAR, CPULinear
 
     g = torch.Generator().manual_seed(rows * d_in + d_out)
     w, b = torch.randn(d_out, d_in, generator=g), (torch.randn(d_out, generator=g) if bias else None)
@@ -163,7 +163,7 @@ def test_cpu_linear_equals_f_linear(rows, d_in, d_out, bias, lead):
 def test_cpu_linear_rows_do_not_depend_on_their_batch():
     """The reason beyond speed: a row's output is the same bits whatever
     rows share the call (MKL's is not, below 16 rows)."""
-    from tokenloom.model import CPULinear
+    from tokenloom.backbone.kernels import CPULinear
 
     g = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(48, 64, generator=g)
@@ -176,7 +176,7 @@ def test_cpu_linear_rows_do_not_depend_on_their_batch():
 
 @needs_onednn
 def test_cpu_linear_repacks_after_the_weight_changes():
-    from tokenloom.model import CPULinear
+    from tokenloom.backbone.kernels import CPULinear
 
     lin, w, x = CPULinear(), torch.nn.Parameter(torch.randn(8, 4)), torch.randn(5, 4)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_cpu_linear_repacks_after_the_weight_changes():
 
 
 def test_cpu_linear_can_be_turned_off(monkeypatch):
-    from tokenloom.model import CPULinear
+    from tokenloom.backbone.kernels import CPULinear
 
     monkeypatch.setenv("TOKENLOOM_ONEDNN", "0")
     lin = CPULinear()
@@ -204,8 +204,9 @@ def test_cpu_linear_can_be_turned_off(monkeypatch):
 def test_generation_does_not_depend_on_the_batch_it_shares():
     """With oneDNN's batch-invariant linears an image's codes are the same
     bits in any batch of at least two rows."""
+    from tokenloom.backbone.instrumented import InstrumentedModel
     from tokenloom.config import ModelConfig
-    from tokenloom.model import InstrumentedModel, build_model
+    from tokenloom.model import build_model
     from tokenloom.sampling import SamplerChain
 
     tok = tokenloom.create("tokenizer", "pixel", bits=2, image_shape=(3, 6, 6))
@@ -261,7 +262,7 @@ def test_a_model_with_packed_weights_can_be_saved_whole(tmp_path):
 def test_attend_equals_sdpa(rows, heads, keys, hd):
     """The batched one-query path (from BMM_ATTENTION_PAIRS row×head pairs)
     and SDPA compute the same attention, on cache-like strided keys."""
-    from tokenloom.model import attend
+    from tokenloom.backbone.kernels import attend
 
     g = torch.Generator().manual_seed(rows * 100 + keys)
     q = torch.randn(rows, 1, heads, hd, generator=g).transpose(1, 2)  # (B, H, 1, hd), strided like the decoder's
@@ -276,8 +277,10 @@ def test_pipeline_images_do_not_depend_on_how_many_are_generated():
     """Every micro-batch is filled to MICRO_BATCH rows, so image i is the
     same bits for any n (here the decoder's batched attention path is on:
     16 rows × 4 heads)."""
+    from tokenloom.backbone.instrumented import InstrumentedModel
+    from tokenloom.backbone.kernels import BMM_ATTENTION_PAIRS
     from tokenloom.config import ModelConfig
-    from tokenloom.model import BMM_ATTENTION_PAIRS, InstrumentedModel, build_model
+    from tokenloom.model import build_model
     from tokenloom.pipeline import MICRO_BATCH, generate_codes
     from tokenloom.sampling import SamplerChain
 

@@ -13,8 +13,9 @@ from scipy.stats import chi2
 
 import tokenloom
 import tokenloom.testing
+from tokenloom.backbone.instrumented import InstrumentedModel
 from tokenloom.config import ModelConfig, parse_config
-from tokenloom.model import InstrumentedModel, build_model
+from tokenloom.model import build_model
 from tokenloom.rng import RowRNG
 from tokenloom.sampling import SamplerChain, speculative_residual
 from tokenloom.speculative import process_window

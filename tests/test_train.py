@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tokenloom
+from tokenloom.backbone.instrumented import InstrumentedModel
 from tokenloom.config import ModelConfig, TrainConfig
-from tokenloom.model import InstrumentedModel, build_model
+from tokenloom.model import build_model
 from tokenloom.train import batch_indices, heldout_nll, lr_at, make_batch, train
 
 

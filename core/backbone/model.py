@@ -1,11 +1,11 @@
 """The backbone: a decoder transformer that every generation order shares.
 
-Read it like nanoGPT (Karpathy, https://github.com/karpathy/nanoGPT): a
+Read it like nanoGPT's ``model.py`` (Karpathy, https://github.com/karpathy/nanoGPT): a
 pre-norm GPT-2 block (LayerNorm, attention, 4×GELU MLP), with what visual
 autoregression adds on top:
 
 - **class conditioning** — index 0 of every sequence is the class token; its
-  embedding comes from ``cond`` (``n_classes + 1`` rows, the last one the
+  embedding comes from ``cls_emb`` (``n_classes + 1`` rows, the last one the
   *null class* used for classifier-free guidance, LlamaGen §2.3);
 - **positions** — ``pos = "learned"`` (an embedding per flat code position)
   or ``"rope2d"`` (LlamaGen's 2-D rotary embedding: half of each head's
@@ -14,29 +14,32 @@ autoregression adds on top:
   token: identity rotation, its own learned row);
 - **target-aware positions** (RAR, Yu et al. 2024) when the spec asks for
   them: an additive embedding of the position the token *predicts*;
-- **attention** through ``F.scaled_dot_product_attention`` with any mask a
-  generator asks for: causal, bidirectional, block-causal, or a custom
-  ``[T, S]`` / ``[B, T, S]`` boolean mask (True = may attend);
+- **attention** with any mask a generator asks for: causal, bidirectional,
+  block-causal, or a custom ``[T, S]`` / ``[B, T, S]`` boolean mask
+  (True = may attend);
 - **output heads** — one linear head per entry of ``spec.heads``;
 - **a depth head** when the spec asks for one (``("depth_head", n_layer)``:
   RQ-Transformer, Lee et al. 2022): the input at a position is the sum of
   the embeddings of a stack of codes ``[B, T, D]``, and a small causal
   transformer over depth turns each hidden state into the D codes of the
   next stack, one head per depth (:meth:`Transformer.depth_logits`);
-- **a preallocated KV cache** (:class:`KVCache`) with ``append`` (every
-  forward writes its keys/values after the current length) and ``truncate``
-  (roll back, for speculative and Jacobi decoding).
+- **a KV cache** that every cached forward appends to.
 
-:class:`InstrumentedModel` is what generators receive: it counts forward
-passes (NFE), tokens scored and wall time, and the run's cost metrics come
-from it — plugins never report their own cost.
+Shapes: ``B`` batch, ``T`` new tokens, ``S`` keys attended to (cached + new),
+``C`` model width, ``H`` heads, ``hd = C / H``, ``V`` a head's vocabulary.
+
+The neighbouring modules hold the other ideas (and are re-exported here, the
+old public path ``tokenloom.model``): :mod:`~tokenloom.backbone.kvcache`
+(:class:`KVCache`), :mod:`~tokenloom.backbone.kernels` (how the products are
+computed on the CPU: :class:`CPULinear`, :func:`attend`) and
+:mod:`~tokenloom.backbone.instrumented` (:class:`InstrumentedModel`, what
+generators receive: it counts forward passes, tokens and time).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,126 +48,12 @@ from torch import nn
 from ..contract.config import ModelConfig
 from ..contract.errors import ConfigError, InputError
 from ..contract.interfaces import NO_POSITION, ModelSpec, TokenLayout
+from .instrumented import InstrumentedModel
+from .kernels import BMM_ATTENTION_PAIRS, PLAIN_LINEAR, CPULinear, PlainLinear, attend
+from .kvcache import KVCache
 
 # ---------------------------------------------------------------------------
-# KV cache
-# ---------------------------------------------------------------------------
-
-
-class KVCache:
-    """Static, preallocated keys and values for ``n_layer`` layers:
-    ``k``/``v`` are ``[n_layer, B, n_head, max_len, head_dim]``.
-
-    A forward pass with a cache attends to the cached ``[0, length)`` plus its
-    own ``T`` tokens and appends them (``length += T``). :meth:`truncate`
-    rolls back to a shorter prefix (rejected speculative drafts); the stale
-    entries beyond ``length`` are simply overwritten later.
-
-    **Per-row lengths.** ``truncate(LongTensor[B])`` rolls every row back to
-    its own length (speculative and Jacobi decoding, where each image keeps
-    its own accepted prefix). From then on the cache is *ragged*:
-    ``lengths`` holds the rows' lengths, ``length`` their maximum; a forward
-    pass writes row ``b``'s ``T`` tokens at ``[lengths[b], lengths[b] + T)``,
-    and the backbone masks each row's keys beyond its own prefix (causal
-    attention), puts row ``b``'s default positions after its own prefix and
-    the class embedding wherever a row's token sits at sequence index 0.
-    With ``lengths`` None (the default) nothing changes.
-    """
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer (B, H, max_len, hd) views
-        self.max_len = max_len
-        self.length = 0
-        self.lengths: torch.Tensor | None = None  # LongTensor[B] once ragged
-
-    @property
-    def ragged(self) -> bool:
-        """Whether rows have their own lengths (after a per-row truncate)."""
-        return self.lengths is not None
-
-    def row_lengths(self) -> torch.Tensor:
-        """``LongTensor[B]``: every row's cached length."""
-        if self.lengths is not None:
-            return self.lengths.clone()
-        return torch.full((self.batch_size,), self.length, dtype=torch.long, device=self.k.device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` (``[B, H, T, hd]``) after the current length and
-        return the keys/values ``[B, H, length + T, hd]`` to attend to."""
-        T = k.shape[2]
-        start, end = self.length, self.length + T
-        if end > self.max_len:
-            raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        kl, vl = self._layers[layer]  # (B, H, max_len, hd) views, written in place
-        if self.lengths is not None:  # ragged: row b writes at [lengths[b], lengths[b] + T)
-            B = k.shape[0]
-            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            cols = self.lengths.to(k.device)[:, None] + torch.arange(T, device=k.device)  # (B, T)
-            kl[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd)
-            vl[rows, :, cols] = v.transpose(1, 2)
-        else:
-            kl.narrow(2, start, T).copy_(k)
-            vl.narrow(2, start, T).copy_(v)
-        return kl.narrow(2, 0, end), vl.narrow(2, 0, end)
-
-    def advance(self, n: int) -> None:
-        if self.lengths is not None:
-            self.lengths = self.lengths + n
-            self.length = int(self.lengths.max()) if self.lengths.numel() else 0
-        else:
-            self.length += n
-
-    def truncate(self, length: int | torch.Tensor) -> None:
-        """Roll back to the first ``length`` cached tokens — one length for
-        every row (an int), or each row its own (``LongTensor[B]``, which
-        makes the cache ragged)."""
-        if isinstance(length, torch.Tensor) and length.dim() > 0:
-            lengths = length.to(device=self.k.device, dtype=torch.long)
-            if lengths.shape != (self.batch_size,):
-                raise InputError(f"KV cache truncate: expected {self.batch_size} row lengths, got {tuple(lengths.shape)}")
-            current = self.row_lengths()
-            if (lengths < 0).any() or (lengths > current).any():
-                raise InputError(f"KV cache truncate: row lengths must lie in [0, current length], got "
-                                 f"{lengths.tolist()[:8]} for {current.tolist()[:8]}")
-            self.lengths = lengths.clone()
-            self.length = int(lengths.max()) if lengths.numel() else 0
-            return
-        length = int(length)
-        if not 0 <= length <= (int(self.row_lengths().min()) if self.lengths is not None else self.length):
-            raise InputError(f"KV cache truncate({length}): must lie in [0, {self.length}]")
-        self.length = length
-        if self.lengths is not None:
-            self.lengths = torch.full_like(self.lengths, length)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` (``LongTensor[B']``, in that
-        order) — e.g. to drop images that finished decoding."""
-        rows = rows.to(self.k.device)
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-        if self.lengths is not None:
-            self.lengths = self.lengths[rows]
-            self.length = int(self.lengths.max()) if self.lengths.numel() else 0
-
-    def reset(self) -> None:
-        self.length = 0
-        self.lengths = None
-
-
-# ---------------------------------------------------------------------------
-# Positions
+# Positions and masks
 # ---------------------------------------------------------------------------
 
 
@@ -226,128 +115,6 @@ def block_causal_mask(sizes: tuple[int, ...], device: torch.device | str | None 
     return block[:, None] >= block[None, :]
 
 
-# ---------------------------------------------------------------------------
-# The transformer
-# ---------------------------------------------------------------------------
-
-
-class PlainLinear:
-    """The linears of :func:`block_forward` as plain ``torch.nn.functional``
-    calls (training, accelerators, single rows): ``linear(x, w, b)``, and the
-    two products :class:`CPULinear` fuses — ``gelu_tanh`` (the MLP's hidden
-    layer) and ``add`` (a residual branch added to the stream)."""
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, w, b)
-
-    def gelu_tanh(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return F.gelu(F.linear(x, w, b), approximate="tanh")
-
-    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
-        return other + F.linear(x, w, b)
-
-
-PLAIN_LINEAR = PlainLinear()
-
-
-class CPULinear(PlainLinear):
-    """``F.linear`` for inference on the CPU, through oneDNN with each weight
-    reordered once into its blocked layout ("prepacked", the way
-    ``torch.compile``'s CPU backend runs frozen linears).
-
-    Why: on the development machine (AMD EPYC, 2 cores) ``F.linear`` goes to
-    MKL, whose fp32 GEMM reaches about half of what oneDNN's kernels do for
-    the few-row products of a decoding step (bench/decode.py, docs/
-    benchmarks.md), and MKL's result for a row depends on how many rows
-    share the call (below 16) while oneDNN's does not — so with oneDNN an
-    image's logits are the same bits whatever its batch. A single row (one
-    image, one token) stays with ``F.linear``: MKL's matrix-vector product
-    is the faster there — so a micro-batch of one image may differ from the
-    same image among others in the last bits of its logits (rarely in a
-    sampled token); with ``TOKENLOOM_ONEDNN=0`` (MKL everywhere) so may
-    any batch of fewer than 16 rows.
-
-    ``gelu_tanh`` and ``add`` run the MLP's GELU and the residual addition
-    inside the same oneDNN kernel (post-ops): the addition gives the same
-    bits as a separate one, the fused GELU differs from ``F.gelu`` by
-    rounding (~1e-7).
-
-    A packed weight is kept with the weight's version counter and made again
-    after any in-place change (an optimizer step, ``load_state_dict``). Used
-    only without autograd, for float32 on the CPU, and only where oneDNN
-    is built in; ``TOKENLOOM_ONEDNN=0`` turns it off (then ``F.linear``
-    everywhere). If the oneDNN call fails, it says so once and falls back.
-    """
-
-    def __init__(self) -> None:
-        # id(w) -> (w, its version counter, its storage address, the packed weight)
-        self._packed: dict[int, tuple[torch.Tensor, int, int, torch.Tensor]] = {}
-        self.enabled = _onednn_wanted()
-        # looked up once (~1 µs a time)
-        self._op = torch.ops.mkldnn._linear_pointwise if self.enabled else None
-        self._binary = torch.ops.mkldnn._linear_pointwise.binary if self.enabled else None
-
-    def __getstate__(self) -> dict:  # a model that is pickled (torch.save(model)) packs again where it is loaded
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        packed = self._packed_for(x, w)
-        return F.linear(x, w, b) if packed is None else self._op(x, packed, b, "none", [], "")
-
-    def gelu_tanh(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        packed = self._packed_for(x, w)
-        if packed is None:
-            return super().gelu_tanh(x, w, b)
-        return self._op(x, packed, b, "gelu", [], "tanh")
-
-    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_for(x, w)
-        if packed is None or other.shape != (*x.shape[:-1], w.shape[0]) or other.dtype != x.dtype:
-            return super().add(x, w, b, other)
-        return self._binary(x, other, packed, b, "add")
-
-    def _packed_for(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-        """``w`` packed for oneDNN, or None where ``F.linear`` serves (off,
-        not float32, a single row)."""
-        if not self.enabled or x.dtype != torch.float32 or x.numel() <= x.shape[-1]:
-            return None
-        hit = self._packed.get(id(w))
-        if hit is None or hit[0] is not w or hit[1] != w._version or hit[2] != w.data_ptr():
-            hit = self._pack(w)
-            if hit is None:
-                return None
-        return hit[3]
-
-    def _pack(self, w: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.Tensor] | None:
-        try:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
-        except Exception as exc:  # noqa: BLE001 - a torch without these ops: plain F.linear from now on
-            import warnings
-
-            warnings.warn(f"tokenloom: oneDNN linear unavailable ({exc!s:.100}); using F.linear", stacklevel=3)
-            self.enabled = False
-            return None
-        if len(self._packed) > 4096:
-            self._packed.clear()
-        hit = self._packed[id(w)] = (w, w._version, w.data_ptr(), packed)
-        return hit
-
-
-def _onednn_wanted() -> bool:
-    import os
-
-    if os.environ.get("TOKENLOOM_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    ops = torch.ops.mkldnn  # private operators (what torch.compile's CPU backend calls): check they exist
-    return hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
-
-
 def _lookup(table: torch.Tensor, index: torch.Tensor, error: str) -> torch.Tensor:
     """``table[index]`` (rows of an embedding table) with an out-of-range
     index reported as ``InputError(error)``. On the CPU the lookup itself
@@ -364,62 +131,67 @@ def _lookup(table: torch.Tensor, index: torch.Tensor, error: str) -> torch.Tenso
         raise InputError(error) from None
 
 
-#: From this many (row, head) pairs on, one query each (a decoding step of a
-#: batch) attends through two batched products instead of SDPA's CPU flash
-#: kernel, which runs a pair of tiny products per pair: 13–30 % faster at 64–128
-#: pairs on the development machine, slower below 32.
-BMM_ATTENTION_PAIRS = 64
+# ---------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, dropout: float = 0.0) -> torch.Tensor:
-    """``softmax(q kᵀ / √hd) v`` for ``q`` ``[B, H, T, hd]`` over keys/values
-    ``[B, H, S, hd]``; ``mask`` as SDPA takes it (None, ``"causal"`` or a
-    boolean mask). Scaled dot-product attention, except for the batched
-    one-query case on the CPU (:data:`BMM_ATTENTION_PAIRS`)."""
-    B, H, T, hd = q.shape
-    if (T == 1 and mask is None and not dropout and B * H >= BMM_ATTENTION_PAIRS and q.device.type == "cpu"
-            and q.dtype == torch.float32 and not q.requires_grad):
-        S = k.shape[2]
-        w = torch.bmm(q.reshape(B * H, 1, hd) * hd**-0.5, k.reshape(B * H, S, hd).transpose(1, 2))  # (BH, 1, S)
-        return torch.bmm(torch.softmax(w, -1), v.reshape(B * H, S, hd)).view(B, H, 1, hd)
-    causal = isinstance(mask, str)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          dropout_p=dropout)
+class BlockWeights(NamedTuple):
+    """A block's twelve weights, in the order :func:`block_forward` reads
+    them (:meth:`Block.params` gathers them; the names follow the module's
+    parameter names, ``ln_1.weight`` -> ``ln_1_weight``)."""
+
+    ln_1_weight: torch.Tensor  # (C,)
+    ln_1_bias: torch.Tensor  # (C,)
+    qkv_weight: torch.Tensor  # (3C, C): attn.qkv
+    qkv_bias: torch.Tensor  # (3C,)
+    attn_proj_weight: torch.Tensor  # (C, C): attn.proj
+    attn_proj_bias: torch.Tensor  # (C,)
+    ln_2_weight: torch.Tensor  # (C,)
+    ln_2_bias: torch.Tensor  # (C,)
+    fc_weight: torch.Tensor  # (4C, C): mlp.fc
+    fc_bias: torch.Tensor  # (4C,)
+    mlp_proj_weight: torch.Tensor  # (C, 4C): mlp.proj
+    mlp_proj_bias: torch.Tensor  # (C,)
 
 
-def block_forward(x: torch.Tensor, p: tuple[torch.Tensor, ...], n_head: int, rope: torch.Tensor | None, mask: Any,
+def block_forward(x: torch.Tensor, p: BlockWeights, n_head: int, rope: torch.Tensor | None, mask: Any,
                   cache: KVCache | None, layer: int, dropout: float = 0.0,
                   linear: PlainLinear = PLAIN_LINEAR) -> torch.Tensor:
     """One pre-norm GPT-2 block on ``x`` (``[B, T, C]``) as plain functions of
-    its weights ``p`` (:meth:`Block.params`), so that a decoding step costs
+    its weights ``p`` (:class:`BlockWeights`), so that a decoding step costs
     the kernels and not the ``nn.Module`` calls around them: ``x + attn(ln_1
     x)``, then ``x + mlp(ln_2 x)``. ``rope``: the rotations ``cos θ + i·sin θ``
     (complex) shaped ``[B or 1, T, 1, 1, hd/2]`` to broadcast over ``(q, k)``
     and heads; ``mask``: what SDPA gets (``"causal"``: its fused causal path);
+    ``cache``/``layer``: the KV cache to append this layer's keys/values to;
     ``dropout``: attention and residual dropout (training only); ``linear``:
-    how the products are computed (:class:`PlainLinear`, or
-    :class:`CPULinear` for inference on the CPU)."""
-    ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = p
+    how the products are computed (:class:`~tokenloom.backbone.kernels.PlainLinear`,
+    or :class:`~tokenloom.backbone.kernels.CPULinear` for inference on the CPU)."""
+    # unpacked in field order: cheaper than twelve attribute reads on every decoding step
+    (ln_1_w, ln_1_b, qkv_w, qkv_b, attn_proj_w, attn_proj_b,
+     ln_2_w, ln_2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b) = p
     B, T, C = x.shape
-    # torch.layer_norm: F.layer_norm's checks cost more than the kernel on a one-token decoding step
-    qkv = linear(torch.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
+    # attention: torch.layer_norm, as F.layer_norm's checks cost more than the kernel on a one-token step
+    qkv = linear(torch.layer_norm(x, (C,), ln_1_w, ln_1_b), qkv_w, qkv_b).view(B, T, 3, n_head, C // n_head)
     if rope is not None and (qkv.requires_grad or qkv.dtype != torch.float32):  # q and k: one complex multiply
         (q, k), v = rotate_pairs(qkv[:, :, :2], rope).unbind(2), qkv[:, :, 2]  # (B, T, H, hd) each
     else:
         if rope is not None:  # the same multiply, in place on the projection's own output (no autograd here)
             torch.view_as_complex(qkv.unflatten(-1, (-1, 2)))[:, :, :2].mul_(rope)
-        q, k, v = qkv.unbind(2)
+        q, k, v = qkv.unbind(2)  # (B, T, H, hd) each
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
     if cache is not None:
-        k, v = cache.update(layer, k, v)  # (B, H, S, hd)
+        k, v = cache.update(layer, k, v)  # (B, H, S, hd): the cached keys/values, then these
     y = attend(q, k, v, mask, dropout)  # (B, H, T, hd)
-    y = y.transpose(1, 2).reshape(B, T, C)
+    y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side
     if dropout:  # training
-        x = x + F.dropout(linear(y, o_w, o_b), dropout)
-        h = linear.gelu_tanh(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)
-        return x + F.dropout(linear(h, out_w, out_b), dropout)
-    x = linear.add(y, o_w, o_b, x)  # x + proj(y)
-    return linear.add(linear.gelu_tanh(torch.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), out_w, out_b, x)
+        x = x + F.dropout(linear(y, attn_proj_w, attn_proj_b), dropout)
+        h = linear.gelu_tanh(torch.layer_norm(x, (C,), ln_2_w, ln_2_b), fc_w, fc_b)  # (B, T, 4C)
+        return x + F.dropout(linear(h, mlp_proj_w, mlp_proj_b), dropout)
+    x = linear.add(y, attn_proj_w, attn_proj_b, x)  # (B, T, C): x + proj(y)
+    h = linear.gelu_tanh(torch.layer_norm(x, (C,), ln_2_w, ln_2_b), fc_w, fc_b)  # (B, T, 4C)
+    return linear.add(h, mlp_proj_w, mlp_proj_b, x)  # (B, T, C): x + proj(h)
 
 
 class SelfAttention(nn.Module):
@@ -453,15 +225,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def params(self) -> tuple[torch.Tensor, ...]:
-        """The weights in :func:`block_forward`'s order."""
+    def params(self) -> BlockWeights:
+        """The weights, as :func:`block_forward` takes them."""
         a, m = self.attn, self.mlp
-        return (self.ln_1.weight, self.ln_1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
-                self.ln_2.weight, self.ln_2.bias, m.fc.weight, m.fc.bias, m.proj.weight, m.proj.bias)
+        return BlockWeights(self.ln_1.weight, self.ln_1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
+                            self.ln_2.weight, self.ln_2.bias, m.fc.weight, m.fc.bias, m.proj.weight, m.proj.bias)
 
-    def forward(self, x, rope, mask, cache, layer):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, mask: Any, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        """:func:`block_forward` with this block's weights: ``[B, T, C]`` -> ``[B, T, C]``."""
         return block_forward(x, self.params(), self.n_head, rope, mask, cache, layer,
                              self.dropout if self.training else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# The transformer
+# ---------------------------------------------------------------------------
 
 
 class Transformer(nn.Module):
@@ -504,7 +283,7 @@ class Transformer(nn.Module):
 
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self._inference_params: list[tuple[torch.Tensor, ...]] | None = None  # see _layer_params
+        self._inference_params: list[BlockWeights] | None = None  # see _layer_params
         self._cpu_linear = CPULinear()
         self._errors = {  # the messages of bad inputs, made once (they are looked for on every step)
             "ids": f"inputs: ids must lie in [0, {spec.vocab_size})",
@@ -543,9 +322,12 @@ class Transformer(nn.Module):
 
     @property
     def head_dim(self) -> int:
+        """``hd = d_model / n_head``: the width of one attention head."""
         return self.config.d_model // self.config.n_head
 
     def n_params(self, non_embedding: bool = True) -> int:
+        """The number of parameters, without the embedding tables by default
+        (nanoGPT's convention: they cost no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             for m in (getattr(self, "tok_emb", None), self.cls_emb, getattr(self, "pos_emb", None), self.tgt_emb,
@@ -570,10 +352,11 @@ class Transformer(nn.Module):
         return flops
 
     def train(self, mode: bool = True) -> Transformer:
+        """``nn.Module.train``, forgetting the kept weight list (:meth:`_layer_params`)."""
         self._inference_params = None
         return super().train(mode)
 
-    def _layer_params(self) -> list[tuple[torch.Tensor, ...]]:
+    def _layer_params(self) -> list[BlockWeights]:
         """Every block's weights (:meth:`Block.params`). In eval mode the list
         is kept between calls (a decoding step then gathers nothing); it is
         rebuilt by :meth:`new_cache` and :meth:`train` / ``eval``, so a block
@@ -585,17 +368,21 @@ class Transformer(nn.Module):
         return self._inference_params
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` rows and ``max_len``
+        tokens (default ``spec.seq_len``) on the weights' device and dtype."""
         self._inference_params = None
         p = next(self.parameters())
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_len or self.spec.seq_len,
                        self.head_dim, dtype=p.dtype, device=p.device)
 
     def token_embeddings(self) -> torch.Tensor | None:
+        """The input embedding table ``[V, C]``, or None for embedding inputs."""
         return self.tok_emb.weight if self.spec.input_kind == "tokens" else None
 
     # -- forward -------------------------------------------------------------
 
     def _class_embedding(self, cond: torch.Tensor) -> torch.Tensor:
+        """``[B, C]``: the class token's embedding for ``cond`` (``LongTensor[B]``)."""
         return _lookup(self.cls_emb.weight, cond.long(), self._errors["cond"])
 
     def _mask(self, T: int, start: int, attn_mask: torch.Tensor | None, device: torch.device) -> Any:
@@ -650,56 +437,17 @@ class Transformer(nn.Module):
         ``depth_inputs`` ``[B, T, D']`` are those codes (teacher forcing;
         default: the next input's stack, ``inputs[:, t + 1]``)."""
         B, T = inputs.shape[:2]
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else 0  # cached tokens (the longest row's, if ragged)
         dev = inputs.device
-        ragged = cache is not None and cache.ragged  # rows continue their own prefixes
-        if ragged:
-            slot = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T) sequence index
-            is_cls = slot == 0
-        if self.spec.input_kind == "tokens":
-            if inputs.dtype.is_floating_point or inputs.dim() != (3 if self.depth_layers else 2):
-                want = "LongTensor[B, T, depth] of stacks" if self.depth_layers else "LongTensor[B, T] of ids"
-                raise InputError(f"inputs: expected {want}, got {inputs.dtype} {tuple(inputs.shape)}")
-            ids = inputs.long()
-            if ragged:
-                ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
-            elif start == 0:  # the class slot's value is ignored
-                ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
-            x = _lookup(self.tok_emb.weight, ids, self._errors["ids"])
-            if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
-                x = x.sum(2)
-        else:
-            x = self.in_proj(inputs)
-        if ragged:  # sequence index 0 of any row: the class token
-            if is_cls.any():
-                if cond is None:
-                    cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
-                x = torch.where(is_cls[..., None], self._class_embedding(cond)[:, None].to(x.dtype), x)
-        elif start == 0:  # sequence index 0: the class token
-            if cond is None:
-                cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
-            x = torch.cat([self._class_embedding(cond)[:, None], x[:, 1:]], 1)
+        slot = None  # (B, T): each new token's sequence index, when the rows continue their own prefixes
+        if cache is not None and cache.ragged:
+            slot = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)
+        x = self._embed(inputs, cond, start, slot)  # (B, T, C)
+        if positions is None:  # ([B,] T): the flat code position after the class token's
+            positions = slot - 1 if slot is not None else torch.arange(start - 1, start - 1 + T, device=dev)
+        x, rope = self._add_positions(x, positions, target_positions)  # (B, T, C), ([B,] T, 1, 1, hd/2)
 
-        if positions is None:
-            positions = slot - 1 if ragged else torch.arange(start - 1, start - 1 + T, device=dev)
-        pos = torch.where(positions < 0, self.n_pos, positions).long()  # no position -> n_pos
-        if self.config.pos == "learned":
-            x = x + _lookup(self.pos_emb.weight, pos, self._errors["positions"])
-            rope = None
-        else:  # ([B,] T, hd/2) -> ([B,] T, 1, 1, hd/2): broadcast over (q, k) and heads
-            rope = _lookup(self.rope_cis, pos, self._errors["positions"])[..., None, None, :]
-        if self.scale_emb is not None or self.depth_emb is not None:
-            has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)
-        if self.scale_emb is not None:
-            x = x + self.scale_emb(self.pos_scale[pos]) * has
-        if self.depth_emb is not None:
-            x = x + self.depth_emb(self.pos_depth[pos]) * has
-        if self.tgt_emb is not None:
-            if target_positions is None:
-                raise InputError("this model has target-aware positions (RAR): pass target_positions")
-            x = x + self.tgt_emb(torch.where(target_positions < 0, self.n_pos, target_positions).long())
-
-        if ragged and attn_mask is None and self.spec.attention == "causal":
+        if slot is not None and attn_mask is None and self.spec.attention == "causal":
             # row b's query t sees its own prefix and the new tokens up to t
             keys = torch.arange(start + T, device=dev)  # (S,)
             attn_mask = keys[None, None, :] <= slot[:, :, None]  # (B, T, S)
@@ -712,21 +460,80 @@ class Transformer(nn.Module):
         cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and B * T > 1
         linear = self._cpu_linear if cpu_inference else PLAIN_LINEAR
         for i, params in enumerate(self._layer_params()):
-            x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
+            x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         x = torch.layer_norm(x[:, -1:] if last_only else x, self.ln_f.normalized_shape, self.ln_f.weight,
-                             self.ln_f.bias, self.ln_f.eps)
+                             self.ln_f.bias, self.ln_f.eps)  # (B, T or 1, C)
         if return_hidden:
             return x
         if self.depth_layers:
             if depth_inputs is None:  # teacher forcing: the stack at t + 1 is what index t predicts
-                nxt = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)
+                nxt = torch.cat([inputs[:, 1:], torch.zeros_like(inputs[:, :1])], 1)  # (B, T, D)
                 depth_inputs = nxt[:, -1:] if last_only else nxt
-            out = self.depth_logits(x, depth_inputs[..., : len(self.heads) - 1])
+            out = self.depth_logits(x, depth_inputs[..., : len(self.heads) - 1])  # D × (B, T, V)
             return out[0] if len(out) == 1 else out
-        logits = tuple(linear(x, head.weight) for head in self.heads)
+        logits = tuple(linear(x, head.weight) for head in self.heads)  # per head: (B, T or 1, V)
         return logits[0] if len(logits) == 1 else logits
+
+    def _embed(self, inputs: torch.Tensor, cond: torch.Tensor | None, start: int,
+               slot: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings ``[B, T, C]``: the tokens' (a stack's summed,
+        or projected ``input_kind = "embeddings"`` vectors), with the class
+        embedding of ``cond`` (default: the null class) wherever a token sits
+        at sequence index 0 (``start`` tokens are cached; ``slot``: every
+        token's sequence index when the cache is ragged, else None)."""
+        B = inputs.shape[0]
+        is_cls = None if slot is None else slot == 0  # (B, T): the class slots of a ragged cache
+        if self.spec.input_kind == "tokens":
+            if inputs.dtype.is_floating_point or inputs.dim() != (3 if self.depth_layers else 2):
+                want = "LongTensor[B, T, depth] of stacks" if self.depth_layers else "LongTensor[B, T] of ids"
+                raise InputError(f"inputs: expected {want}, got {inputs.dtype} {tuple(inputs.shape)}")
+            ids = inputs.long()  # (B, T) or (B, T, D)
+            if is_cls is not None:
+                ids = ids.masked_fill(is_cls[..., None] if ids.dim() == 3 else is_cls, 0)
+            elif start == 0:  # the class slot's value is ignored
+                ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, 1:]], 1)
+            x = _lookup(self.tok_emb.weight, ids, self._errors["ids"])  # (B, T, C) or (B, T, D, C)
+            if x.dim() == 4:  # RQ-Transformer: a position's input is the sum of its stack's embeddings
+                x = x.sum(2)
+        else:
+            x = self.in_proj(inputs)  # (B, T, input_dim) -> (B, T, C)
+        if is_cls is not None:  # sequence index 0 of any row: the class token
+            if is_cls.any():
+                if cond is None:
+                    cond = torch.full((B,), self.n_classes, dtype=torch.long, device=inputs.device)
+                x = torch.where(is_cls[..., None], self._class_embedding(cond)[:, None].to(x.dtype), x)
+        elif start == 0:  # sequence index 0: the class token
+            if cond is None:
+                cond = torch.full((B,), self.n_classes, dtype=torch.long, device=inputs.device)
+            x = torch.cat([self._class_embedding(cond)[:, None], x[:, 1:]], 1)
+        return x
+
+    def _add_positions(self, x: torch.Tensor, positions: torch.Tensor,
+                       target_positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (``[B, T, C]``) plus its additive position embeddings
+        (learned positions, scale and depth of multi-scale / residual layouts,
+        RAR's target positions), and the rotations of ``pos = "rope2d"``
+        (complex ``[B or 1, T, 1, 1, hd/2]``, broadcast over ``(q, k)`` and
+        heads; None with learned positions)."""
+        pos = torch.where(positions < 0, self.n_pos, positions).long()  # ([B,] T); no position -> n_pos
+        if self.config.pos == "learned":
+            x = x + _lookup(self.pos_emb.weight, pos, self._errors["positions"])
+            rope = None
+        else:  # ([B,] T, hd/2) -> ([B,] T, 1, 1, hd/2)
+            rope = _lookup(self.rope_cis, pos, self._errors["positions"])[..., None, None, :]
+        if self.scale_emb is not None or self.depth_emb is not None:
+            has = (pos < self.n_pos).unsqueeze(-1).to(x.dtype)  # ([B,] T, 1): 0 for "no position"
+        if self.scale_emb is not None:
+            x = x + self.scale_emb(self.pos_scale[pos]) * has
+        if self.depth_emb is not None:
+            x = x + self.depth_emb(self.pos_depth[pos]) * has
+        if self.tgt_emb is not None:
+            if target_positions is None:
+                raise InputError("this model has target-aware positions (RAR): pass target_positions")
+            x = x + self.tgt_emb(torch.where(target_positions < 0, self.n_pos, target_positions).long())
+        return x, rope
 
     def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """RQ-Transformer's depth transformer: from hidden states ``[B, T, C]``
@@ -756,99 +563,12 @@ def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: i
         return Transformer(spec, config, n_classes=n_classes)
 
 
-# ---------------------------------------------------------------------------
-# Instrumentation
-# ---------------------------------------------------------------------------
-
-
-class InstrumentedModel:
-    """The backbone as generators see it: calling it runs one forward pass
-    (no gradients) and counts it.
-
-    Counters: ``nfe`` (forward passes), ``tokens`` (input tokens scored,
-    rows × T), ``seconds`` (wall time inside the backbone) and
-    ``kv_cache_bytes`` (the largest cache allocated). :meth:`reset` zeroes them.
-    """
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.reset()
-
-    def reset(self) -> None:
-        self.nfe = 0
-        self.tokens = 0
-        self.seconds = 0.0
-        self.kv_cache_bytes = 0
-        self.depth_steps = 0  # depth-head steps (RQ-Transformer); not forward passes of the backbone
-
-    def counters(self) -> dict[str, float]:
-        return {"nfe": self.nfe, "tokens": self.tokens, "seconds": self.seconds,
-                "kv_cache_bytes": self.kv_cache_bytes}
-
-    # what generators need to know
-    @property
-    def spec(self) -> ModelSpec:
-        return self.model.spec
-
-    @property
-    def n_classes(self) -> int:
-        return self.model.n_classes
-
-    @property
-    def null_class(self) -> int:
-        """The class id of unconditional rows (classifier-free guidance)."""
-        return self.model.n_classes
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def token_embeddings(self) -> torch.Tensor | None:
-        return self.model.token_embeddings()
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        cache = self.model.new_cache(batch_size, max_len)
-        self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes)
-        return cache
-
-    def __call__(self, inputs: torch.Tensor, cond: torch.Tensor | None = None, **kwargs: Any):
-        cuda = inputs.is_cuda
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                out = self.model(inputs, cond, **kwargs)
-        else:  # already under no_grad / inference_mode (the pipeline's decoding loop)
-            out = self.model(inputs, cond, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t0
-        self.nfe += 1
-        self.tokens += inputs.shape[0] * inputs.shape[1]
-        return out
-
-    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The depth head on hidden states of a ``return_hidden`` pass: timed
-        into ``seconds`` and counted in ``depth_steps``, not in ``nfe`` (one
-        backbone pass per position, as RQ-Transformer counts it)."""
-        cuda = hidden.is_cuda
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self.model.depth_logits(hidden, codes)
-        if cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t0
-        self.depth_steps += 1
-        return out
-
-
 __all__ = [
     "BMM_ATTENTION_PAIRS",
     "NO_POSITION",
     "PLAIN_LINEAR",
+    "Block",
+    "BlockWeights",
     "CPULinear",
     "InstrumentedModel",
     "KVCache",
@@ -857,6 +577,7 @@ __all__ = [
     "apply_rope",
     "attend",
     "block_causal_mask",
+    "block_forward",
     "build_model",
     "layout_coordinates",
     "rope2d_table",

@@ -1,0 +1,171 @@
+"""The instrumented backbone: one idea — the backbone as every generator receives it, with its
+cost counted by core.
+
+:class:`InstrumentedModel` wraps the trained :class:`~tokenloom.model.Transformer`. Calling it
+runs one forward pass without gradients and counts it: ``nfe`` (forward passes), ``tokens``
+(input tokens scored), ``seconds`` (wall time inside the backbone), ``kv_cache_bytes`` (the
+largest cache allocated) and ``depth_steps`` (RQ-Transformer depth-head steps). The run's cost
+metrics come from these counters — plugins never report their own cost.
+
+What a generator may use of it (the ``Backbone`` of :mod:`tokenloom.interfaces`):
+
+- ``spec`` (the :class:`~tokenloom.interfaces.ModelSpec` it was built for), ``n_classes``,
+  ``null_class`` (the class id of unconditional rows), ``device``;
+- ``new_cache(batch_size, max_len=None)`` -> a :class:`~tokenloom.backbone.kvcache.KVCache`;
+- ``model(inputs, cond, *, positions, target_positions, attn_mask, cache, last_only,
+  depth_inputs, return_hidden)`` -> logits (see :meth:`InstrumentedModel.__call__`);
+- ``token_embeddings()`` and ``depth_logits(hidden, codes)`` for the orders that need them.
+
+This module does not import :mod:`tokenloom.model` (which re-exports :class:`InstrumentedModel`
+under its old public path), so the two cannot form an import loop; the wrapped model is any
+module with the :class:`~tokenloom.model.Transformer`'s interface.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..contract.interfaces import ModelSpec
+from .kvcache import KVCache
+
+
+class InstrumentedModel:
+    """The backbone as generators see it: calling it runs one forward pass
+    (no gradients) and counts it.
+
+    ``model``: the :class:`~tokenloom.model.Transformer` to wrap (kept as
+    ``self.model``; core trains and saves it, generators only call the
+    wrapper). Counters: ``nfe`` (forward passes), ``tokens`` (input tokens
+    scored, rows × T), ``seconds`` (wall time inside the backbone),
+    ``kv_cache_bytes`` (the largest cache allocated) and ``depth_steps``
+    (depth-head steps). :meth:`reset` zeroes them, :meth:`counters` reads them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.nfe = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.kv_cache_bytes = 0
+        self.depth_steps = 0  # depth-head steps (RQ-Transformer); not forward passes of the backbone
+
+    def counters(self) -> dict[str, float]:
+        """``{"nfe", "tokens", "seconds", "kv_cache_bytes"}``: the cost counted since :meth:`reset`."""
+        return {"nfe": self.nfe, "tokens": self.tokens, "seconds": self.seconds,
+                "kv_cache_bytes": self.kv_cache_bytes}
+
+    # -- what generators need to know ----------------------------------------
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The :class:`~tokenloom.interfaces.ModelSpec` the backbone was built
+        for (the generator's own :meth:`~tokenloom.interfaces.Generator.model_spec`
+        for the target model, the draft's spec for a speculative draft)."""
+        return self.model.spec
+
+    @property
+    def n_classes(self) -> int:
+        """The number of real classes: ``cond`` ids lie in ``[0, n_classes)``,
+        plus :attr:`null_class`."""
+        return self.model.n_classes
+
+    @property
+    def null_class(self) -> int:
+        """The class id of unconditional rows (classifier-free guidance):
+        ``n_classes``. A ``cond`` of None means this class for every row."""
+        return self.model.n_classes
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the backbone's weights: put inputs, masks and the
+        sampling state there."""
+        return next(self.model.parameters()).device
+
+    def token_embeddings(self) -> torch.Tensor | None:
+        """The input embedding table ``FloatTensor[V, C]`` (row ``i``: token
+        id ``i``), or None for a backbone with ``input_kind = "embeddings"``."""
+        return self.model.token_embeddings()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`~tokenloom.backbone.kvcache.KVCache` for
+        ``batch_size`` rows and up to ``max_len`` tokens (default:
+        ``spec.seq_len``), on the backbone's device and dtype; pass it as
+        ``cache=`` to continue a sequence. Its size is counted in
+        ``kv_cache_bytes`` (the largest allocated)."""
+        cache = self.model.new_cache(batch_size, max_len)
+        self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes)
+        return cache
+
+    def __call__(self, inputs: torch.Tensor, cond: torch.Tensor | None = None, **kwargs: Any):
+        """One forward pass of the backbone, without gradients, counted.
+
+        ``inputs``: ``LongTensor[B, T]`` token ids (``[B, T, D]`` stacks for a
+        depth-head model, ``FloatTensor[B, T, input_dim]`` for
+        ``input_kind = "embeddings"``); index 0 of a sequence is the class
+        slot (its value is ignored). ``cond``: ``LongTensor[B]`` class ids in
+        ``[0, n_classes]`` (``null_class`` = unconditional), None = every row
+        unconditional. Keywords (all optional):
+
+        - ``positions`` / ``target_positions``: ``LongTensor[T]`` or ``[B, T]``
+          flat code positions of ``spec.layout`` (``NO_POSITION`` = -1: none);
+          default: the sequence index − 1. ``target_positions`` is required
+          when the spec asks for target-aware positions (RAR);
+        - ``attn_mask``: ``BoolTensor[T, S]`` or ``[B, T, S]`` over the
+          ``S = cache.length + T`` keys (True = may attend); default: the
+          spec's ``attention`` pattern;
+        - ``cache``: a :meth:`new_cache`; the tokens continue the cached
+          sequence and are appended to it;
+        - ``last_only``: logits of the last position only (``T`` becomes 1);
+        - ``depth_inputs``, ``return_hidden``: depth-head models (see
+          :meth:`depth_logits`).
+
+        Returns logits ``FloatTensor[B, T, V]`` — a tuple of them, one per
+        entry of ``spec.heads``, when there are several heads — or the final
+        hidden states ``[B, T, C]`` with ``return_hidden``. Counts one
+        ``nfe``, ``B × T`` ``tokens`` and the wall time (synchronised on CUDA).
+        """
+        cuda = inputs.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                out = self.model(inputs, cond, **kwargs)
+        else:  # already under no_grad / inference_mode (the pipeline's decoding loop)
+            out = self.model(inputs, cond, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.nfe += 1
+        self.tokens += inputs.shape[0] * inputs.shape[1]
+        return out
+
+    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The depth head (RQ-Transformer) on hidden states ``[B, T, C]`` of a
+        ``return_hidden`` pass and the first ``d`` codes of each position's
+        stack ``LongTensor[B, T, d]``: the logits ``[B, T, V]`` of depths
+        ``0 .. d`` (a tuple of ``d + 1``). Timed into ``seconds`` and counted
+        in ``depth_steps``, not in ``nfe`` (one backbone pass per position,
+        as RQ-Transformer counts it)."""
+        cuda = hidden.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.depth_logits(hidden, codes)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.depth_steps += 1
+        return out
+
+
+__all__ = ["InstrumentedModel"]
