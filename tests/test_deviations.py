@@ -94,3 +94,103 @@ def test_rar_defaults_anneal_between_half_and_three_quarters_of_training():
     for progress, r in expected.items():
         gen.on_train_step(round(progress * 1000), 1000)
         assert math.isclose(gen.permute_probability(), r), progress
+
+
+# -- HMAR: the released schedule, re-masking without noise, the mask head ------
+
+from tokenloom.plugins.generators.next_scale_markov import (  # noqa: E402
+    REFERENCE_SPLITS,
+    cosine_split,
+    reference_split,
+)
+from tokenloom.rng import RowRNG  # noqa: E402
+from tokenloom.sampling import SamplerChain  # noqa: E402
+
+
+def test_hmar_reference_schedule_is_the_released_mask_schedule():
+    # NVlabs/HMAR utils/sampling_arg_util.py on VAR's scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 16
+    released = [[1], [1, 3], [1, 1, 2, 5], [16], [25], [36], [64], [100], [169], [256]]
+    ours = [reference_split(pn * pn, REFERENCE_SPLITS[k]) if k in REFERENCE_SPLITS else [pn * pn]
+            for k, pn in enumerate((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))]
+    assert ours == released
+
+
+def ms_tok():
+    return tokenloom.create("tokenizer", "multiscale")
+
+
+def test_hmar_default_refines_two_scales_and_steps_restores_the_cosine_schedule():
+    t = ms_tok()
+    sizes = [h * w for h, w in t.layout.scales]
+    gen = tokenloom.create("generator", "next-scale-markov", tokenizer=t)
+    assert gen.schedule == [[1], [1, 3], [1, 1, 2, 5]] + [[n] for n in sizes[3:]]
+    assert gen.expected_nfe() == len(sizes) + 4  # was Σ min(4, n_k) = 21 on this tokenizer
+    old = tokenloom.create("generator", "next-scale-markov", tokenizer=t, steps=4)
+    assert old.expected_nfe() == sum(min(4, n) for n in sizes)
+    assert old.schedule == [cosine_split(n, 4) for n in sizes]
+    with pytest.raises(tokenloom.ConfigError, match="tokens_per_step"):
+        tokenloom.create("generator", "next-scale-markov", tokenizer=t, tokens_per_step=[[1], [4]])
+
+
+class _ScaleModel:
+    """Logits that depend only on the position inside a scale (head 0) or
+    favour code 1 everywhere (head 1); records the revealed flags it is fed."""
+
+    device = torch.device("cpu")
+    null_class = 0
+
+    def __init__(self, V, two_heads, margin=0.05):
+        self.V, self.two_heads, self.margin, self.fed = V, two_heads, margin, []
+
+    def __call__(self, x, rows, *, positions, attn_mask):
+        B, T, _ = x.shape
+        self.fed.append(x[:, 1:, -1].clone())  # the revealed flag of every token
+        ns = torch.zeros(B, T, self.V)
+        ns[..., 0] = self.margin * torch.arange(T, dtype=torch.float32)  # the last token the most confident
+        mask = torch.zeros(B, T, self.V)
+        mask[..., 1] = 5.0
+        return (ns, mask) if self.two_heads else ns
+
+
+def _decode(gen, model, seed=0, B=16):
+    chain = SamplerChain([tokenloom.create("sampler", "greedy")])
+    return gen.generate(model, chain, torch.zeros(B, dtype=torch.long), rng=RowRNG(seed, list(range(B))))
+
+
+def test_hmar_remasks_by_plain_probability_without_gumbel_noise():
+    t = ms_tok()
+    kept = {}
+    for remask in ("probability", "gumbel"):
+        gen = tokenloom.create("generator", "next-scale-markov", tokenizer=t, remask=remask, mask_head=False,
+                               tokens_per_step=[[1], [1, 3], [9], [16], [36], [64]])
+        model = _ScaleModel(t.vocab_size, two_heads=False, margin=0.01)
+        _decode(gen, model)
+        revealed = model.fed[2]  # scale 1's refinement pass: the token its first pass settled
+        assert (revealed.sum(1) == 1).all()
+        kept[remask] = revealed.argmax(1)
+    # HMAR's code keeps the most probable sampled code: the scale's last token (the highest margin), every row
+    assert (kept["probability"] == 3).all()
+    assert kept["gumbel"].unique().numel() > 1  # MaskGIT's noise decides, row by row (the old behaviour)
+
+
+def test_hmar_mask_head_is_a_second_head_used_by_the_refinement_passes():
+    t = ms_tok()
+    gen = tokenloom.create("generator", "next-scale-markov", tokenizer=t)
+    assert gen.model_spec().heads == (t.vocab_size, t.vocab_size)
+    assert tokenloom.create("generator", "next-scale-markov", tokenizer=t, mask_head=False).model_spec().heads == (
+        t.vocab_size,)
+    codes = _decode(gen, _ScaleModel(t.vocab_size, two_heads=True, margin=50.0))
+    a = gen.offsets[1]
+    # scale 1: one token settled by the next-scale head (code 0, the last position most confident),
+    # three by the mask head (code 1)
+    assert (codes[:, a : a + 4] == torch.tensor([1, 1, 1, 0])).all()
+    assert (codes[:, gen.offsets[3]:gen.offsets[4]] == 0).all()  # one pass: the next-scale head only
+    # training: even rows train head 0 on every token, odd rows head 1 on the hidden ones only
+    torch.manual_seed(0)
+    c = torch.randint(0, t.vocab_size, (4, gen.L))
+    batch = gen.training_batch(c, torch.zeros(4))
+    assert batch.targets.shape == (4, gen.L + 1, 2) and batch.loss_mask.shape == (4, gen.L + 1, 2)
+    assert batch.loss_mask[0::2, 1:, 0].all() and not batch.loss_mask[0::2, :, 1].any()
+    assert not batch.loss_mask[1::2, :, 0].any() and batch.loss_mask[1::2, 1:, 1].any()
+    revealed = batch.inputs[1::2, 1:, -1] > 0
+    assert not (batch.loss_mask[1::2, 1:, 1] & revealed).any()  # odd rows: loss only where hidden
