@@ -43,7 +43,8 @@ import attrs
 import torch
 
 from ..backbone import dist
-from ..backbone.model import InstrumentedModel, build_model
+from ..backbone.instrumented import InstrumentedModel
+from ..backbone.model import build_model
 from ..backbone.train import heldout_nll, load_training_state, save_training_state
 from ..backbone.train import train as train_backbone
 from ..blocks.data import load_dataset
@@ -52,6 +53,7 @@ from ..contract.config import RunConfig, config_to_dict
 from ..contract.errors import CheckpointError, ConfigError
 from ..contract.interfaces import Known, MetricContext, SamplerContext
 from ..contract.registry import build_component, get_registry
+from ..evaluation.evalcard import evaluate
 from .cache import (
     cache_ok,
     cached,
@@ -302,10 +304,10 @@ def compute_metrics(cfg: RunConfig, ctx: MetricContext, metrics: dict[str, Any],
     cards = {}
     for mc in cfg.metrics:
         metric = build_component(registry, "metric", mc.name, dict(mc.options), path=f"metrics.{mc.name}")
-        values = metric.compute(ctx)
-        for k, v in dict(values).items():  # a metric's number replaces the pipeline's own of the same name
+        result = evaluate(metric, ctx)
+        for k, v in result.values.items():  # a metric's number replaces the pipeline's own of the same name
             metrics[k] = None if v is None else float(v)
-        cards[mc.name] = metric.eval_card()
+        cards[mc.name] = result.card
         lap(f"metric:{mc.name}")
     return cards
 
