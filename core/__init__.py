@@ -32,7 +32,11 @@ from .contract.errors import (
 from .contract.hookspecs import hookimpl, hookspec
 from .contract.interfaces import (
     NO_POSITION,
+    RNG,
     AcceptanceRule,
+    Backbone,
+    Cache,
+    Chain,
     Generator,
     Known,
     Metric,
@@ -98,7 +102,11 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "NO_POSITION",
+    "RNG",
     "AcceptanceRule",
+    "Backbone",
+    "Cache",
+    "Chain",
     "CheckpointError",
     "ConfigError",
     "Generator",

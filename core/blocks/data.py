@@ -25,8 +25,9 @@ class labels. Four sources:
     ``count``, ``colours``, ``positions`` (centres ``(x, y)`` as fractions),
     ``sizes`` (half-extents as fractions) and ``shapes`` (the same per shape,
     plus its pixel bounding box). :func:`render_shapes` draws a scene from its
-    attributes and :func:`parse_shapes` reads the shapes back from an image
-    (the oracle's view).
+    attributes; :func:`shape_regions` is the one parser of an image (palette
+    snapping and 4-connected regions, used by the ``shapes-oracle`` metric),
+    and :func:`parse_shapes` reads the shapes back through it.
 ``digits``
     scikit-learn's bundled 8×8 handwritten digits (1797 images, no download),
     upscaled to ``size`` bilinearly, grey replicated to ``channels``; labels
@@ -197,39 +198,66 @@ def _shape_bbox(p: dict, size: int) -> tuple[int, int, int, int] | None:
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
 
-def parse_shapes(image: torch.Tensor, *, min_pixels: int = 3) -> list[dict]:
-    """Read the shapes back from one image ``[3, H, W]`` in [-1, 1] (the
-    oracle's view): each 4-connected region of non-background pixels (every
-    pixel snapped to the nearest of background + palette) becomes one shape
-    with its ``colour`` (majority palette colour), ``shape`` (the class whose
-    fill ratio of the bounding box — :data:`SHAPE_FILL_RATIO` — is nearest),
-    ``bbox`` ``(x0, y0, x1, y1)`` in pixels and ``pixels``. Regions smaller
-    than ``min_pixels`` are ignored. Generated images that do not follow the
-    rules simply parse into whatever regions they contain. On the data set's
-    own images it recovers class, colour and count for ~96 % of 32 px images
-    and all 64 px ones; at 16 px small triangles and circles are often too
-    few pixels to tell apart (~68 %)."""
+def shape_regions(image: torch.Tensor, *, min_pixels: int = 3,
+                  where: str = "shape_regions") -> tuple[list[dict], np.ndarray]:
+    """The shapes parser: how the rules see one image ``[3, H, W]`` in [-1, 1]
+    — the one reading of a ``shapes`` image, shared by :func:`parse_shapes`
+    and the ``shapes-oracle`` metric.
+
+    The image is clamped to [-1, 1] and every pixel snapped to the nearest
+    (Euclidean, RGB in [0, 1]) of background + palette; each 4-connected
+    region of non-background pixels with at least ``min_pixels`` pixels is
+    one shape. Returns ``(regions, distance)``: ``distance``
+    ``FloatArray[H, W]``, each pixel's distance to its nearest colour (how
+    clean it is); ``regions`` in label order (raster order of their first
+    pixel), each a dict with ``bbox`` ``(x0, y0, x1, y1)`` in pixels,
+    ``pixels`` (its area), ``mask`` (``bool[y1 - y0, x1 - x0]``, the region
+    inside its box), ``colour`` (its majority palette colour) and
+    ``colour_pixels`` (its pixels per palette colour, ``int[6]`` in
+    :data:`SHAPES_COLOURS` order). A bad shape is an
+    :class:`~tokenloom.errors.InputError` naming ``where``."""
     from scipy import ndimage
 
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise InputError(f"parse_shapes: expected an RGB image [3, H, W], got {tuple(image.shape)}")
-    rgb = ((image.detach().float().cpu() + 1) / 2).permute(1, 2, 0).numpy()  # [H, W, 3] in [0, 1]
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise InputError(f"{where}: expected an RGB image [3, H, W], got {tuple(getattr(image, 'shape', ()))}")
+    rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3) in [0, 1]
     names = ["background", *SHAPES_COLOURS]
-    palette = np.array([SHAPES_BACKGROUND, *SHAPES_COLOURS.values()], dtype=np.float32)  # [7, 3]
-    nearest = ((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(-1).argmin(-1)  # [H, W]
-    regions, n = ndimage.label(nearest > 0)
+    palette = np.array([SHAPES_BACKGROUND, *SHAPES_COLOURS.values()], dtype=np.float32)  # (7, 3)
+    dist = np.sqrt(((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(-1))  # (H, W, 7)
+    nearest = dist.argmin(-1)  # (H, W)
+    labels, n = ndimage.label(nearest > 0)
     found = []
     for k in range(1, n + 1):
-        m = regions == k
+        m = labels == k
         area = int(m.sum())
         if area < min_pixels:
             continue
         ys, xs = np.nonzero(m)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        ratio = area / ((x1 - x0) * (y1 - y0))
+        counts = np.bincount(nearest[m], minlength=len(names))[1:]  # (6,) per palette colour
+        found.append({"bbox": (x0, y0, x1, y1), "pixels": area, "mask": m[y0:y1, x0:x1],
+                      "colour": names[int(counts.argmax()) + 1], "colour_pixels": counts})
+    return found, dist.min(-1)
+
+
+def parse_shapes(image: torch.Tensor, *, min_pixels: int = 3) -> list[dict]:
+    """Read the shapes back from one image ``[3, H, W]`` in [-1, 1] (the
+    oracle's view, through :func:`shape_regions`): each region becomes one
+    shape with its ``colour`` (majority palette colour), ``shape`` (the class
+    whose fill ratio of the bounding box — :data:`SHAPE_FILL_RATIO` — is
+    nearest), ``bbox`` ``(x0, y0, x1, y1)`` in pixels, ``pixels`` and
+    ``fill_ratio``, sorted top to bottom, then left to right. Regions smaller
+    than ``min_pixels`` are ignored. Generated images that do not follow the
+    rules simply parse into whatever regions they contain. On the data set's
+    own images it recovers class, colour and count for ~96 % of 32 px images
+    and all 64 px ones; at 16 px small triangles and circles are often too
+    few pixels to tell apart (~68 %)."""
+    found = []
+    for r in shape_regions(image, min_pixels=min_pixels, where="parse_shapes")[0]:
+        x0, y0, x1, y1 = r["bbox"]
+        ratio = r["pixels"] / ((x1 - x0) * (y1 - y0))
         shape = min(SHAPE_FILL_RATIO, key=lambda s: abs(SHAPE_FILL_RATIO[s] - ratio))
-        colour = names[int(np.bincount(nearest[m], minlength=len(names))[1:].argmax()) + 1]
-        found.append({"shape": shape, "colour": colour, "bbox": (x0, y0, x1, y1), "pixels": area,
+        found.append({"shape": shape, "colour": r["colour"], "bbox": r["bbox"], "pixels": r["pixels"],
                       "fill_ratio": float(ratio)})
     found.sort(key=lambda d: (d["bbox"][1], d["bbox"][0]))
     return found
@@ -460,5 +488,6 @@ __all__ = [
     "load_dataset",
     "parse_shapes",
     "render_shapes",
+    "shape_regions",
     "shapes_attributes",
 ]

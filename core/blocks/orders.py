@@ -37,6 +37,9 @@ import torch
 from ..contract.errors import ConfigError, InputError
 from ..contract.interfaces import (
     NO_POSITION,
+    RNG,
+    Backbone,
+    Chain,
     Known,
     ModelSpec,
     MultiScaleInputs,
@@ -98,16 +101,16 @@ def flat_index(h: int, w: int, depth: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def guidance_rows(cond: torch.Tensor, sampler: Any, model: Any) -> tuple[torch.Tensor, bool]:
+def guidance_rows(cond: torch.Tensor, chain: Chain, model: Backbone) -> tuple[torch.Tensor, bool]:
     """The class rows a decoding loop feeds: ``cond`` alone, or ``cond``
     followed by as many null-class rows when the chain needs unconditional
     logits (classifier-free guidance in one batched pass)."""
-    guided = bool(getattr(sampler, "needs_uncond", False))
+    guided = bool(chain.needs_uncond)
     rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
     return rows, guided
 
 
-def sample_codes(sampler: Any, logits: torch.Tensor, rng: Any, *, B: int, guided: bool, step: int, n_steps: int,
+def sample_codes(chain: Chain, logits: torch.Tensor, rng: RNG, *, B: int, guided: bool, step: int, n_steps: int,
                  positions: torch.Tensor, scale: int | None = None, n_scales: int | None = None) -> torch.Tensor:
     """Process ``logits`` (``[rows, k, V]``: the conditional rows first, then
     the unconditional ones when ``guided``) through the chain and draw one
@@ -115,7 +118,7 @@ def sample_codes(sampler: Any, logits: torch.Tensor, rng: Any, *, B: int, guided
     ``[B, k]`` (flat code positions, for the samplers' ``StepInfo``)."""
     info = StepInfo(step=step, n_steps=n_steps, positions=positions, scale=scale, n_scales=n_scales,
                     uncond_logits=logits[B:] if guided else None)
-    return sampler.sample(logits[:B], info, rng)
+    return chain.sample(logits[:B], info, rng)
 
 
 def check_known(known: Known, B: int, L: int, V: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,10 +205,10 @@ class GroupOrder:
         return TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
                           positions=self.positions(dev))
 
-    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, rng: Any) -> torch.Tensor:
+    def generate(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG) -> torch.Tensor:
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         order = self.order.to(dev)
         pos = self.positions(dev)
@@ -218,7 +221,7 @@ class GroupOrder:
             T = inputs.shape[1]
             logits = model(inputs, rows, positions=pos[at : at + T], cache=cache)[:, -self.n:]  # (R, n, V)
             where = order[g * self.n : (g + 1) * self.n]  # (n,) flat positions of group g
-            new = sample_codes(sampler, logits, rng, B=B, guided=guided, step=g, n_steps=self.G,
+            new = sample_codes(chain, logits, rng, B=B, guided=guided, step=g, n_steps=self.G,
                                positions=where.expand(B, -1))
             codes[:, where] = new
             at += T
@@ -294,19 +297,19 @@ class ScaleOrder:
         return TrainBatch(inputs=self.inputs(codes), targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
                           cond=cond.long(), positions=torch.arange(self.L, device=codes.device))
 
-    def log_likelihood(self, model: Any, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, model: Backbone, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         dev = model.device
         codes = codes.to(dev)
         logits = model(self.inputs(codes).to(dev), cond.to(dev).long(), positions=torch.arange(self.L, device=dev))
         return torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
 
-    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, rng: Any,
+    def generate(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG,
                  known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One pass per scale; ``known`` = ``(codes, mask)`` teacher-forces the
         given codes of every scale (VAR's zero-shot in/out-painting)."""
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         cache = model.new_cache(R, self.L)
         codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
@@ -323,7 +326,7 @@ class ScaleOrder:
                 x = x.repeat(2, 1, 1) if guided else x
             logits = model(x, rows, positions=torch.arange(a, a + n, device=dev), cache=cache)  # (R, n, V)
             where = torch.arange(a, a + n, device=dev)
-            new = sample_codes(sampler, logits, rng, B=B, guided=guided, step=k, n_steps=self.K,
+            new = sample_codes(chain, logits, rng, B=B, guided=guided, step=k, n_steps=self.K,
                                positions=where.expand(B, -1), scale=k, n_scales=self.K)
             if known is not None:
                 new = torch.where(known[1][:, a : a + n], known[0][:, a : a + n], new)
@@ -346,7 +349,7 @@ class MaskedCache:
     key)`` evaluated on these records.
     """
 
-    def __init__(self, model: Any, rows: int, max_len: int):
+    def __init__(self, model: Backbone, rows: int, max_len: int):
         self.cache = model.new_cache(rows, max_len)
         self.pos: list[int] = []
         self.valid: list[bool] = []
@@ -377,6 +380,76 @@ def raster_spec(tokenizer: Any) -> ModelSpec:
     L, V = tokenizer.layout.length, tokenizer.vocab_size
     return ModelSpec(seq_len=L, vocab_size=V, heads=(V,), train_order="raster", attention="causal",
                      cache_ops=frozenset({"append"}), extra=(), layout=tokenizer.layout)
+
+
+def raster_training_batch(codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str,
+                          order: torch.Tensor | None = None) -> TrainBatch:
+    """Raster teacher forcing (LlamaGen): inputs ``[cls, x_0, ..., x_{L-2}]``
+    at positions ``[-1, 0, ..., L-2]`` (``[B, L]``), targets ``x``, the loss
+    everywhere — the one recipe of ``raster``, ``zipar``, ``sjd`` and
+    ``speculative``. ``order`` (``LongTensor[B, L]``, a permutation per row;
+    RAR) visits the codes in that order instead: inputs ``[cls, x_π0, ...]``
+    at positions ``[-1, π0, ...]``, targets ``x_π``. ``codes`` are checked
+    against ``L`` and ``V`` (errors name ``where``)."""
+    codes = check_codes(codes, L, V, where=where)
+    if order is None:
+        order = torch.arange(L, device=codes.device).expand(codes.shape[0], L)  # (B, L) raster
+    x = codes.gather(1, order)  # (B, L) tokens in decoding order
+    inputs = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # [cls, x_π0, ..., x_π(L-2)]
+    positions = torch.cat([torch.full_like(order[:, :1], NO_POSITION), order[:, :-1]], 1)  # where each sits
+    return TrainBatch(inputs=inputs, targets=x, loss_mask=torch.ones_like(x, dtype=torch.bool),
+                      cond=cond.long(), positions=positions)
+
+
+def raster_log_likelihood(model: Backbone, codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str,
+                          target_aware: bool = False) -> torch.Tensor:
+    """``FloatTensor[B]``: exact log p(codes | cond) in nats under a raster
+    model (one teacher-forced pass); ``target_aware``: the model has RAR's
+    target-aware positions (the input at index t predicts position t)."""
+    codes = check_codes(codes, L, V, where=where)
+    dev = model.device
+    codes, cond = codes.to(dev), cond.to(dev).long()
+    inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)
+    positions = torch.arange(-1, L - 1, device=dev)
+    kw = {"target_positions": torch.arange(L, device=dev)} if target_aware else {}
+    logits = model(inputs, cond, positions=positions, **kw)  # (B, L, V)
+    return torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
+
+
+def raster_decode(model: Any, chain: Chain, cond: torch.Tensor, rng: RNG, L: int, *,
+                  target_aware: bool = False) -> torch.Tensor:
+    """Raster next-token decoding with a KV cache — one forward pass per
+    token (NFE = L), the chain's draw at step t for position t; with
+    guidance the conditional and null-class rows run in one batched pass.
+    ``model``: a :class:`~tokenloom.Backbone`, or the bare transformer behind
+    one (a measurement kept out of the counters: device and null class are
+    then read from its parameters and ``n_classes``). ``chain``: a
+    :class:`~tokenloom.Chain`; ``rng``: the :class:`~tokenloom.RNG` of the
+    ``B`` images. Returns ``LongTensor[B, L]``. The decoding loop of
+    ``raster`` and the baseline the speculative orders measure."""
+    B = cond.shape[0]
+    dev = model.device if hasattr(model, "device") else next(model.parameters()).device
+    null = model.null_class if hasattr(model, "null_class") else model.n_classes
+    cond = cond.to(dev).long()
+    guided = chain.needs_uncond
+    rows = torch.cat([cond, torch.full_like(cond, null)]) if guided else cond
+    cache = model.new_cache(rows.shape[0], L)
+    codes = torch.zeros(B, L, dtype=torch.long, device=dev)
+    token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)  # the class slot
+    # per-step tensors made once: the input at step t sits at grid position t - 1 (the class token at none)
+    # and predicts position t (RAR's target-aware embedding); the samplers are told the position t
+    position = torch.arange(-1, L - 1, device=dev).clamp(min=NO_POSITION)  # (L,)
+    target = torch.arange(L, device=dev)  # (L,)
+    decoded = target[:, None].expand(L, B)  # (L, B)
+    with torch.no_grad():
+        for t in range(L):
+            kw = {"target_positions": target[t : t + 1]} if target_aware else {}
+            logits = model(token, rows, cache=cache, positions=position[t : t + 1], **kw)[:, -1]  # (rows, V)
+            info = StepInfo(step=t, n_steps=L, positions=decoded[t], uncond_logits=logits[B:] if guided else None)
+            nxt = chain.sample(logits[:B], info, rng)  # (B,)
+            codes[:, t] = nxt
+            token = (nxt.repeat(2) if guided else nxt)[:, None]
+    return codes
 
 
 def instruction_spec(tokenizer: Any) -> ModelSpec:
@@ -421,7 +494,10 @@ __all__ = [
     "guidance_rows",
     "instruction_sequence",
     "instruction_spec",
+    "raster_decode",
+    "raster_log_likelihood",
     "raster_spec",
+    "raster_training_batch",
     "sample_codes",
     "scales_of",
 ]

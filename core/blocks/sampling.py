@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import attrs
 import torch
 
 from ..contract.errors import ConfigError
@@ -21,7 +22,8 @@ from .rng import RowRNG
 
 
 class SamplerChain:
-    """An ordered list of processors plus at most one acceptance rule."""
+    """An ordered list of processors plus at most one acceptance rule: what
+    every generator receives (it satisfies :class:`tokenloom.Chain`)."""
 
     def __init__(self, samplers: Iterable[Sampler] = ()):
         self.samplers: list[Sampler] = list(samplers)
@@ -51,6 +53,10 @@ class SamplerChain:
             s.bind(context)
 
     def __call__(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """The same as :meth:`process`."""
+        return self.process(logits, info)
+
+    def process(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
         """Processed logits ``[B, V]`` (``[B, k, V]`` is flattened and restored)."""
         info = info if info is not None else StepInfo()
         shape = logits.shape
@@ -142,6 +148,31 @@ def filter_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """A new tensor with the entries outside ``keep`` at ``-inf`` (never
     modifies ``logits``); entries already at ``-inf`` stay there."""
     return logits.masked_fill(~keep, float("-inf"))
+
+
+class ExactRule(AcceptanceRule):
+    """Exact speculative acceptance (Leviathan, Kalman & Matias 2023; Chen et
+    al. 2023): a drafted ``x ~ q`` is accepted when ``u < min(1, p(x)/q(x))``,
+    and a rejection resamples from ``norm(max(p - q, 0))``
+    (:func:`speculative_residual`), so the output is distributed exactly as
+    ``p``. The rule of a chain without an acceptance rule
+    (:func:`tokenloom.speculative.acceptance_rule`); the ``exact`` sampler
+    plugin registers it by name."""
+
+    @attrs.frozen
+    class Config:
+        pass
+
+    def __init__(self, config: Config | None = None):
+        super().__init__(config if config is not None else self.Config())
+
+    def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        px = p.gather(-1, drafted[:, None]).squeeze(-1).double()
+        qx = q.gather(-1, drafted[:, None]).squeeze(-1).double()
+        return u.double() * qx < px  # u < min(1, p/q), without dividing by q
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor | None = None) -> torch.Tensor:
+        return speculative_residual(p, q)
 
 
 def speculative_residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

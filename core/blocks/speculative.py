@@ -1,7 +1,10 @@
 """Shared machinery of the speculative decoding family (``speculative``,
-``sjd``): the raster target's spec and teacher forcing, the sampler chain
-applied over a window of positions, the draft-then-verify step, and the
-statistics every such loop reports.
+``sjd``): the sampler chain applied over a window of positions, the
+draft-then-verify step, and the statistics every such loop reports. The
+raster target's spec, teacher forcing, likelihood and plain decoding loop are
+:mod:`tokenloom.orders`' raster recipe (re-exported here: ``raster_spec``,
+``raster_training_batch``, ``raster_log_likelihood``,
+``autoregressive_decode``), the very one the ``raster`` order runs.
 
 Speculative sampling (Leviathan, Kalman & Matias 2023, "Fast Inference from
 Transformers via Speculative Decoding", https://arxiv.org/abs/2211.17192;
@@ -34,42 +37,19 @@ from typing import Any
 import torch
 
 from ..contract.errors import InputError
-from ..contract.interfaces import NO_POSITION, AcceptanceRule, StepInfo, TrainBatch, check_codes
-from .orders import raster_spec
+from ..contract.interfaces import AcceptanceRule, StepInfo
+from .orders import raster_decode, raster_log_likelihood, raster_spec, raster_training_batch
 from .rng import RowRNG
-from .sampling import SamplerChain, speculative_residual
+from .sampling import ExactRule, SamplerChain
+
+#: Plain next-token decoding, the baseline every speed-up is measured against:
+#: :func:`tokenloom.orders.raster_decode` (the ``raster`` order's own loop).
+autoregressive_decode = raster_decode
 
 #: RowRNG stream of the speculative loops: iteration t of image i draws all
 #: its uniforms at once, ``rng.uniform(t, n, stream=STREAM)``, and
 #: :class:`Noise` hands out disjoint slices of them.
 STREAM = 101
-
-
-# ---------------------------------------------------------------------------
-# The raster target: spec and teacher forcing shared with the `raster` order
-# ---------------------------------------------------------------------------
-
-
-def raster_training_batch(codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str) -> TrainBatch:
-    """Raster teacher forcing: inputs ``[cls, x_0, ..., x_{L-2}]`` at
-    positions ``[-1, 0, ..., L-2]``, targets ``x`` (as ``raster`` without RAR)."""
-    codes = check_codes(codes, L, V, where=where)
-    inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)  # (B, L)
-    positions = torch.arange(-1, L - 1, device=codes.device)
-    return TrainBatch(inputs=inputs, targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
-                      cond=cond.long(), positions=positions)
-
-
-def raster_log_likelihood(model: Any, codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *,
-                          where: str) -> torch.Tensor:
-    """Exact log p(codes | cond) in nats under a raster model (one
-    teacher-forced pass)."""
-    codes = check_codes(codes, L, V, where=where)
-    dev = model.device
-    codes, cond = codes.to(dev), cond.to(dev).long()
-    inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)
-    logits = model(inputs, cond, positions=torch.arange(-1, L - 1, device=dev))  # (B, L, V)
-    return torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -164,20 +144,7 @@ def draw_from_probs(chain: SamplerChain, probs: torch.Tensor, gumbel: torch.Tens
 # ---------------------------------------------------------------------------
 
 
-class ExactRule:
-    """Exact speculative acceptance, the default when the chain holds no
-    acceptance rule (the same rule as the ``exact`` sampler)."""
-
-    def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        px = p.gather(-1, drafted[:, None]).squeeze(-1).double()
-        qx = q.gather(-1, drafted[:, None]).squeeze(-1).double()
-        return u.double() * qx < px
-
-    def residual(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor | None = None) -> torch.Tensor:
-        return speculative_residual(p, q)
-
-
-def acceptance_rule(chain: SamplerChain) -> AcceptanceRule | ExactRule:
+def acceptance_rule(chain: SamplerChain) -> AcceptanceRule:
     """The chain's acceptance rule, or exact acceptance when it has none."""
     return chain.acceptance if chain.acceptance is not None else ExactRule()
 
@@ -284,34 +251,9 @@ class SpeculativeStats:
 # ---------------------------------------------------------------------------
 
 
-def autoregressive_decode(model: Any, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG, L: int) -> torch.Tensor:
-    """Plain raster next-token decoding with a KV cache — one forward pass
-    per token, the chain and the final draw exactly as the ``raster``
-    generator applies them. ``model`` is called as is (pass the bare
-    backbone to keep a measurement out of the instrumented counters)."""
-    B = cond.shape[0]
-    dev = next(model.parameters()).device if hasattr(model, "parameters") else model.device
-    cond = cond.to(dev).long()
-    null = getattr(model, "null_class", getattr(model, "n_classes", None))
-    guided = chain.needs_uncond
-    rows = torch.cat([cond, torch.full_like(cond, null)]) if guided else cond
-    cache = model.new_cache(rows.shape[0], L)
-    codes = torch.zeros(B, L, dtype=torch.long, device=dev)
-    token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)
-    with torch.no_grad():
-        for t in range(L):
-            pos = torch.tensor([t - 1 if t > 0 else NO_POSITION], device=dev)
-            logits = model(token, rows, cache=cache, positions=pos)[:, -1]
-            info = StepInfo(step=t, n_steps=L, positions=torch.full((B,), t, device=dev),
-                            uncond_logits=logits[B:] if guided else None)
-            codes[:, t] = chain.sample(logits[:B], info, rng)
-            token = codes[:, t : t + 1].repeat(2, 1) if guided else codes[:, t : t + 1]
-    return codes
-
-
 def time_baseline(model: Any, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG, L: int) -> float:
-    """Wall-clock seconds of :func:`autoregressive_decode` on the bare
-    backbone behind ``model`` (not counted by the instrumentation)."""
+    """Wall-clock seconds of plain raster decoding (:func:`autoregressive_decode`)
+    on the bare backbone behind ``model`` (not counted by the instrumentation)."""
     inner = getattr(model, "model", model)
     if next(inner.parameters()).is_cuda:
         torch.cuda.synchronize()

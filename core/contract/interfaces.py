@@ -59,6 +59,8 @@ KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric")
 #: "nowhere"): ``TrainBatch.positions`` and the backbone's ``positions=`` use it; see :class:`ModelSpec`.
 NO_POSITION = -1
 
+_REQUIRED: Any = object()  # a required argument that was not passed (Tokenizer.__init__)
+
 
 # ---------------------------------------------------------------------------
 # Value types
@@ -402,8 +404,23 @@ class Tokenizer(nn.Module):
     Config: ClassVar[type]
     layout: TokenLayout
     vocab_size: int
+    #: Capability: True when the layout is one grid (one scale) whose cell (i, j) covers the image
+    #: patch ``[i*H/h : (i+1)*H/h, j*W/w : (j+1)*W/w]`` and nothing mixes cells — the codes of a cell
+    #: are computed from its patch alone and decode to it alone (pixel-like tokenizers; not
+    #: convolutional encoders, whose receptive fields overlap). The conformance kit then checks
+    #: locality: changing one patch changes only the codes of its cell.
+    cell_local: ClassVar[bool] = False
 
-    def __init__(self, config: Any, *, image_shape: tuple[int, int, int]):
+    def __init__(self, config: Any = _REQUIRED, *, image_shape: tuple[int, int, int] | None = None):
+        if config is _REQUIRED or image_shape is None:
+            # the torch habit, super().__init__() with no arguments: say what the call must be
+            missing = " and ".join(n for n, absent in (("config", config is _REQUIRED),
+                                                       ("image_shape", image_shape is None)) if absent)
+            raise TypeError(
+                f"{type(self).__name__}.__init__ must pass its config and image shape on to "
+                f"tokenloom.Tokenizer: call super().__init__(config, image_shape=image_shape) "
+                f"({missing} missing; a tokenizer is built as "
+                f"{type(self).__name__}(config, image_shape=(C, H, W)))")
         super().__init__()
         self.config = config
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -453,6 +470,271 @@ class MultiScaleInputs(Protocol):
     def scale_inputs(self, codes: torch.Tensor) -> torch.Tensor: ...
 
 
+# ---------------------------------------------------------------------------
+# What a generator receives: the backbone, the sampler chain, the RNG
+# ---------------------------------------------------------------------------
+#
+# Core hands :meth:`Generator.generate` three objects; these protocols are
+# everything a generator may use of them (core's classes are
+# :class:`tokenloom.model.InstrumentedModel`, :class:`tokenloom.sampling.SamplerChain`
+# and :class:`tokenloom.rng.RowRNG`; tests check that they satisfy them).
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """A preallocated KV cache from :meth:`Backbone.new_cache`.
+
+    Every forward pass that is given the cache attends to the cached prefix
+    plus its own ``T`` inputs and appends them (``length += T``) — the
+    ``"append"`` cache operation. :meth:`truncate` rolls back (the
+    ``"truncate"`` operation of speculative and Jacobi decoding): to one
+    length for every row (an ``int``), or to a length per row
+    (``LongTensor[B]``), after which the cache is *ragged* — row ``b``
+    continues from ``lengths[b]``, and the backbone masks, positions and
+    class-embeds every row by its own prefix. Writing past ``max_len`` is an
+    :class:`~tokenloom.errors.InputError`.
+    """
+
+    #: Most tokens a row can hold.
+    max_len: int
+    #: Cached tokens (the longest row's when ragged).
+    length: int
+    #: ``LongTensor[B]`` per-row lengths once ragged, else None.
+    lengths: torch.Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        """``B``: rows (one per image, twice that with guidance)."""
+        ...
+
+    @property
+    def ragged(self) -> bool:
+        """Whether rows have their own lengths (after a per-row truncate)."""
+        ...
+
+    def row_lengths(self) -> torch.Tensor:
+        """``LongTensor[B]``: every row's cached length."""
+        ...
+
+    def truncate(self, length: int | torch.Tensor) -> None:
+        """Keep the first ``length`` tokens: an ``int`` for all rows, or
+        ``LongTensor[B]`` one per row (each at most the row's length)."""
+        ...
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the rows ``rows`` (``LongTensor[B']``, in that order), e.g.
+        to drop images that finished decoding."""
+        ...
+
+    def reset(self) -> None:
+        """Empty the cache (length 0, not ragged)."""
+        ...
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """The trained transformer as a generator sees it (core's
+    :class:`tokenloom.model.InstrumentedModel`). Calling it runs one forward
+    pass without gradients and counts it (``nfe``, ``tokens``, ``seconds``:
+    the run's cost metrics come from these counters, never from plugins).
+
+    **Sequences.** The model was built from the generator's
+    :meth:`Generator.model_spec`. Sequence index 0 of every row is the
+    *conditioning prefix*, the class token: whatever input sits there is
+    replaced by the class embedding of ``cond[b]``; rows with ``cond[b] ==``
+    :attr:`null_class` are unconditional (classifier-free guidance runs the
+    conditional rows and as many null-class rows in one batch, conditional
+    first). Position ids are flat code positions of ``spec.layout``;
+    :data:`NO_POSITION` (-1) is none (the class token).
+
+    **Call.** ``model(inputs, cond, **keywords)`` with
+
+    - ``inputs``: ``LongTensor[B, T]`` token ids in ``[0, spec.vocab_size)``
+      (``[B, T, depth]`` stacks for a depth-head model), or
+      ``FloatTensor[B, T, spec.input_dim]`` when ``spec.input_kind`` is
+      ``"embeddings"``;
+    - ``cond``: ``LongTensor[B]`` class ids (None: every row the null class);
+    - ``positions=``: ``LongTensor[T]`` or ``[B, T]`` position id of each
+      input (None: ``[-1, 0, 1, ...]`` continuing the cache);
+    - ``target_positions=``: ``LongTensor[T]`` or ``[B, T]``, the position
+      each input predicts — required when the spec has
+      ``("target_aware", True)`` (RAR), refused otherwise;
+    - ``attn_mask=``: ``BoolTensor[T, S]`` or ``[B, T, S]`` over the
+      ``S = cache.length + T`` keys, True where a query may attend (None: the
+      spec's ``attention`` pattern; ``"custom"`` attention needs one);
+    - ``cache=``: a :class:`Cache` from :meth:`new_cache`; the inputs
+      continue its sequence and are appended to it;
+    - ``last_only=True``: logits of the last input only (``T`` = 1 below);
+    - ``return_hidden=True``: the final hidden states ``FloatTensor[B, T, C]``
+      instead of logits (for :meth:`depth_logits`);
+    - ``depth_inputs=``: a depth-head model's codes ``< d`` per position
+      ``LongTensor[B, T, d]`` (teacher forcing; default: the next stack).
+
+    **Returns** ``FloatTensor[B, T, V]`` logits for a one-head spec, a tuple
+    of them (one per entry of ``spec.heads``, each ``[B, T, heads[i]]``) for
+    several heads or for the depths of a depth-head model.
+    """
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The spec the model was built (and trained) for."""
+        ...
+
+    @property
+    def n_classes(self) -> int:
+        """Number of real classes; class ids are ``[0, n_classes)``."""
+        ...
+
+    @property
+    def null_class(self) -> int:
+        """The class id of unconditional rows (``n_classes``), for guidance."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live: put inputs and caches there."""
+        ...
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> Cache:
+        """An empty :class:`Cache` for ``batch_size`` rows of at most
+        ``max_len`` tokens (default ``spec.seq_len``)."""
+        ...
+
+    def token_embeddings(self) -> torch.Tensor | None:
+        """``FloatTensor[V', D']``: the input embedding table (None for an
+        ``"embeddings"`` model)."""
+        ...
+
+    def __call__(self, inputs: torch.Tensor, cond: torch.Tensor | None = None, *,
+                 positions: torch.Tensor | None = None, target_positions: torch.Tensor | None = None,
+                 attn_mask: torch.Tensor | None = None, cache: Cache | None = None,
+                 last_only: bool = False, depth_inputs: torch.Tensor | None = None,
+                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """One forward pass (see the class docstring for the keywords and shapes)."""
+        ...
+
+    def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A depth-head model's depth transformer (RQ-Transformer): from hidden
+        states ``[B, T, C]`` of a ``return_hidden`` pass and the first ``d``
+        codes of each stack ``LongTensor[B, T, d]``, the logits ``[B, T, V]``
+        of depths ``0 .. d`` (a tuple of ``d + 1``). Counted as a depth step,
+        not a forward pass."""
+        ...
+
+
+@runtime_checkable
+class RNG(Protocol):
+    """Per-image randomness (core's :class:`tokenloom.rng.RowRNG`): every
+    number is a pure function of ``(seed, image index, step, stream,
+    counter)``, so image *i* never depends on its batch neighbours, the batch
+    size or the device. A generator draws all its randomness here (never
+    from torch's global generator), uses a distinct ``stream`` for each
+    independent use within one step, and keeps a row's draws to that row.
+    Returned tensors are on :attr:`device`; move them where needed.
+    """
+
+    #: The run seed.
+    seed: int
+    #: ``LongTensor[B]``: the image index of each row.
+    index: torch.Tensor
+    #: Where the numbers are made.
+    device: torch.device
+
+    def __len__(self) -> int:
+        """``B``: rows (images)."""
+        ...
+
+    def subset(self, rows: torch.Tensor | slice) -> RNG:
+        """The generator of a subset of the rows, with the same per-image
+        numbers (for loops that drop finished images)."""
+        ...
+
+    def uniform(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+        """``FloatTensor[B, *shape]`` uniforms in (0, 1)."""
+        ...
+
+    def gumbel(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+        """``FloatTensor[B, *shape]`` standard Gumbel noise."""
+        ...
+
+    def categorical(self, logits: torch.Tensor, step: int, *, stream: int = 0) -> torch.Tensor:
+        """One draw per row from ``softmax(logits)`` (``[B, V]`` -> ``[B]``, or
+        ``[B, k, V]`` -> ``[B, k]``); ``-inf`` entries are never drawn."""
+        ...
+
+
+@runtime_checkable
+class Chain(Protocol):
+    """The run's samplers as one object (core's
+    :class:`tokenloom.sampling.SamplerChain`): the processors in configured
+    order, at most one acceptance rule, and core's final draw. Generators
+    always receive a chain (never a bare sampler or list).
+
+    A decoding step passes the logits it wants a token from through
+    :meth:`sample` (or :meth:`process` then :meth:`draw`) with a
+    :class:`StepInfo`; when :attr:`needs_uncond` is True the generator must
+    also run null-class rows (:attr:`Backbone.null_class`) and hand their
+    logits over as ``info.uncond_logits``.
+    """
+
+    #: Every sampler of the chain, in configured order.
+    samplers: list[Sampler]
+    #: The processors (role ``"processor"``), in order.
+    processors: list[Sampler]
+    #: The acceptance rule of speculative/Jacobi decoding, or None (then the
+    #: exact rule applies: :func:`tokenloom.speculative.acceptance_rule`).
+    acceptance: AcceptanceRule | None
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether ``info.uncond_logits`` must be supplied (classifier-free
+        guidance)."""
+        ...
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the final draw is the argmax (a ``greedy`` processor)."""
+        ...
+
+    @property
+    def depends_on_step(self) -> bool:
+        """Whether a processor reads ``info.step`` / ``n_steps`` (a schedule);
+        when False, loops may process many positions in one call."""
+        ...
+
+    def bind(self, context: SamplerContext) -> None:
+        """Hand every sampler the run's :class:`SamplerContext` (once, before
+        decoding; the pipeline does it)."""
+        ...
+
+    def process(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """The processed logits: ``[B, V]`` -> ``[B, V]`` (``[B, k, V]`` ->
+        ``[B, k, V]``); the input is never modified, removed entries are
+        ``-inf``. NaN or all ``-inf`` rows are an
+        :class:`~tokenloom.errors.InputError` naming the step."""
+        ...
+
+    def __call__(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """The same as :meth:`process`."""
+        ...
+
+    def probs(self, logits: torch.Tensor, info: StepInfo | None = None) -> torch.Tensor:
+        """The processed distribution ``[B, V]`` (one-hot at the argmax when
+        greedy)."""
+        ...
+
+    def draw(self, processed: torch.Tensor, rng: RNG, step: int, *, stream: int = 0) -> torch.Tensor:
+        """The final draw from processed logits: ``[B, V]`` -> ``LongTensor[B]``
+        (``[B, k, V]`` -> ``[B, k]``), argmax when greedy, else a categorical
+        draw with ``rng`` at ``(step, stream)``."""
+        ...
+
+    def sample(self, logits: torch.Tensor, info: StepInfo, rng: RNG, *, stream: int = 0) -> torch.Tensor:
+        """:meth:`process` then :meth:`draw` at ``info.step``: one token per
+        row (and position), ``LongTensor[B]`` or ``[B, k]``."""
+        ...
+
+
 class Generator:
     """A generation order: how a model is trained (teacher forcing) and how it
     decodes.
@@ -487,12 +769,26 @@ class Generator:
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
         raise NotImplementedError
 
-    def generate(self, model: Any, sampler: Any, cond: torch.Tensor, *, rng: Any, known: Known | None = None) -> torch.Tensor:
+    def generate(self, model: Backbone, chain: Chain, cond: torch.Tensor, *, rng: RNG,
+                 known: Known | None = None) -> torch.Tensor:
+        """Decode one code sequence per row of ``cond``: ``LongTensor[B, L]``
+        in ``[0, tokenizer.vocab_size)``, ``L = tokenizer.layout.length``.
+
+        ``cond``: ``LongTensor[B]`` class ids (any device; move it to
+        ``model.device``). ``model``: the :class:`Backbone` trained on this
+        order's :meth:`model_spec` and :meth:`training_batch`. ``chain``: the
+        :class:`Chain` every drawn token goes through (run null-class rows
+        when ``chain.needs_uncond``). ``rng``: the :class:`RNG` of these ``B``
+        images, the only source of randomness. ``known``: codes fixed in
+        advance (``supports_known`` orders; others raise
+        :class:`~tokenloom.errors.InputError` when it is given). The forward
+        passes taken should equal :meth:`expected_nfe` when that is not None."""
         raise NotImplementedError
 
-    def log_likelihood(self, model: Any, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``FloatTensor[B]``: log p(codes | cond) in nats under ``model``;
-        only meaningful when ``exact_likelihood`` is True."""
+    def log_likelihood(self, model: Backbone, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[B]``: log p(codes | cond) in nats under ``model``
+        for codes ``LongTensor[B, L]`` and classes ``LongTensor[B]``; only
+        meaningful when ``exact_likelihood`` is True."""
         raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
 
     def expected_nfe(self) -> int | None:
@@ -648,7 +944,11 @@ __all__ = [
     "BASES",
     "KINDS",
     "NO_POSITION",
+    "RNG",
     "AcceptanceRule",
+    "Backbone",
+    "Cache",
+    "Chain",
     "Generator",
     "Known",
     "Metric",

@@ -38,7 +38,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import grid_of, guidance_rows, sample_codes
-from tokenloom.sampling import SamplerChain
 
 
 class DepthStackGenerator(tokenloom.Generator):
@@ -87,13 +86,12 @@ class DepthStackGenerator(tokenloom.Generator):
         return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
                                     positions=self._positions(codes.device))
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("depth-stack does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev, D = cond.shape[0], model.device, self.D
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R, reps = rows.shape[0], (2 if guided else 1)
         pos = self._positions(dev)
         cache = model.new_cache(R, self.P + 1)
@@ -105,7 +103,7 @@ class DepthStackGenerator(tokenloom.Generator):
             for d in range(D):
                 logits = model.depth_logits(hidden, prefix)[d]  # (R, 1, V)
                 flat = t * D + d
-                tok = sample_codes(sampler, logits, rng, B=B, guided=guided, step=flat, n_steps=self.L,
+                tok = sample_codes(chain, logits, rng, B=B, guided=guided, step=flat, n_steps=self.L,
                                    positions=torch.full((B, 1), flat, device=dev))[:, 0]
                 codes[:, t, d] = tok
                 prefix = torch.cat([prefix, tok.repeat(reps)[:, None, None]], 2)

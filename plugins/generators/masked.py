@@ -33,7 +33,6 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.sampling import SamplerChain
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence Gumbel noise
 
@@ -91,8 +90,7 @@ class MaskedGenerator(tokenloom.Generator):
         return tokenloom.TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
                                     positions=self._positions(dev))
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         B, dev, L, T = cond.shape[0], model.device, self.L, self.config.steps
         cond = cond.to(dev).long()
         x = torch.full((B, L), self.mask_id, dtype=torch.long, device=dev)
@@ -105,7 +103,7 @@ class MaskedGenerator(tokenloom.Generator):
             x = torch.where(kmask, kcodes, x)
         masked = x == self.mask_id  # (B, L) not yet final
         n_unknown = masked.sum(1)  # (B,) N: the schedule runs over these
-        guided = sampler.needs_uncond
+        guided = chain.needs_uncond
         rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
         positions = self._positions(dev)
         for t in range(T):
@@ -114,8 +112,8 @@ class MaskedGenerator(tokenloom.Generator):
             logits = model(inputs, rows, positions=positions)[:, 1:]  # (rows, L, V)
             info = tokenloom.StepInfo(step=t, n_steps=T, positions=torch.arange(L, device=dev).expand(B, L),
                                       uncond_logits=logits[B:] if guided else None)
-            processed = sampler(logits[:B], info)  # (B, L, V)
-            sampled = sampler.draw(processed, rng, t)  # (B, L)
+            processed = chain(logits[:B], info)  # (B, L, V)
+            sampled = chain.draw(processed, rng, t)  # (B, L)
             logp = torch.log_softmax(processed.float(), -1).gather(-1, sampled[..., None])[..., 0]
             r = (t + 1) / T
             n_masked = masked.sum(1)

@@ -38,7 +38,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import grid_of, guidance_rows, sample_codes
-from tokenloom.sampling import SamplerChain
 
 RIGHT, DOWN = 0, 1
 
@@ -102,14 +101,13 @@ class NeighboringGenerator(tokenloom.Generator):
                                     positions=torch.arange(-1, self.L, device=dev),
                                     attn_mask=self.attention_mask(dev))
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("neighboring does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev = cond.shape[0], model.device
         h, w = self.h, self.w
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         n_steps = h + w - 1
         cache = model.new_cache(R, self.L + 1)
@@ -120,7 +118,7 @@ class NeighboringGenerator(tokenloom.Generator):
                             attn_mask=torch.ones(1, 1, dtype=torch.bool, device=dev), cache=cache)
         logits = (right + down) / 2  # (R, 1, V)
         first = torch.zeros(1, dtype=torch.long, device=dev)
-        codes[:, :1] = sample_codes(sampler, logits, rng, B=B, guided=guided, step=0, n_steps=n_steps,
+        codes[:, :1] = sample_codes(chain, logits, rng, B=B, guided=guided, step=0, n_steps=n_steps,
                                     positions=first.expand(B, 1))
         prev = [(0, 0)]  # the diagonal just sampled, by ascending row
         for d in range(1, n_steps):
@@ -142,7 +140,7 @@ class NeighboringGenerator(tokenloom.Generator):
                 parts.append(sum(got) / len(got))
             logits = torch.stack(parts, 1)  # (R, k', V)
             where = torch.tensor([i * w + j for i, j in nxt], device=dev)
-            codes[:, where] = sample_codes(sampler, logits, rng, B=B, guided=guided, step=d, n_steps=n_steps,
+            codes[:, where] = sample_codes(chain, logits, rng, B=B, guided=guided, step=d, n_steps=n_steps,
                                            positions=where.expand(B, -1))
             prev = nxt
         return codes

@@ -29,7 +29,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import GroupOrder, grid_of
-from tokenloom.sampling import SamplerChain
 
 
 class NextBlockGenerator(tokenloom.Generator):
@@ -60,11 +59,10 @@ class NextBlockGenerator(tokenloom.Generator):
         codes = tokenloom.check_codes(codes, self.L, self.V, where="next-block.training_batch: codes")
         return self.groups.training_batch(codes, cond)
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("next-block does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
-        return self.groups.generate(model, sampler, cond, rng)
+        return self.groups.generate(model, chain, cond, rng)
 
 
 @tokenloom.hookimpl

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 import tokenloom
 from tokenloom.orders import ScaleOrder
-from tokenloom.sampling import SamplerChain
 
 
 class NextFrequencyGenerator(tokenloom.Generator):
@@ -91,11 +90,10 @@ class NextFrequencyGenerator(tokenloom.Generator):
         codes = tokenloom.check_codes(codes, self.L, self.V, where="next-frequency.training_batch: codes")
         return self.bands.training_batch(codes, cond)
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("next-frequency does not support known= (use 'next-scale' or 'masked')")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
-        return self.bands.generate(model, sampler, cond, rng)
+        return self.bands.generate(model, chain, cond, rng)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="next-frequency.log_likelihood: codes")

@@ -40,7 +40,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import ScaleOrder, check_known, scales_of
-from tokenloom.sampling import SamplerChain
 
 
 class NextScaleGenerator(tokenloom.Generator):
@@ -68,10 +67,9 @@ class NextScaleGenerator(tokenloom.Generator):
         codes = tokenloom.check_codes(codes, self.L, self.V, where="next-scale.training_batch: codes")
         return self.scales.training_batch(codes, cond)
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         given = None if known is None else check_known(known, cond.shape[0], self.L, self.V, model.device)
-        return self.scales.generate(model, sampler, cond, rng, known=given)
+        return self.scales.generate(model, chain, cond, rng, known=given)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="next-scale.log_likelihood: codes")

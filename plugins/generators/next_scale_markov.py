@@ -77,7 +77,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import guidance_rows, scales_of
-from tokenloom.sampling import SamplerChain
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence noise (as `masked`)
 NEXT_SCALE, MASK = 0, 1  # output heads with mask_head = true
@@ -235,13 +234,12 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
                                     positions=torch.arange(-1, self.L, device=dev),
                                     attn_mask=self.attention_mask(dev))
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("next-scale-markov does not support known= (use 'next-scale' or 'masked')")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         reps = 2 if guided else 1
         codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
         n_steps = self.expected_nfe()
@@ -266,8 +264,8 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
                 info = tokenloom.StepInfo(step=step, n_steps=n_steps, positions=torch.arange(a, a + n, device=dev)
                                           .expand(B, n), scale=k, n_scales=len(self.sizes),
                                           uncond_logits=logits[B:] if guided else None)
-                processed = sampler(logits[:B], info)  # (B, n, V)
-                sampled = sampler.draw(processed, rng, step)  # (B, n)
+                processed = chain(logits[:B], info)  # (B, n, V)
+                sampled = chain.draw(processed, rng, step)  # (B, n)
                 logp = torch.log_softmax(processed.float(), -1).gather(-1, sampled[..., None])[..., 0]
                 keep = torch.full((B,), sum(settle[t + 1 :]), dtype=torch.long, device=dev)  # still hidden after
                 confidence = logp

@@ -43,7 +43,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import flat_index, grid_of, guidance_rows, sample_codes
-from tokenloom.sampling import SamplerChain
 
 
 class ParGenerator(tokenloom.Generator):
@@ -108,13 +107,12 @@ class ParGenerator(tokenloom.Generator):
         return tokenloom.TrainBatch(inputs=inputs, targets=x, loss_mask=torch.ones_like(x, dtype=torch.bool),
                                     cond=cond.long(), positions=positions)
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("par does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev, n, L = cond.shape[0], model.device, self.n, self.L
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         n_steps = self.expected_nfe()
         order = self.order.to(dev)
@@ -127,7 +125,7 @@ class ParGenerator(tokenloom.Generator):
             T = inputs.shape[1]
             k = 1 if done < n else n  # tokens this pass predicts
             logits = model(inputs, rows, positions=positions[at : at + T], cache=cache)[:, -k:]  # (R, k, V)
-            x[:, done : done + k] = sample_codes(sampler, logits, rng, B=B, guided=guided, step=step,
+            x[:, done : done + k] = sample_codes(chain, logits, rng, B=B, guided=guided, step=step,
                                                  n_steps=n_steps, positions=order[done : done + k].expand(B, -1))
             at += T
             done += k

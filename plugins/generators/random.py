@@ -33,7 +33,6 @@ import torch
 
 import tokenloom
 from tokenloom.orders import instruction_sequence, instruction_spec
-from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order
 
@@ -70,8 +69,7 @@ class RandomOrderGenerator(tokenloom.Generator):
         batch.cond = cond.long()
         return batch
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         B, dev, L = cond.shape[0], model.device, self.L
         cond = cond.to(dev).long()
         key = rng.uniform(0, L, stream=_ORDER_STREAM).to(dev)  # (B, L) in (0, 1)
@@ -79,7 +77,7 @@ class RandomOrderGenerator(tokenloom.Generator):
             kcodes, kmask = _check_known(known, B, L, self.V, dev)
             key = key - kmask.float()  # known positions first
         order = key.argsort(-1)  # (B, L)
-        guided = sampler.needs_uncond
+        guided = chain.needs_uncond
         reps = 2 if guided else 1
         rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
         order_r = order.repeat(reps, 1)
@@ -94,7 +92,7 @@ class RandomOrderGenerator(tokenloom.Generator):
             logits = model(inputs, rows, positions=positions, cache=cache, last_only=True)[:, -1]  # (rows, V)
             pos = order[:, t]
             info = tokenloom.StepInfo(step=t, n_steps=L, positions=pos, uncond_logits=logits[B:] if guided else None)
-            tok = sampler.sample(logits[:B], info, rng)
+            tok = chain.sample(logits[:B], info, rng)
             if known is not None:
                 given = kmask.gather(1, pos[:, None])[:, 0]
                 tok = torch.where(given, kcodes.gather(1, pos[:, None])[:, 0], tok)

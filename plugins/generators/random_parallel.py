@@ -49,7 +49,6 @@ from tokenloom.orders import (
     instruction_spec,
     sample_codes,
 )
-from tokenloom.sampling import SamplerChain
 
 _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order (as in `random`)
 
@@ -105,13 +104,12 @@ class RandomParallelGenerator(tokenloom.Generator):
     def expected_nfe(self) -> int:
         return len(self.step_sizes())
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("random-parallel does not support known= (use 'random' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev, L = cond.shape[0], model.device, self.L
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R, reps = rows.shape[0], (2 if guided else 1)
         order = rng.uniform(0, L, stream=_ORDER_STREAM).to(dev).argsort(-1)  # (B, L), as `random` draws it
         order_r = order.repeat(reps, 1)
@@ -157,7 +155,7 @@ class RandomParallelGenerator(tokenloom.Generator):
             p = torch.stack(pos, 1)
             logits = model(x, rows, positions=p, attn_mask=mask, cache=mc.cache)[:, n_ctx:]  # (R, k, V)
             where = order[:, done : done + k]  # (B, k)
-            new_codes = sample_codes(sampler, logits, rng, B=B, guided=guided, step=step, n_steps=len(sizes),
+            new_codes = sample_codes(chain, logits, rng, B=B, guided=guided, step=step, n_steps=len(sizes),
                                      positions=where)
             codes.scatter_(1, where, new_codes)
             prev = slots[n_ctx:]

@@ -35,8 +35,12 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import raster_spec
-from tokenloom.sampling import SamplerChain
+from tokenloom.orders import (
+    raster_decode,
+    raster_log_likelihood,
+    raster_spec,
+    raster_training_batch,
+)
 
 
 def _fraction(_inst, attribute, value):
@@ -99,54 +103,21 @@ class RasterGenerator(tokenloom.Generator):
             perm = torch.rand(B, L).argsort(-1).to(dev)
             permute = (torch.rand(B) < r).to(dev)
             order = torch.where(permute[:, None], perm, order)
-        x = codes.gather(1, order)  # (B, L) tokens in decoding order
-        inputs = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # [cls, x_π0, ..., x_π(L-2)]
-        none = torch.full_like(order[:, :1], tokenloom.NO_POSITION)
-        positions = torch.cat([none, order[:, :-1]], 1)  # where each input sits
-        batch = tokenloom.TrainBatch(inputs=inputs, targets=x, loss_mask=torch.ones_like(x, dtype=torch.bool),
-                                     cond=cond.long(), positions=positions)
+        batch = raster_training_batch(codes, cond, L, self.V, where="raster.training_batch: codes", order=order)
         if self.config.rar:
             batch.extra["target_positions"] = order  # RAR: the position each input predicts
         return batch
 
     # -- decoding -------------------------------------------------------------
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("raster does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
-        B, dev, L = cond.shape[0], model.device, self.L
-        cond = cond.to(dev).long()
-        guided = sampler.needs_uncond
-        rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
-        cache = model.new_cache(rows.shape[0], L)
-        codes = torch.zeros(B, L, dtype=torch.long, device=dev)
-        token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)  # the class slot
-        # per-step tensors made once: the input at step t sits at grid position t - 1 (the class token at none)
-        # and predicts position t (RAR's target-aware embedding); the samplers are told the position t
-        position = torch.arange(-1, L - 1, device=dev).clamp(min=tokenloom.NO_POSITION)  # (L,)
-        target = torch.arange(L, device=dev)  # (L,)
-        decoded = target[:, None].expand(L, B)  # (L, B)
-        for t in range(L):
-            kw = {"target_positions": target[t : t + 1]} if self.config.rar else {}
-            logits = model(token, rows, cache=cache, positions=position[t : t + 1], **kw)[:, -1]  # (rows, V)
-            info = tokenloom.StepInfo(step=t, n_steps=L, positions=decoded[t],
-                                      uncond_logits=logits[B:] if guided else None)
-            nxt = sampler.sample(logits[:B], info, rng)  # (B,)
-            codes[:, t] = nxt
-            token = (nxt.repeat(2) if guided else nxt)[:, None]
-        return codes
+        return raster_decode(model, chain, cond, rng, self.L, target_aware=self.config.rar)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:
-        codes = tokenloom.check_codes(codes, self.L, self.V, where="raster.log_likelihood: codes")
-        dev = model.device
-        codes, cond = codes.to(dev), cond.to(dev).long()
-        inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)
-        positions = torch.arange(-1, self.L - 1, device=dev)
-        kw = {"target_positions": torch.arange(self.L, device=dev)} if self.config.rar else {}
-        logits = model(inputs, cond, positions=positions, **kw)  # (B, L, V)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0]
-        return logp.sum(-1)
+        return raster_log_likelihood(model, codes, cond, self.L, self.V, where="raster.log_likelihood: codes",
+                                     target_aware=self.config.rar)
 
 
 @tokenloom.hookimpl

@@ -49,8 +49,6 @@ import torch
 
 import tokenloom
 from tokenloom import speculative as spec
-from tokenloom.rng import RowRNG
-from tokenloom.sampling import SamplerChain
 
 
 class SJDGenerator(tokenloom.Generator):
@@ -129,9 +127,8 @@ class SJDGenerator(tokenloom.Generator):
             ptr = ptr.gather(1, ptr)
         return torch.where(need, value.gather(1, ptr), window)
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         spec.check_not_known("sjd", known)
-        chain = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         t0 = time.perf_counter()
         codes = self._jacobi(model, chain, cond, rng)
         self._stats.seconds += time.perf_counter() - t0
@@ -141,7 +138,7 @@ class SJDGenerator(tokenloom.Generator):
             self._stats.baseline_images += cond.shape[0]
         return codes
 
-    def _jacobi(self, model, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG) -> torch.Tensor:
+    def _jacobi(self, model, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
         rule = spec.acceptance_rule(chain)
         L, V, dev = self.L, self.V, model.device
         W = min(self.config.window, L)

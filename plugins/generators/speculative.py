@@ -43,8 +43,6 @@ import torch
 import tokenloom
 from tokenloom import speculative as spec
 from tokenloom.config import ModelConfig
-from tokenloom.rng import RowRNG
-from tokenloom.sampling import SamplerChain
 
 
 def _positive_or_none(_inst, attribute, value):
@@ -124,13 +122,12 @@ class SpeculativeGenerator(tokenloom.Generator):
 
     # -- decoding --------------------------------------------------------------
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         spec.check_not_known("speculative", known)
         if self.draft is None:
             raise tokenloom.InputError(
                 "speculative: no draft model attached (the pipeline trains one from auxiliary_models(); "
                 "outside a pipeline call attach_models({'draft': model}))")
-        chain = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         t0 = time.perf_counter()
         codes = self._decode(model, self.draft, chain, cond, rng)
         self._stats.seconds += time.perf_counter() - t0
@@ -150,7 +147,7 @@ class SpeculativeGenerator(tokenloom.Generator):
         k = slots.shape[0]
         return logits[:k], (logits[k:] if guided else None)
 
-    def _decode(self, target, draft, chain: SamplerChain, cond: torch.Tensor, rng: RowRNG) -> torch.Tensor:
+    def _decode(self, target, draft, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
         rule = spec.acceptance_rule(chain)
         L, V, dev, G = self.L, self.V, target.device, self.config.gamma
         B = cond.shape[0]

@@ -41,8 +41,14 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import MaskedCache, grid_of, guidance_rows, raster_spec, sample_codes
-from tokenloom.sampling import SamplerChain
+from tokenloom.orders import (
+    MaskedCache,
+    grid_of,
+    guidance_rows,
+    raster_spec,
+    raster_training_batch,
+    sample_codes,
+)
 
 
 class ZipARGenerator(tokenloom.Generator):
@@ -68,13 +74,7 @@ class ZipARGenerator(tokenloom.Generator):
         return raster_spec(self.tokenizer)  # identical to raster's: the model is shared
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
-        codes = tokenloom.check_codes(codes, self.L, self.V, where="zipar.training_batch: codes")
-        dev = codes.device
-        inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes[:, :-1]], 1)  # [cls, x_0, ..., x_{L-2}]
-        positions = torch.cat([torch.full_like(codes[:, :1], tokenloom.NO_POSITION),
-                               torch.arange(self.L - 1, device=dev).expand(codes.shape[0], -1)], 1)
-        return tokenloom.TrainBatch(inputs=inputs, targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
-                                    cond=cond.long(), positions=positions)
+        return raster_training_batch(codes, cond, self.L, self.V, where="zipar.training_batch: codes")
 
     # -- the schedule -------------------------------------------------------
 
@@ -124,13 +124,12 @@ class ZipARGenerator(tokenloom.Generator):
 
     # -- decoding -----------------------------------------------------------
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("zipar does not support known= (use 'random' or 'masked' to inpaint)")
-        sampler = sampler if isinstance(sampler, SamplerChain) else SamplerChain(sampler)
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
-        rows, guided = guidance_rows(cond, sampler, model)
+        rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         passes = self.schedule()
         n_standin = sum(1 for feed in passes for f in feed if f[0] in ("standin", "late"))
@@ -161,7 +160,7 @@ class ZipARGenerator(tokenloom.Generator):
             logits = model(x, rows, positions=q, attn_mask=mask, cache=mc.cache)  # (R, T, V)
             use = [t for t, (kind, _, _) in enumerate(feed) if kind != "late"]
             where = torch.tensor([feed[t][1] + 1 for t in use], device=dev)
-            codes[:, where] = sample_codes(sampler, logits[:, use], rng, B=B, guided=guided, step=step,
+            codes[:, where] = sample_codes(chain, logits[:, use], rng, B=B, guided=guided, step=step,
                                            n_steps=len(passes), positions=where.expand(B, -1))
         return codes
 

@@ -15,7 +15,8 @@ those rules and the data set's own renderer:
    palette colour is *unclean*, and at least ``clean_fraction`` of the image
    must be clean (noise fails here);
 2. 4-connected regions of non-background pixels (≥ 3 pixels, as in
-   ``tokenloom.data.parse_shapes``) are the shapes; their number is the count;
+   ``tokenloom.data.shape_regions``, the data set's own parser, which also
+   does step 1's snapping) are the shapes; their number is the count;
    each region must be one colour (``≥ clean_fraction`` of its pixels);
 3. each region is compared with *templates*: every pixelisation of every
    class that ``tokenloom.data.render_shapes`` produces at this image size,
@@ -138,34 +139,16 @@ class ShapesOracle(tokenloom.Metric):
         """Check one image ``[3, H, W]`` in [-1, 1] against the rules (with
         the requested class ``label``, or any single class when None).
         Returns the verdict per rule, ``valid``, and what was detected."""
-        from scipy import ndimage
-
-        from tokenloom.data import SHAPE_CLASSES, SHAPES_BACKGROUND, SHAPES_COLOURS, SHAPES_RULES
+        from tokenloom.data import SHAPE_CLASSES, SHAPES_RULES, shape_regions
 
         cfg = self.config
         size = int(image.shape[-1])
-        rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3)
-        palette = np.array([SHAPES_BACKGROUND, *SHAPES_COLOURS.values()], dtype=np.float32)  # (7, 3)
-        names = ["background", *SHAPES_COLOURS]
-        dist = np.sqrt(((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(-1))  # (H, W, 7)
-        nearest = dist.argmin(-1)
-        clean = dist.min(-1) <= cfg.colour_tolerance
-        colour_ok = bool(clean.mean() >= cfg.clean_fraction)
-
-        regions, n = ndimage.label(nearest > 0)
-        found = []
-        for k in range(1, n + 1):
-            m = regions == k
-            area = int(m.sum())
-            if area < MIN_PIXELS:
-                continue
-            ys, xs = np.nonzero(m)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            counts = np.bincount(nearest[m], minlength=len(names))[1:]
-            colour = names[int(counts.argmax()) + 1]
-            uniform = counts.max() / area >= cfg.clean_fraction
-            found.append({"mask": m[y0:y1, x0:x1], "bbox": (x0, y0, x1, y1), "colour": colour,
-                          "uniform": bool(uniform), "pixels": area})
+        # the data set's own parser: palette snapping, 4-connected regions (steps 1 and 2)
+        regions, distance = shape_regions(image, min_pixels=MIN_PIXELS, where="shapes-oracle")
+        colour_ok = bool((distance <= cfg.colour_tolerance).mean() >= cfg.clean_fraction)
+        found = [{"mask": r["mask"], "bbox": r["bbox"], "colour": r["colour"], "pixels": r["pixels"],
+                  "uniform": bool(r["colour_pixels"].max() / r["pixels"] >= cfg.clean_fraction)}
+                 for r in regions]
         count = len(found)
         lo_n, hi_n = SHAPES_RULES["count"]
         count_ok = lo_n <= count <= hi_n

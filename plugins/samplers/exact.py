@@ -6,30 +6,19 @@ A drafted token x~q is accepted when u < min(1, p(x)/q(x)); on rejection
 the replacement is drawn from norm(max(p − q, 0)). Together they make the
 output distributed exactly as p — here p and q are the *processed*
 distributions (after the sampler chain), so exactness holds for what the user
-asked for. The default rule of `speculative` and `sjd`.
+asked for. The default rule of `speculative` and `sjd`: the formula lives once,
+in core's :class:`tokenloom.sampling.ExactRule` (what a chain without an
+acceptance rule uses); this plugin gives it its name.
 """
 
 from __future__ import annotations
 
-import attrs
-import torch
-
 import tokenloom
-from tokenloom.sampling import speculative_residual
+from tokenloom.sampling import ExactRule
 
 
-class Exact(tokenloom.AcceptanceRule):
-    @attrs.frozen
-    class Config:
-        pass
-
-    def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        px = p.gather(-1, drafted[:, None]).squeeze(-1).double()
-        qx = q.gather(-1, drafted[:, None]).squeeze(-1).double()
-        return u.double() * qx < px  # u < min(1, p/q), without dividing by q
-
-    def residual(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor | None = None) -> torch.Tensor:
-        return speculative_residual(p, q)
+class Exact(ExactRule):
+    """Core's exact rule, registered as the sampler ``exact``."""
 
 
 @tokenloom.hookimpl
