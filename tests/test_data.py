@@ -18,6 +18,7 @@ from tokenloom.data import (
     load_dataset,
     parse_shapes,
     render_shapes,
+    shape_regions,
     shapes_attributes,
 )
 
@@ -100,6 +101,35 @@ def test_parse_shapes_reads_the_rules_back():
     assert ok >= 38
     with pytest.raises(InputError, match="RGB"):
         parse_shapes(torch.zeros(1, 8, 8))
+
+
+def test_shape_regions_is_the_one_parser_of_the_data_set_and_the_oracle():
+    import tokenloom.plugins.metrics.shapes_oracle as oracle
+
+    s = shapes(size=32, n=12)
+    judge = oracle.ShapesOracle(oracle.ShapesOracle.Config())
+    for img, a in zip(s.images, s.attributes):
+        regions, distance = shape_regions(img)
+        assert distance.shape == (32, 32) and float(distance.max()) < 1e-6  # rendered pixels are exact colours
+        # the ground-truth pixel boxes and colours are what the parser reads back
+        want = sorted((p["bbox"], p["colour"]) for p in a["shapes"] if p["bbox"] is not None)
+        got = sorted((r["bbox"], r["colour"]) for r in regions)
+        assert got == want
+        for r in regions:
+            x0, y0, x1, y1 = r["bbox"]
+            assert r["mask"].shape == (y1 - y0, x1 - x0) and int(r["mask"].sum()) == r["pixels"]
+            assert int(r["colour_pixels"].sum()) == r["pixels"]
+        # parse_shapes and the oracle see the same regions
+        assert sorted(f["bbox"] for f in parse_shapes(img)) == sorted(r["bbox"] for r in regions)
+        verdict = judge.judge(img, a["label"])
+        assert verdict["count"] == len(regions) and verdict["colours"] == sorted(r["colour"] for r in regions)
+    # a pixel half-way between palette colours is unclean, and far from both
+    img = torch.full((3, 8, 8), -1.0)
+    img[0, 2:5, 2:5] = 0.0  # red at half intensity: distance 0.5 from black and from red
+    regions, distance = shape_regions(img)
+    assert abs(float(distance.max()) - 0.5) < 1e-6
+    with pytest.raises(InputError, match="where-it-was"):
+        shape_regions(torch.zeros(3, 8), where="where-it-was")
 
 
 def test_shapes_config_errors():
