@@ -431,6 +431,12 @@ class Tokenizer(nn.Module):
         training statistics. Training-free tokenizers return ``{}`` at once."""
         return {}
 
+    def fit_resumable(self, images: torch.Tensor, *, checkpoint: Any, progress: bool = True) -> dict[str, float]:
+        """:meth:`fit` keeping a resumable training state in the file ``checkpoint``, so a fit
+        killed midway continues from it (what the pipeline and ``tokenloom fit-tokenizer`` call).
+        The default fits from scratch: override it when the tokenizer can resume."""
+        return self.fit(images, progress=progress)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` float32 in [-1, 1] -> ``LongTensor[B, L]`` in ``[0, V)``."""
         raise NotImplementedError
