@@ -41,6 +41,7 @@ from .contract.interfaces import (
     Known,
     Metric,
     MetricContext,
+    MetricResult,
     ModelSpec,
     MultiScaleInputs,
     Sampler,
@@ -64,7 +65,7 @@ LAYOUT = {
     "blocks": ("rng", "data", "orders", "sampling", "speculative", "quantize", "convnet", "autoencoder",
                "tokenizer_train"),
     "backbone": ("model", "train", "dist"),
-    "evaluation": ("fidelity", "evalcard"),
+    "evaluation": ("extractor", "fidelity", "frechet", "evalcard"),
     "running": ("pipeline", "pipeline_check", "ablation", "grid", "reports", "tokenizer_fit", "cli"),
 }
 _MOVED = {f"{__name__}.{module}": f"{__name__}.{layer}.{module}"
@@ -114,6 +115,7 @@ __all__ = [
     "Known",
     "Metric",
     "MetricContext",
+    "MetricResult",
     "ModelSpec",
     "MultiScaleInputs",
     "PluginError",

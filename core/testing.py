@@ -942,47 +942,51 @@ def metric_context(image_shape=(3, 16, 16), n: int = 24, seed: int = 0) -> Any:
 
 def check_metric(name: str, *, registry: Any = None, context: Any = None, image_shape=(3, 16, 16),
                  **config: Any) -> None:
-    """A metric declares what it reads in ``requires``; ``compute`` returns
-    ``{str: finite float or None}``, is deterministic and leaves the context
-    unchanged; ``eval_card()`` is plain JSON (before and after compute) and
-    deterministic; NaN or out-of-range images it requires are a clear
+    """A metric declares what it reads in ``requires``; ``compute`` returns a
+    :class:`~tokenloom.MetricResult` (a metric of the first contract — a plain
+    mapping and ``eval_card()`` — is read through :func:`tokenloom.evalcard.evaluate`,
+    as a run reads it) whose values are ``{str: finite float or None}``, is
+    deterministic and leaves the context unchanged; its eval card is plain JSON
+    and deterministic; NaN or out-of-range images it requires are a clear
     :class:`~tokenloom.errors.InputError`. ``context``: a
     :class:`~tokenloom.MetricContext` to use instead of :func:`metric_context`."""
     import copy
     import json
 
+    from .contract.errors import PluginError
     from .contract.registry import build_component, get_registry
+    from .evaluation.evalcard import evaluate
 
     registry = registry or get_registry()
     metric = build_component(registry, "metric", name, dict(config), path=f"metrics.{name}")
     requires = getattr(metric, "requires", None)
     assert isinstance(requires, frozenset) and requires <= METRIC_REQUIRES, (
         f"{name}: requires must be a frozenset of {sorted(METRIC_REQUIRES)}, got {requires!r}")
-    json.dumps(metric.eval_card())
     ctx = context if context is not None else metric_context(image_shape)
     before = copy.deepcopy({k: v for k, v in attrs.asdict(ctx, recurse=False).items()
                             if isinstance(v, (torch.Tensor, dict))})
 
-    def run() -> dict[str, Any]:
-        out = metric.compute(ctx)
-        assert hasattr(out, "items"), f"{name}: compute must return a mapping, got {type(out).__name__}"
-        out = dict(out)
+    def run() -> tuple[dict[str, Any], str]:
+        try:
+            result = evaluate(metric, ctx)
+        except PluginError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+        out = dict(result.values)
         for k, v in out.items():
             assert isinstance(k, str), f"{name}: key {k!r} is not a string"
             assert v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), (
                 f"{name}: {k} = {v!r} — values must be finite floats or None (not applicable)")
-        return out
+        try:
+            card = json.dumps(result.card, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise AssertionError(f"{name}: the eval card is not JSON-serialisable: {exc}") from None
+        return out, card
 
-    first = run()
+    first, text = run()
     assert first, f"{name}: compute returned no keys"
-    card = metric.eval_card()
-    try:
-        text = json.dumps(card, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise AssertionError(f"{name}: eval_card() is not JSON-serialisable: {exc}") from None
-    second = run()
+    second, text_again = run()
     assert first == second, f"{name}: compute is not deterministic: {first} != {second}"
-    assert json.dumps(metric.eval_card(), sort_keys=True) == text, f"{name}: eval_card() changed between runs"
+    assert text_again == text, f"{name}: the eval card changed between runs"
     for k, v in before.items():
         now = getattr(ctx, k)
         same = torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v

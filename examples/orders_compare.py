@@ -201,7 +201,8 @@ def tokenizer_ceilings(rows: list[dict], out: Path, registry, tokenizer_steps: i
         with torch.no_grad():
             rec = torch.cat([tok.decode(tok.encode(holdout.images[i : i + 256]))
                              for i in range(0, len(holdout), 256)])  # (N, 3, 32, 32)
-        m = metric.compute(MetricContext(generated=rec, generated_labels=holdout.labels.long(), data=holdout))
+        m = metric.compute(MetricContext(generated=rec, generated_labels=holdout.labels.long(),
+                                         data=holdout)).values
         mse = float(((rec - holdout.images) ** 2).mean())
         result[name] = {"options": {k: v for k, v in raw["tokenizer"].items() if k != "name"},
                         "L": tok.layout.length, "vocab": tok.vocab_size, "n": len(holdout),

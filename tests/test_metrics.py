@@ -13,8 +13,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import types
 import warnings
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -25,8 +28,9 @@ from tokenloom.checkpoint import tensors_hash
 from tokenloom.config import DataConfig
 from tokenloom.data import load_dataset
 from tokenloom.errors import ConfigError, InputError
-from tokenloom.evalcard import card_differences, card_footnotes
-from tokenloom.interfaces import MetricContext, TokenLayout
+from tokenloom.evalcard import card_differences, card_footnotes, evaluate
+from tokenloom.frechet import frechet_distance, gaussian_fit
+from tokenloom.interfaces import MetricContext, MetricResult, TokenLayout
 from tokenloom.testing import check, metric_context
 
 SIZE = 16
@@ -69,12 +73,8 @@ def features(weights: str, images: torch.Tensor) -> np.ndarray:
 
 
 def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    """FID from numpy/scipy (:mod:`tokenloom.frechet`), independent of torch-fidelity."""
+    return frechet_distance(*gaussian_fit(a), *gaussian_fit(b))
 
 
 class _U8(torch.utils.data.Dataset):
@@ -98,7 +98,7 @@ def test_fid_agrees_with_calculate_metrics_and_scipy(tiny_weights, cache):
 
     real, gen = shapes(120, seed=1).images, shapes(120, seed=2).images
     gen = (gen + 0.2 * torch.randn(gen.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
-    ours = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen))["fid"]
+    ours = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen)).values["fid"]
 
     fidelity.resolve_extractor(fidelity.FidelityOptions(weights=tiny_weights))  # registers tokenloom-cnn
     direct = torch_fidelity.calculate_metrics(
@@ -114,7 +114,7 @@ def test_fid_agrees_with_calculate_metrics_and_scipy(tiny_weights, cache):
 
 def test_fid_of_a_set_against_itself_is_zero(tiny_weights, cache):
     real = shapes(80, seed=3).images
-    fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=real.clone()))["fid"]
+    fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=real.clone())).values["fid"]
     assert abs(fid) < 1e-6
 
 
@@ -123,7 +123,7 @@ def test_fid_grows_monotonically_with_gaussian_noise(tiny_weights, cache):
     g = torch.Generator().manual_seed(1)
     eps = torch.randn(real.shape, generator=g)
     metric = fid_metric(tiny_weights, cache)
-    values = [metric.compute(MetricContext(real=real, generated=(real + s * eps).clamp(-1, 1)))["fid"]
+    values = [metric.compute(MetricContext(real=real, generated=(real + s * eps).clamp(-1, 1))).values["fid"]
               for s in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)]
     assert values[0] < 1e-6
     assert all(a < b for a, b in itertools.pairwise(values)), values
@@ -132,12 +132,13 @@ def test_fid_grows_monotonically_with_gaussian_noise(tiny_weights, cache):
 def test_fid_eval_card_records_the_protocol(tiny_weights, cache):
     real, gen = shapes(40, seed=5).images, shapes(50, seed=6).images
     metric = fid_metric(tiny_weights, cache, seed=7)
-    before = metric.eval_card()
+    before = fidelity.protocol_card("fid", metric.config)
     assert before["computed"] is False and before["extractor"] == "tokenloom-cnn"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metric.compute(MetricContext(real=real, generated=gen))
-    card = metric.eval_card()
+        result = metric.compute(MetricContext(real=real, generated=gen))
+    assert isinstance(result, MetricResult) and set(result.values) == {"fid"}
+    card = result.card
     json.dumps(card)
     net_hash = fidelity.load_extractor(tiny_weights)[2]
     assert card["extractor"] == "tokenloom-cnn" and card["weights_sha256"] == net_hash
@@ -157,9 +158,9 @@ def test_cache_is_keyed_by_extractor_weights(tiny_weights, cache, tmp_path):
     h_tiny = fidelity.load_extractor(tiny_weights)[2]
     assert h_other != h_tiny
     ctx = MetricContext(real=real, generated=gen)
-    a = fid_metric(tiny_weights, cache).compute(ctx)["fid"]
-    b = fid_metric(str(other), cache).compute(ctx)["fid"]
-    again = fid_metric(tiny_weights, cache).compute(ctx)["fid"]
+    a = fid_metric(tiny_weights, cache).compute(ctx).values["fid"]
+    b = fid_metric(str(other), cache).compute(ctx).values["fid"]
+    again = fid_metric(tiny_weights, cache).compute(ctx).values["fid"]
     assert a != b and again == a  # a cache keyed by extractor name only would have served b from a's features
     names = [p.name for p in (tmp_path / "cache" / "fidelity").iterdir()]
     assert any(h_tiny[:12] in n for n in names) and any(h_other[:12] in n for n in names)
@@ -169,13 +170,15 @@ def test_fid_from_adm_style_reference_statistics(tiny_weights, cache, tmp_path):
     real, gen = shapes(100, seed=10).images, shapes(100, seed=11).images
     f = features(tiny_weights, real)
     npz = tmp_path / "ref.npz"
-    np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    mu, sigma = gaussian_fit(f)
+    np.savez(npz, mu=mu, sigma=sigma)
     metric = fid_metric(tiny_weights, cache, reference_stats=str(npz))
     assert metric.requires == frozenset({"generated"})
-    from_stats = metric.compute(MetricContext(generated=gen))["fid"]
-    from_images = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen))["fid"]
+    result = metric.compute(MetricContext(generated=gen))
+    from_stats = result.values["fid"]
+    from_images = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=gen)).values["fid"]
     assert from_stats == pytest.approx(from_images, rel=1e-4)
-    assert metric.eval_card()["reference"]["stats"] == str(npz)
+    assert result.card["reference"]["stats"] == str(npz)
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(5), sigma=np.eye(5))
@@ -189,30 +192,41 @@ def test_fid_from_adm_style_reference_statistics(tiny_weights, cache, tmp_path):
 
 
 def test_isc_kid_prc_agree_with_calculate_metrics(tiny_weights, cache):
+    """Every number torch-fidelity gives — IS mean and std, KID mean and std,
+    precision, recall and F-score — is the one a direct call gives."""
     import torch_fidelity
 
     real, gen = shapes(60, seed=12).images, shapes(60, seed=13).images
+    gen = (gen + 0.3 * torch.randn(gen.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
     ctx = MetricContext(real=real, generated=gen)
-    isc = tokenloom.create("metric", "isc", weights=tiny_weights, splits=3).compute(ctx)
-    kid = tokenloom.create("metric", "kid", weights=tiny_weights, subsets=20, subset_size=30).compute(ctx)
-    prc = tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx)
+    isc = tokenloom.create("metric", "isc", weights=tiny_weights, splits=3).compute(ctx).values
+    kid = tokenloom.create("metric", "kid", weights=tiny_weights, subsets=20, subset_size=30).compute(ctx).values
+    prc = tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx).values
     fidelity.resolve_extractor(fidelity.FidelityOptions(weights=tiny_weights))
     direct = torch_fidelity.calculate_metrics(
         input1=_U8(gen), input2=_U8(real), isc=True, kid=True, prc=True, isc_splits=3, kid_subsets=20,
         kid_subset_size=30, feature_extractor="tokenloom-cnn", feature_extractor_weights_path=tiny_weights,
         cuda=False, cache=False, verbose=False, save_cpu_ram=True, rng_seed=2020,
     )
-    assert isc["isc"] == pytest.approx(direct["inception_score_mean"], rel=1e-9) and isc["isc"] >= 1.0
-    assert kid["kid"] == pytest.approx(direct["kernel_inception_distance_mean"], rel=1e-6, abs=1e-12)
-    assert prc["precision"] == pytest.approx(direct["precision"]) and 0 <= prc["recall"] <= 1
+    assert set(isc) == {"isc", "isc_std"} and set(kid) == {"kid", "kid_std"}
     assert set(prc) == {"precision", "recall", "f_score"}
+    assert isc["isc"] == pytest.approx(direct["inception_score_mean"], rel=1e-9) and isc["isc"] >= 1.0
+    assert isc["isc_std"] == pytest.approx(direct["inception_score_std"], rel=1e-9) and isc["isc_std"] > 0
+    assert kid["kid"] == pytest.approx(direct["kernel_inception_distance_mean"], rel=1e-6, abs=1e-12)
+    assert kid["kid_std"] == pytest.approx(direct["kernel_inception_distance_std"], rel=1e-6, abs=1e-12)
+    assert kid["kid_std"] > 0
+    for key in ("precision", "recall", "f_score"):
+        assert prc[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
+        assert 0 <= prc[key] <= 1
+    p, r = prc["precision"], prc["recall"]
+    assert prc["f_score"] == pytest.approx(2 * p * r / (p + r))  # the harmonic mean, as documented
+    assert (p, r) != (1.0, 1.0)  # the noise makes them informative, not trivially perfect
 
 
 def test_kid_defaults_its_subset_size_to_the_sample_count(tiny_weights, cache):
     ctx = MetricContext(real=shapes(40, seed=14).images, generated=shapes(30, seed=15).images)
     metric = tokenloom.create("metric", "kid", weights=tiny_weights, subsets=5)
-    metric.compute(ctx)
-    assert metric.eval_card()["kid_subset_size"] == 30
+    assert metric.compute(ctx).card["kid_subset_size"] == 30
 
 
 # ---------------------------------------------------------------------------
@@ -245,10 +259,10 @@ def test_one_channel_images_are_replicated_and_the_card_says_so(tiny_weights, ca
     metric = fid_metric(tiny_weights, cache)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grey = metric.compute(MetricContext(real=grey_real, generated=grey_gen))["fid"]
-        card = metric.eval_card()
+        grey_result = metric.compute(MetricContext(real=grey_real, generated=grey_gen))
+        grey, card = grey_result.values["fid"], grey_result.card
         rgb = fid_metric(tiny_weights, cache).compute(MetricContext(
-            real=grey_real.expand(-1, 3, -1, -1), generated=grey_gen.expand(-1, 3, -1, -1)))["fid"]
+            real=grey_real.expand(-1, 3, -1, -1), generated=grey_gen.expand(-1, 3, -1, -1))).values["fid"]
     assert grey == pytest.approx(rgb, rel=1e-9)
     assert any("1-channel images replicated to 3 channels" in n for n in card["input_notes"])
 
@@ -257,9 +271,9 @@ def test_fewer_samples_than_the_feature_dimension_warns_with_the_number_needed(t
     ctx = MetricContext(real=shapes(20, seed=21).images, generated=shapes(20, seed=22).images)
     metric = fid_metric(tiny_weights, cache)
     with pytest.warns(RuntimeWarning, match="use at least 33 images"):
-        value = metric.compute(ctx)["fid"]
-    assert value is None or math.isfinite(value)
-    assert any("at least 33" in w for w in metric.eval_card()["warnings"])
+        result = metric.compute(ctx)
+    assert result.values["fid"] is None or math.isfinite(result.values["fid"])
+    assert any("at least 33" in w for w in result.card["warnings"])
 
 
 def test_images_outside_the_contract_are_clear_errors(tiny_weights, cache):
@@ -313,7 +327,7 @@ def test_nothing_downloads_with_the_default_extractor(tiny_weights, cache, monke
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     ctx = MetricContext(real=shapes(40, seed=26).images, generated=shapes(40, seed=27).images)
-    assert tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx)["precision"] >= 0
+    assert tokenloom.create("metric", "precision-recall", weights=tiny_weights).compute(ctx).values["precision"] >= 0
 
 
 # ---------------------------------------------------------------------------
@@ -362,13 +376,13 @@ def test_reconstruction_mse_and_psnr_against_the_formula():
     real = shapes(8, seed=29).images
     rec = (real - 0.1).clamp(-1, 1)
     metric = tokenloom.create("metric", "reconstruction", rfid=False)
-    out = metric.compute(MetricContext(real=real, reconstructed=rec))
+    out = metric.compute(MetricContext(real=real, reconstructed=rec)).values
     x, y = (real.double() + 1) / 2, (rec.double() + 1) / 2
     per = ((x - y) ** 2).flatten(1).mean(1)
     assert out["mse"] == pytest.approx(per.mean().item())
     assert out["psnr"] == pytest.approx((10 * torch.log10(1 / per)).mean().item())
     assert out["rfid"] is None
-    same = metric.compute(MetricContext(real=real, reconstructed=real.clone()))
+    same = metric.compute(MetricContext(real=real, reconstructed=real.clone())).values
     assert same["mse"] == 0 and same["psnr"] == pytest.approx(100.0)
     with pytest.raises(InputError, match="same shape"):
         metric.compute(MetricContext(real=real, reconstructed=rec[:4]))
@@ -380,10 +394,11 @@ def test_reconstruction_rfid_is_the_fid_of_reconstructions(tiny_weights, cache):
     r = tokenloom.create("metric", "reconstruction", weights=tiny_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rfid = r.compute(MetricContext(real=real, reconstructed=rec))["rfid"]
-        fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=rec))["fid"]
+        rec_result = r.compute(MetricContext(real=real, reconstructed=rec))
+        fid = fid_metric(tiny_weights, cache).compute(MetricContext(real=real, generated=rec)).values["fid"]
+    rfid = rec_result.values["rfid"]
     assert rfid == pytest.approx(fid, rel=1e-9) and rfid > 0
-    assert r.eval_card()["rfid"]["weights_sha256"] == fidelity.load_extractor(tiny_weights)[2]
+    assert rec_result.card["rfid"]["weights_sha256"] == fidelity.load_extractor(tiny_weights)[2]
 
 
 class _Tok:
@@ -393,12 +408,12 @@ class _Tok:
 
 def test_codebook_utilisation_and_perplexity():
     metric = tokenloom.create("metric", "codebook")
-    half = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 1, 1]]), tokenizer=_Tok()))
+    half = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 1, 1]]), tokenizer=_Tok())).values
     assert half == {"codebook_utilisation": 0.5, "codebook_perplexity": pytest.approx(2.0)}
-    full = metric.compute(MetricContext(codes=torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), tokenizer=_Tok()))
+    full = metric.compute(MetricContext(codes=torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), tokenizer=_Tok())).values
     assert full["codebook_utilisation"] == 1.0 and full["codebook_perplexity"] == pytest.approx(4.0)
     p = np.array([3, 1]) / 4
-    skew = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 0, 1]]), tokenizer=_Tok()))
+    skew = metric.compute(MetricContext(codes=torch.tensor([[0, 0, 0, 1]]), tokenizer=_Tok())).values
     assert skew["codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     with pytest.raises(InputError):
         metric.compute(MetricContext(codes=torch.tensor([[0, 0, 0, 4]]), tokenizer=_Tok()))
@@ -420,13 +435,13 @@ def test_nll_bits_for_exact_orders_and_none_for_others():
     codes = torch.zeros(5, 4, dtype=torch.long)
     gen = _Gen(nats_per_image=10.0)
     ctx = MetricContext(codes=codes, real_labels=torch.arange(5), model=object(), generator=gen, tokenizer=_Tok())
-    out = tokenloom.create("metric", "nll", batch_size=2).compute(ctx)
+    out = tokenloom.create("metric", "nll", batch_size=2).compute(ctx).values
     bits = 10.0 / math.log(2)
     assert out["nll_bits_per_image"] == pytest.approx(bits)
     assert out["nll_bits_per_dim"] == pytest.approx(bits / 48) and out["nll_bits_per_token"] == pytest.approx(bits / 4)
     assert torch.equal(torch.cat(gen.calls), torch.arange(5))
     gen.exact_likelihood = False
-    assert set(tokenloom.create("metric", "nll").compute(ctx).values()) == {None}
+    assert set(tokenloom.create("metric", "nll").compute(ctx).values.values()) == {None}
     with pytest.raises(InputError, match="not finite log-probabilities"):
         tokenloom.create("metric", "nll").compute(MetricContext(
             codes=codes, real_labels=torch.arange(5), model=object(), generator=_Gen(-1.0), tokenizer=_Tok()))
@@ -434,7 +449,7 @@ def test_nll_bits_for_exact_orders_and_none_for_others():
 
 def test_cost_reads_recorded_statistics_and_never_invents():
     metric = tokenloom.create("metric", "cost")
-    out = metric.compute(MetricContext(stats={"nfe": 16, "seconds_per_image": 0.5}))
+    out = metric.compute(MetricContext(stats={"nfe": 16, "seconds_per_image": 0.5})).values
     assert out["nfe"] == 16.0 and out["seconds_per_image"] == 0.5
     assert {k for k, v in out.items() if v is None} == {"tokens_per_second", "peak_memory_bytes",
                                                         "kv_cache_bytes", "train_tokens", "train_flops"}
@@ -445,9 +460,9 @@ def test_cost_reads_recorded_statistics_and_never_invents():
 
 def test_acceptance_only_for_speculative_runs():
     metric = tokenloom.create("metric", "acceptance")
-    assert set(metric.compute(MetricContext(stats={"nfe": 3})).values()) == {None}
+    assert set(metric.compute(MetricContext(stats={"nfe": 3})).values.values()) == {None}
     out = metric.compute(MetricContext(stats={"acceptance_rate": 0.75, "mean_accepted_length": 2.5,
-                                              "speedup_nfe": 2.1}))
+                                              "speedup_nfe": 2.1})).values
     assert out == {"acceptance_rate": 0.75, "mean_accepted_length": 2.5, "speedup_nfe": 2.1,
                    "speedup_wallclock": None}
     with pytest.raises(InputError, match=r"in \[0, 1\]"):
@@ -466,13 +481,14 @@ def test_shapes_oracle_scores_real_shapes_near_one_and_noise_near_zero():
     metric = tokenloom.create("metric", "shapes-oracle")
     real_as_generated = metric.compute(MetricContext(real=held.images, generated=held.images,
                                                      real_labels=held.labels, generated_labels=held.labels,
-                                                     data=held))
+                                                     data=held)).values
     assert real_as_generated["shapes_valid"] >= 0.95
     assert real_as_generated["shapes_valid_real"] >= 0.95 and real_as_generated["shapes_oracle_accuracy"] >= 0.95
     out = metric.compute(MetricContext(real=held.images, generated=noise, real_labels=held.labels,
-                                       generated_labels=torch.arange(60) % 3, data=held))
+                                       generated_labels=torch.arange(60) % 3, data=held)).values
     assert out["shapes_valid"] <= 0.05 and out["shapes_colour_ok"] <= 0.05
-    wrong = metric.compute(MetricContext(generated=held.images, generated_labels=(held.labels + 1) % 3, data=held))
+    wrong = metric.compute(MetricContext(generated=held.images, generated_labels=(held.labels + 1) % 3,
+                                         data=held)).values
     assert wrong["shapes_valid"] <= 0.05 and wrong["shapes_class_ok"] <= 0.05
 
 
@@ -505,7 +521,8 @@ def test_shapes_oracle_is_not_applicable_to_other_data():
     digits = load_dataset(DataConfig(name="digits", size=SIZE, n=20, n_holdout=20), split="holdout", seed=0)
     out = tokenloom.create("metric", "shapes-oracle").compute(
         MetricContext(real=digits.images, generated=digits.images, data=digits))
-    assert set(out.values()) == {None}
+    assert set(out.values.values()) == {None}
+    assert "not_applicable" in out.card
 
 
 # ---------------------------------------------------------------------------
@@ -546,6 +563,169 @@ def test_card_footnotes_mark_metrics_whose_cards_differ():
     assert "reference.n: 500 (r1, r2); 250 (r3)" in line
     assert card_differences({"x": a, "y": dict(a)}) == {}
     assert card_footnotes([{"id": "x", "eval_cards": {"fid": a}}]).lines == []
+
+
+TINY_GRID = """
+seed = 0
+[data]
+name = "shapes"
+size = 8
+n = 64
+n_holdout = 24
+[tokenizer]
+name = "pixel"
+bits = 1
+pool = 2
+[generator]
+name = "raster"
+[model]
+n_layer = 1
+d_model = 16
+n_head = 2
+[train]
+steps = 4
+batch_size = 8
+warmup = 1
+[metrics]
+names = ["codebook", "cost"]
+n_samples = 8
+[grid]
+tokenizer = [{name = "pixel", bits = 1, pool = 2}, {name = "pixel", bits = 2, pool = 2}]
+"""
+
+
+def test_results_md_footnotes_a_metric_whose_cards_differ_between_cells(tmp_path):
+    """Two cells whose codebook cards differ (another vocabulary): the
+    ablation's results.md marks the codebook columns and says what differs in
+    which cell; the cost cards agree, so cost gets no mark."""
+    from tokenloom.ablation import run_ablation
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(TINY_GRID)
+    out = tmp_path / "out"
+    run_ablation(grid, out, progress=False, echo=lambda _line: None)
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]
+    vocab = {r["id"]: r["eval_cards"]["codebook"]["vocab_size"] for r in runs}
+    assert len(runs) == 2 and len(set(vocab.values())) == 2
+    assert runs[0]["eval_cards"]["cost"] == runs[1]["eval_cards"]["cost"]
+    assert data["footnote_marks"] == {"codebook": "[^1]"}
+
+    md = (out / "results.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| # |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    marked = [c for c in columns if c.endswith("[^1]")]
+    assert marked and all(c.startswith("codebook_") for c in marked), columns
+    assert not any("[^" in c for c in columns if not c.startswith("codebook_"))
+    notes = [line for line in md if re.match(r"\[\^\d+\]:", line)]
+    assert len(notes) == 1 and notes[0].startswith("[^1]: codebook: eval cards differ between cells")
+    for rid, v in vocab.items():
+        assert f"{v} ({rid})" in notes[0]
+    assert "vocab_size:" in notes[0]
+
+
+# ---------------------------------------------------------------------------
+# The contract: values together with their card, nothing kept between calls
+# ---------------------------------------------------------------------------
+
+
+def test_compute_returns_values_with_their_card_and_keeps_no_state():
+    small = MetricContext(codes=torch.tensor([[0, 0, 1, 1]]), tokenizer=_Tok())
+    large = MetricContext(codes=torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]), tokenizer=_Tok())
+    metric = tokenloom.create("metric", "codebook")
+    state = dict(vars(metric))
+    first = metric.compute(small)
+    other = metric.compute(large)
+    again = metric.compute(small)
+    assert vars(metric) == state  # compute wrote nothing on the metric
+    assert first.card["n_images"] == 1 and other.card["n_images"] == 2
+    assert again == first and again.card["metric"] == "codebook"
+    for name, ctx in (("cost", MetricContext(stats={"nfe": 3.0})),
+                      ("acceptance", MetricContext(stats={"acceptance_rate": 0.5})),
+                      ("nll", MetricContext(codes=torch.zeros(2, 4, dtype=torch.long), real_labels=torch.arange(2),
+                                            model=object(), generator=_Gen(3.0), tokenizer=_Tok()))):
+        metric = tokenloom.create("metric", name)
+        state = dict(vars(metric))
+        result = metric.compute(ctx)
+        assert isinstance(result, MetricResult) and result.card["metric"] == name
+        assert vars(metric) == state and not hasattr(metric, "eval_card")
+        json.dumps(result.card)
+
+
+class _Mine(tokenloom.Metric):
+    card_name = "mine"
+
+    @attrs.frozen
+    class Config:
+        scale: float = 2.0
+
+
+def test_metric_card_and_metric_result():
+    metric = _Mine(_Mine.Config())
+    assert metric.card(n=3, device="cpu") == {"metric": "mine", "n": 3, "device": "cpu"}
+    assert metric.card() == {"metric": "mine", "config": {"scale": 2.0}}  # no protocol: the configuration
+    values = {"a": 1.0}
+    result = MetricResult(values, metric.card(n=1))
+    values["a"] = 5.0
+    assert result.values == {"a": 1.0}  # a copy: the result does not change behind the caller's back
+    with pytest.raises(TypeError, match="values must be a mapping"):
+        MetricResult([1.0], {})
+    with pytest.raises(TypeError, match="card must be a mapping"):
+        MetricResult({}, "fid")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        result.card = {}
+
+
+class _FirstContract(tokenloom.Metric):
+    """A metric written against the first contract: a plain mapping from
+    compute, the card of the last call from eval_card()."""
+
+    requires = frozenset({"stats"})
+
+    @attrs.frozen
+    class Config:
+        pass
+
+    def compute(self, ctx):
+        self._n = len(ctx.stats)
+        return {"n_stats": float(self._n)}
+
+    def eval_card(self):
+        return {"metric": "first", "n": self._n}
+
+
+class _NoCard(_FirstContract):
+    eval_card = None
+
+
+class _Broken(_FirstContract):
+    def compute(self, ctx):
+        return [1.0]
+
+
+def test_metrics_of_the_first_contract_are_read_through_evaluate():
+    from tokenloom.errors import PluginError
+    from tokenloom.registry import Registry
+    from tokenloom.testing import check_metric
+
+    ctx = MetricContext(stats={"nfe": 1.0, "seconds_per_image": 2.0})
+    result = evaluate(_FirstContract(_FirstContract.Config()), ctx)
+    assert result == MetricResult({"n_stats": 2.0}, {"metric": "first", "n": 2})
+    assert evaluate(_NoCard(_NoCard.Config()), ctx).card == {"metric": "_NoCard", "config": {}}
+    new = tokenloom.create("metric", "cost")
+    assert evaluate(new, ctx) == new.compute(ctx)  # a MetricResult passes through unchanged
+    with pytest.raises(PluginError, match="_Broken: compute must return a MetricResult"):
+        evaluate(_Broken(_Broken.Config()), ctx)
+
+    def register_metrics(register):
+        register("first", _FirstContract)
+        register("broken", _Broken)
+
+    plugin = types.SimpleNamespace(register_metrics=tokenloom.hookimpl(register_metrics))
+    registry = Registry.from_plugins([("first-contract", plugin)], strict=True)
+    check_metric("first", registry=registry)  # the conformance kit reads it as a run does
+    with pytest.raises(AssertionError, match="compute must return a MetricResult"):
+        check_metric("broken", registry=registry)
 
 
 # ---------------------------------------------------------------------------

@@ -914,28 +914,65 @@ class AcceptanceRule(Sampler):
         raise NotImplementedError
 
 
+def _values_mapping(value: Any) -> dict[str, float | None]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"MetricResult.values must be a mapping {{key: float or None}}, got {type(value).__name__}")
+    return dict(value)
+
+
+def _card_dict(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"MetricResult.card must be a mapping (the eval card), got {type(value).__name__}")
+    return dict(value)
+
+
+@attrs.frozen
+class MetricResult:
+    """What :meth:`Metric.compute` returns: ``values`` ``{key: float or None}``
+    (None for "not applicable", never a made-up number) and ``card``, the eval
+    card — a JSON-able dict of the protocol behind those numbers (backend,
+    extractor and weights hash, reference set, sample counts, device, ...), so
+    that two numbers are comparable exactly when their cards match."""
+
+    values: dict[str, float | None] = attrs.field(converter=_values_mapping)
+    card: dict[str, Any] = attrs.field(converter=_card_dict)
+
+
 class Metric:
     """A number (or several) computed at the end of a run.
 
     ``requires`` names what :meth:`compute` reads from the
     :class:`MetricContext`: any of ``"real"``, ``"generated"``, ``"codes"``,
     ``"reconstructed"``, ``"stats"``, ``"tokenizer"``, ``"model"``.
-    :meth:`compute` returns ``{key: float}`` (None for "not applicable", never a
-    made-up number); :meth:`eval_card` describes the protocol so that two
-    numbers are comparable exactly when their cards match.
+    :meth:`compute` returns a :class:`MetricResult`: the numbers together with
+    their eval card, built with :meth:`card` — nothing is kept on the metric
+    between two calls::
+
+        def compute(self, ctx):
+            n = len(ctx.generated)
+            return MetricResult({"mine": ...}, self.card(n_generated=n, device=ctx.device))
     """
 
     Config: ClassVar[type]
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: the ``"metric"`` entry of the eval cards (``None``: the class name)
+    card_name: ClassVar[str | None] = None
 
     def __init__(self, config: Any):
         self.config = config
 
-    def compute(self, ctx: MetricContext) -> Mapping[str, float | None]:
+    def compute(self, ctx: MetricContext) -> MetricResult:
         raise NotImplementedError
 
-    def eval_card(self) -> dict[str, Any]:
-        return {"metric": type(self).__name__, "config": attrs.asdict(self.config)}
+    def card(self, **protocol: Any) -> dict[str, Any]:
+        """An eval card: ``{"metric": card_name, **protocol}`` — ``protocol``
+        holds everything the numbers depend on besides the images (JSON-able
+        values). Without ``protocol``, the metric's configuration stands for
+        it: ``{"metric": ..., "config": attrs.asdict(config)}``."""
+        name = type(self).card_name or type(self).__name__
+        if not protocol:
+            return {"metric": name, "config": attrs.asdict(self.config)}
+        return {"metric": name, **protocol}
 
 
 BASES: dict[str, type] = {
@@ -959,6 +996,7 @@ __all__ = [
     "Known",
     "Metric",
     "MetricContext",
+    "MetricResult",
     "ModelSpec",
     "MultiScaleInputs",
     "Sampler",

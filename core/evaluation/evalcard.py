@@ -1,7 +1,8 @@
 """Eval cards: when are two numbers comparable?
 
-Every metric's ``eval_card()`` returns a JSON-able dict describing the
-protocol behind its numbers (backend and version, feature extractor and
+Every metric's ``compute`` returns its numbers together with their eval card
+(a :class:`~tokenloom.MetricResult`); the card is a JSON-able dict describing
+the protocol behind the numbers (backend and version, feature extractor and
 weights hash, reference set and size, number of samples, resize/crop, IS
 splits, seed, ...). Two numbers are comparable exactly when their cards
 match. A results table whose cells were computed under different cards
@@ -22,6 +23,10 @@ card}); ``notes.marks`` maps a metric name to a Markdown footnote reference
 (``"[^1]"``) for each metric whose cards differ between runs, and
 ``notes.lines`` holds the footnotes (``"[^1]: fid: eval cards differ — ..."``).
 Metrics whose cards agree get no mark.
+
+:func:`evaluate` is how a run computes one metric: it also accepts a metric
+written against the first contract (``compute`` returning a plain mapping and
+``eval_card()`` describing the last call).
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
+
+from ..contract.errors import PluginError
+from ..contract.interfaces import MetricContext, MetricResult
+
+
+def evaluate(metric: Any, ctx: MetricContext) -> MetricResult:
+    """``metric.compute(ctx)`` as a :class:`~tokenloom.MetricResult`. A metric
+    of the first contract, whose ``compute`` returns a plain mapping, is
+    accepted here (and only here): its card is its ``eval_card()`` read right
+    after the call, or, without one, :meth:`~tokenloom.Metric.card` (its
+    configuration). Anything else is a :class:`~tokenloom.errors.PluginError`."""
+    out = metric.compute(ctx)
+    if isinstance(out, MetricResult):
+        return out
+    name = type(metric).__name__
+    if not isinstance(out, Mapping):
+        raise PluginError(f"metric {name}: compute must return a MetricResult (values and eval card), "
+                          f"got {type(out).__name__}")
+    legacy = getattr(metric, "eval_card", None)
+    if callable(legacy):
+        card = legacy()
+    elif callable(getattr(metric, "card", None)):
+        card = metric.card()
+    else:
+        card = {"metric": name}
+    if not isinstance(card, Mapping):
+        raise PluginError(f"metric {name}: eval_card() must return a dict, got {type(card).__name__}")
+    return MetricResult(out, card)
 
 
 def flatten_card(card: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -109,4 +142,4 @@ def card_footnotes(runs: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any
     return Footnotes(marks, lines, differences)
 
 
-__all__ = ["Footnotes", "card_differences", "card_footnotes", "flatten_card"]
+__all__ = ["Footnotes", "card_differences", "card_footnotes", "evaluate", "flatten_card"]

@@ -21,8 +21,6 @@ so compare it between cells with the same draft model and chain.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
@@ -30,27 +28,20 @@ import tokenloom
 
 class Acceptance(tokenloom.Metric):
     requires = frozenset({"stats"})
+    card_name = "acceptance"
 
     @attrs.frozen
     class Config:
         pass
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         out = {"acceptance_rate": tokenloom.read_stat(ctx.stats, "acceptance_rate", metric="acceptance", upper=1.0),
                "mean_accepted_length": tokenloom.read_stat(ctx.stats, "mean_accepted_length", metric="acceptance"),
                "speedup_nfe": tokenloom.read_stat(ctx.stats, "speedup_nfe", metric="acceptance"),
                "speedup_wallclock": tokenloom.read_stat(ctx.stats, "speedup_wallclock", metric="acceptance")}
-        self._card = {"metric": "acceptance", "source": "ctx.stats (the speculative decoding loop)",
-                      "speculative": any(v is not None for v in out.values()), "device": str(ctx.device)}
-        return out
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or {"metric": "acceptance", "source": "ctx.stats (the speculative decoding loop)",
-                              "computed": False}
+        return tokenloom.MetricResult(out, self.card(
+            source="ctx.stats (the speculative decoding loop)",
+            speculative=any(v is not None for v in out.values()), device=str(ctx.device)))
 
 
 @tokenloom.hookimpl

@@ -17,8 +17,6 @@ rare codes), so the card records N and L.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import torch
 
@@ -27,16 +25,13 @@ import tokenloom
 
 class Codebook(tokenloom.Metric):
     requires = frozenset({"codes", "tokenizer"})
+    card_name = "codebook"
 
     @attrs.frozen
     class Config:
         pass
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         tok = ctx.tokenizer
         vocab = getattr(tok, "vocab_size", None)
         if not isinstance(vocab, int) or vocab < 1:
@@ -52,16 +47,13 @@ class Codebook(tokenloom.Metric):
         counts = torch.bincount(codes.flatten().cpu(), minlength=vocab).double()  # (V,)
         p = counts / counts.sum()
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-        self._card = {"metric": "codebook", "vocab_size": vocab, "n_images": int(codes.shape[0]),
-                      "codes_per_image": int(codes.shape[1]), "source": "codes of the real images (ctx.codes)"}
-        return {
+        values = {
             "codebook_utilisation": float((counts > 0).sum().item() / vocab),
             "codebook_perplexity": float(torch.tensor(entropy).exp().item()),
         }
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or {"metric": "codebook", "source": "codes of the real images (ctx.codes)",
-                              "computed": False}
+        return tokenloom.MetricResult(values, self.card(
+            vocab_size=vocab, n_images=int(codes.shape[0]), codes_per_image=int(codes.shape[1]),
+            source="codes of the real images (ctx.codes)"))
 
 
 @tokenloom.hookimpl

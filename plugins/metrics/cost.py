@@ -22,8 +22,6 @@ between cells whose cards match.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
@@ -41,24 +39,17 @@ KEYS: dict[str, str] = {
 
 class Cost(tokenloom.Metric):
     requires = frozenset({"stats"})
+    card_name = "cost"
 
     @attrs.frozen
     class Config:
         pass
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         out = {k: tokenloom.read_stat(ctx.stats, k, metric="cost") for k in KEYS}
-        self._card = {"metric": "cost", "source": "ctx.stats (core's instrumented backbone)", "keys": KEYS,
-                      "device": str(ctx.device), "recorded": sorted(k for k, v in out.items() if v is not None)}
-        return out
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or {"metric": "cost", "source": "ctx.stats (core's instrumented backbone)", "keys": KEYS,
-                              "computed": False}
+        return tokenloom.MetricResult(out, self.card(
+            source="ctx.stats (core's instrumented backbone)", keys=KEYS, device=str(ctx.device),
+            recorded=sorted(k for k, v in out.items() if v is not None)))
 
 
 @tokenloom.hookimpl

@@ -16,12 +16,10 @@ samples: compare numbers only at equal sample counts (the card records them).
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
-from tokenloom.fidelity import FidelityOptions, finite_or_none, protocol_card
+from tokenloom.fidelity import FidelityOptions, finite_or_none
 
 
 class FID(tokenloom.Metric):
@@ -35,21 +33,17 @@ class FID(tokenloom.Metric):
         super().__init__(config)
         if config.reference_stats is not None:
             self.requires = frozenset({"generated"})
-        self._card: dict[str, Any] | None = None
 
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         from tokenloom.fidelity import run_fidelity
 
         if ctx.generated is None:
             raise tokenloom.InputError("fid: the context has no generated images")
-        result, self._card = run_fidelity(
+        result, card = run_fidelity(
             {"fid": {}}, ctx.generated, ctx.real, self.config, ctx, metric="fid",
             reference_stats=self.config.reference_stats,
         )
-        return {"fid": finite_or_none(result["frechet_inception_distance"])}
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or protocol_card("fid", self.config, reference_stats=self.config.reference_stats)
+        return tokenloom.MetricResult({"fid": finite_or_none(result["frechet_inception_distance"])}, card)
 
 
 @tokenloom.hookimpl

@@ -14,12 +14,10 @@ features. The number of splits and the shuffling seed are in the eval card.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
-from tokenloom.fidelity import FidelityOptions, finite_or_none, protocol_card
+from tokenloom.fidelity import FidelityOptions, finite_or_none
 
 
 class InceptionScore(tokenloom.Metric):
@@ -29,22 +27,15 @@ class InceptionScore(tokenloom.Metric):
     class Config(FidelityOptions):
         splits: int = attrs.field(default=10, validator=attrs.validators.ge(1))
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         from tokenloom.fidelity import run_fidelity
 
         if ctx.generated is None:
             raise tokenloom.InputError("isc: the context has no generated images")
-        result, self._card = run_fidelity(
+        result, card = run_fidelity(
             {"isc": {"isc_splits": self.config.splits}}, ctx.generated, None, self.config, ctx, metric="isc")
-        return {"isc": finite_or_none(result["inception_score_mean"]),
-                "isc_std": finite_or_none(result["inception_score_std"])}
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or protocol_card("isc", self.config, isc_splits=self.config.splits)
+        return tokenloom.MetricResult({"isc": finite_or_none(result["inception_score_mean"]),
+                                       "isc_std": finite_or_none(result["inception_score_std"])}, card)
 
 
 @tokenloom.hookimpl

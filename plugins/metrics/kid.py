@@ -14,12 +14,10 @@ min(1000, #generated, #reference), and the card records the value used; a
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
-from tokenloom.fidelity import FidelityOptions, finite_or_none, protocol_card
+from tokenloom.fidelity import FidelityOptions, finite_or_none
 
 
 def _optional_at_least_2(_inst, _attr, value):
@@ -35,23 +33,15 @@ class KID(tokenloom.Metric):
         subsets: int = attrs.field(default=100, validator=attrs.validators.ge(1))
         subset_size: int | None = attrs.field(default=None, validator=_optional_at_least_2)
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         from tokenloom.fidelity import run_fidelity
 
         if ctx.generated is None:
             raise tokenloom.InputError("kid: the context has no generated images")
         extra = {"kid_subsets": self.config.subsets, "kid_subset_size": self.config.subset_size}
-        result, self._card = run_fidelity({"kid": extra}, ctx.generated, ctx.real, self.config, ctx, metric="kid")
-        return {"kid": finite_or_none(result["kernel_inception_distance_mean"]),
-                "kid_std": finite_or_none(result["kernel_inception_distance_std"])}
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or protocol_card("kid", self.config, kid_subsets=self.config.subsets,
-                                           kid_subset_size=self.config.subset_size or "min(1000, #samples)")
+        result, card = run_fidelity({"kid": extra}, ctx.generated, ctx.real, self.config, ctx, metric="kid")
+        return tokenloom.MetricResult({"kid": finite_or_none(result["kernel_inception_distance_mean"]),
+                                       "kid_std": finite_or_none(result["kernel_inception_distance_std"])}, card)
 
 
 @tokenloom.hookimpl

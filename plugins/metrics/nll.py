@@ -38,6 +38,7 @@ _NONE = {"nll_bits_per_image": None, "nll_bits_per_dim": None, "nll_bits_per_tok
 
 class NLL(tokenloom.Metric):
     requires = frozenset({"codes", "model", "generator", "tokenizer"})
+    card_name = "nll"
 
     @attrs.frozen
     class Config:
@@ -45,18 +46,14 @@ class NLL(tokenloom.Metric):
         max_images: int | None = attrs.field(default=None, validator=attrs.validators.optional(
             attrs.validators.ge(1)))
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         gen = ctx.generator
         exact = bool(getattr(gen, "exact_likelihood", False))
-        self._card = {"metric": "nll", "generator": type(gen).__name__ if gen is not None else None,
-                      "exact_likelihood": exact, "units": "bits (log base 2)"}
+        card = self.card(generator=type(gen).__name__ if gen is not None else None, exact_likelihood=exact,
+                         units="bits (log base 2)")
         if gen is None or not exact:
-            self._card["reason"] = "no generator" if gen is None else "generation order has no exact likelihood"
-            return dict(_NONE)
+            card["reason"] = "no generator" if gen is None else "generation order has no exact likelihood"
+            return tokenloom.MetricResult(_NONE, card)
         if ctx.model is None:
             raise tokenloom.InputError("nll: the context has no model to score the codes with")
         tok = ctx.tokenizer if ctx.tokenizer is not None else getattr(gen, "tokenizer", None)
@@ -71,7 +68,7 @@ class NLL(tokenloom.Metric):
         if self.config.max_images is None and (ctx.stats or {}).get("heldout_images") == n:
             # the pipeline scored these very codes already (ctx.stats["heldout_*"]): not a second time
             bits = tokenloom.read_stat(ctx.stats, "heldout_nll_bits_per_image", metric="nll")
-            return self._result(tok, codes, bits, "the pipeline's likelihood of the held-out codes (ctx.stats)")
+            return self._result(card, tok, codes, bits, "the pipeline's likelihood of the held-out codes (ctx.stats)")
         cond = self._cond(ctx, n)
         total = 0.0
         with torch.no_grad():
@@ -87,14 +84,16 @@ class NLL(tokenloom.Metric):
                     raise tokenloom.InputError(f"nll: {type(gen).__name__}.log_likelihood returned values that "
                                                "are not finite log-probabilities (must be <= 0)")
                 total += lp.double().sum().item()
-        return self._result(tok, codes, -total / n / math.log(2), "held-out codes (ctx.codes)")
+        return self._result(card, tok, codes, -total / n / math.log(2), "held-out codes (ctx.codes)")
 
-    def _result(self, tok: Any, codes: torch.Tensor, bits: float, source: str) -> dict[str, float | None]:
+    @staticmethod
+    def _result(card: dict[str, Any], tok: Any, codes: torch.Tensor, bits: float,
+                source: str) -> tokenloom.MetricResult:
         dims = int(math.prod(tok.image_shape))
-        self._card.update({"n_images": int(codes.shape[0]), "codes_per_image": int(codes.shape[1]),
-                           "pixel_dims": dims, "source": source})
-        return {"nll_bits_per_image": bits, "nll_bits_per_dim": bits / dims,
-                "nll_bits_per_token": bits / codes.shape[1]}
+        card.update({"n_images": int(codes.shape[0]), "codes_per_image": int(codes.shape[1]),
+                     "pixel_dims": dims, "source": source})
+        return tokenloom.MetricResult({"nll_bits_per_image": bits, "nll_bits_per_dim": bits / dims,
+                                       "nll_bits_per_token": bits / codes.shape[1]}, card)
 
     @staticmethod
     def _cond(ctx: tokenloom.MetricContext, n: int) -> torch.Tensor:
@@ -108,9 +107,6 @@ class NLL(tokenloom.Metric):
         if n_classes is None:
             raise tokenloom.InputError("nll: the context needs real_labels (or data.n_classes for the null class)")
         return torch.full((n,), int(n_classes), dtype=torch.long)  # the null class: unconditional likelihood
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or {"metric": "nll", "units": "bits (log base 2)", "computed": False}
 
 
 @tokenloom.hookimpl

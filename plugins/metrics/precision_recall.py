@@ -15,12 +15,10 @@ than k samples; with few samples, both numbers are noisy.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 import tokenloom
-from tokenloom.fidelity import FidelityOptions, finite_or_none, protocol_card
+from tokenloom.fidelity import FidelityOptions, finite_or_none
 
 
 class PrecisionRecall(tokenloom.Metric):
@@ -30,23 +28,17 @@ class PrecisionRecall(tokenloom.Metric):
     class Config(FidelityOptions):
         neighborhood: int = attrs.field(default=3, validator=attrs.validators.ge(1))
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
-
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         from tokenloom.fidelity import run_fidelity
 
         if ctx.generated is None:
             raise tokenloom.InputError("precision-recall: the context has no generated images")
-        result, self._card = run_fidelity(
+        result, card = run_fidelity(
             {"prc": {"prc_neighborhood": self.config.neighborhood}}, ctx.generated, ctx.real, self.config, ctx,
             metric="precision-recall")
-        return {"precision": finite_or_none(result["precision"]), "recall": finite_or_none(result["recall"]),
-                "f_score": finite_or_none(result["f_score"])}
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or protocol_card("precision-recall", self.config, prc_neighborhood=self.config.neighborhood)
+        values = {"precision": finite_or_none(result["precision"]), "recall": finite_or_none(result["recall"]),
+                  "f_score": finite_or_none(result["f_score"])}
+        return tokenloom.MetricResult(values, card)
 
 
 @tokenloom.hookimpl

@@ -25,21 +25,18 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.fidelity import FidelityOptions, finite_or_none, protocol_card
+from tokenloom.fidelity import FidelityOptions, finite_or_none
 
 MSE_FLOOR = 1e-10
 
 
 class Reconstruction(tokenloom.Metric):
     requires = frozenset({"real", "reconstructed"})
+    card_name = "reconstruction"
 
     @attrs.frozen
     class Config(FidelityOptions):
         rfid: bool = True
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
 
     def _static(self) -> dict[str, Any]:
         return {
@@ -47,7 +44,7 @@ class Reconstruction(tokenloom.Metric):
             "psnr": f"mean over images of 10*log10(1/MSE_i) dB, MSE_i floored at {MSE_FLOOR:g}",
         }
 
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         from tokenloom.fidelity import run_fidelity
 
         real, rec = ctx.real, ctx.reconstructed
@@ -66,23 +63,14 @@ class Reconstruction(tokenloom.Metric):
         per_image = ((x - y) ** 2).flatten(1).mean(1)  # (N,)
         mse = per_image.mean().item()
         psnr = (10 * torch.log10(1.0 / per_image.clamp_min(MSE_FLOOR))).mean().item()
-        card = {"metric": "reconstruction", **self._static(), "n": len(x), "image_shape": list(real.shape[1:])}
+        card = self.card(**self._static(), n=len(x), image_shape=list(real.shape[1:]))
         out: dict[str, float | None] = {"mse": mse, "psnr": psnr if math.isfinite(psnr) else None, "rfid": None}
         if self.config.rfid:
             result, fcard = run_fidelity({"fid": {}}, rec, real, self.config, ctx, metric="reconstruction",
                                          reference_name="real (originals of the reconstructions)")
             out["rfid"] = finite_or_none(result["frechet_inception_distance"])
             card["rfid"] = fcard
-        self._card = card
-        return out
-
-    def eval_card(self) -> dict[str, Any]:
-        if self._card is not None:
-            return self._card
-        card = {"metric": "reconstruction", **self._static(), "computed": False}
-        if self.config.rfid:
-            card["rfid"] = protocol_card("reconstruction", self.config)
-        return card
+        return tokenloom.MetricResult(out, card)
 
 
 @tokenloom.hookimpl

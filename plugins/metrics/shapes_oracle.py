@@ -121,6 +121,7 @@ def _templates(size: int) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray,
 
 class ShapesOracle(tokenloom.Metric):
     requires = frozenset({"generated", "real", "data"})
+    card_name = "shapes-oracle"
 
     @attrs.frozen
     class Config:
@@ -128,10 +129,6 @@ class ShapesOracle(tokenloom.Metric):
         clean_fraction: float = attrs.field(default=0.95, validator=_unit)
         shape_tolerance: float = attrs.field(default=0.05, validator=_unit)
         max_real: int = attrs.field(default=500, validator=attrs.validators.ge(0))
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._card: dict[str, Any] | None = None
 
     # -- one image --------------------------------------------------------
 
@@ -212,12 +209,12 @@ class ShapesOracle(tokenloom.Metric):
                                            f"{tuple(x.shape)}")
         return None
 
-    def compute(self, ctx: tokenloom.MetricContext) -> dict[str, float | None]:
+    def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         reason = self._applies(ctx)
-        self._card = self._base_card()
+        card = self._base_card()
         if reason is not None:
-            self._card["not_applicable"] = reason
-            return dict.fromkeys(_KEYS)
+            card["not_applicable"] = reason
+            return tokenloom.MetricResult(dict.fromkeys(_KEYS), card)
         out: dict[str, float | None] = dict.fromkeys(_KEYS)
         if ctx.generated is not None and len(ctx.generated):
             labels = ctx.generated_labels
@@ -229,9 +226,9 @@ class ShapesOracle(tokenloom.Metric):
             for key in ("valid", "colour_ok", "count_ok", "class_ok", "layout_ok"):
                 name = "shapes_valid" if key == "valid" else f"shapes_{key}"
                 out[name] = float(np.mean([v[key] for v in verdicts]))
-            self._card["n_generated"] = len(verdicts)
-            self._card["conditional"] = labels is not None
-            self._card["image_size"] = int(ctx.generated.shape[-1])
+            card["n_generated"] = len(verdicts)
+            card["conditional"] = labels is not None
+            card["image_size"] = int(ctx.generated.shape[-1])
         if ctx.real is not None and len(ctx.real) and self.config.max_real:
             real = ctx.real[: self.config.max_real]
             labels = ctx.real_labels
@@ -243,20 +240,18 @@ class ShapesOracle(tokenloom.Metric):
                         and a["class"] in v["classes"] for v, a in zip(verdicts, attributes)]
                 out["shapes_oracle_accuracy"] = float(np.mean(hits))
             regions = sum(v["count"] for v in verdicts)
-            self._card["n_real"] = len(verdicts)
-            self._card["real_class_ambiguity"] = (sum(v["ambiguous"] for v in verdicts) / regions) if regions else None
-        return out
+            card["n_real"] = len(verdicts)
+            card["real_class_ambiguity"] = (sum(v["ambiguous"] for v in verdicts) / regions) if regions else None
+        return tokenloom.MetricResult(out, card)
 
     def _base_card(self) -> dict[str, Any]:
         from tokenloom.data import SHAPES_RULES
 
         rules = {k: (list(v) if isinstance(v, tuple) else v) for k, v in SHAPES_RULES.items() if k != "size_range"}
         rules["size_range"] = {str(k): list(v) for k, v in SHAPES_RULES["size_range"].items()}
-        return {"metric": "shapes-oracle", "detector": "rules + render_shapes templates (1/16 px grid up to 32 px, 1/8 above; size slack 0.5 px)",
-                "rules": rules, **attrs.asdict(self.config), "min_region_pixels": MIN_PIXELS}
-
-    def eval_card(self) -> dict[str, Any]:
-        return self._card or {**self._base_card(), "computed": False}
+        return self.card(
+            detector="rules + render_shapes templates (1/16 px grid up to 32 px, 1/8 above; size slack 0.5 px)",
+            rules=rules, **attrs.asdict(self.config), min_region_pixels=MIN_PIXELS)
 
 
 @tokenloom.hookimpl
