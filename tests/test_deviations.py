@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import tokenloom
-from tokenloom.sampling import mass_ranked_from
+from tokenloom.plugins.generators.next_scale_markov import (
+    REFERENCE_SPLITS,
+    cosine_split,
+    reference_split,
+)
+from tokenloom.rng import RowRNG
+from tokenloom.sampling import SamplerChain, mass_ranked_from
 
 # -- top-p / typical against Hugging Face transformers' warpers ---------------
 # transformers is not installed: its formulas (generation/logits_process.py,
@@ -97,14 +103,6 @@ def test_rar_defaults_anneal_between_half_and_three_quarters_of_training():
 
 
 # -- HMAR: the released schedule, re-masking without noise, the mask head ------
-
-from tokenloom.plugins.generators.next_scale_markov import (  # noqa: E402
-    REFERENCE_SPLITS,
-    cosine_split,
-    reference_split,
-)
-from tokenloom.rng import RowRNG  # noqa: E402
-from tokenloom.sampling import SamplerChain  # noqa: E402
 
 
 def test_hmar_reference_schedule_is_the_released_mask_schedule():
@@ -194,3 +192,66 @@ def test_hmar_mask_head_is_a_second_head_used_by_the_refinement_passes():
     assert not batch.loss_mask[1::2, :, 0].any() and batch.loss_mask[1::2, 1:, 1].any()
     revealed = batch.inputs[1::2, 1:, -1] > 0
     assert not (batch.loss_mask[1::2, 1:, 1] & revealed).any()  # odd rows: loss only where hidden
+
+
+# -- GSD: the reference's rank window, probability gap and distance rule -------
+
+
+def _gsd(**kw):
+    rule = tokenloom.create("sampler", "gsd", **kw)
+    V = 32
+    emb = torch.zeros(V, 4)
+    emb[:, 0] = torch.arange(V) * 0.1  # squared distance between codes i and j: 0.01·(i − j)²
+    rule.bind(tokenloom.SamplerContext(vocab_size=V, token_embeddings=emb))
+    return rule, V
+
+
+def test_gsd_defaults_are_the_reference_thresholds():
+    cfg = tokenloom.create("sampler", "gsd").config
+    assert (cfg.rank_window, cfg.rank_window_above, cfg.max_gap) == (7, None, 0.15)
+    assert (cfg.distance, cfg.max_distance) == ("squared-l2", 0.5)
+
+
+def test_gsd_window_is_seven_below_six_above_the_draft():
+    rule, V = _gsd(max_distance=1e9)  # only the window decides
+    p = torch.full((1, V), 1.0 / V, dtype=torch.float64)  # tiny gaps
+    p[0] = torch.linspace(2.0, 1.0, V, dtype=torch.float64)  # strictly decreasing: rank = index
+    p /= p.sum()
+    g = rule.group(p, torch.tensor([15]))
+    assert torch.equal(g[0].nonzero().flatten(), torch.arange(15 - 6, 15 + 8))  # [i − 6, i + 7]: 14 tokens
+
+
+def test_gsd_gap_is_strict_and_distance_is_squared_l2_on_raw_embeddings():
+    rule, V = _gsd(rank_window=31, rank_window_above=31, max_gap=0.125)
+    p = torch.zeros(1, V, dtype=torch.float64)
+    p[0, 10], p[0, 11], p[0, 12], p[0, 16] = 0.375, 0.25, 0.1875, 0.1875  # exact binary fractions
+    g = rule.group(p, torch.tensor([11]))[0]
+    # code 10: gap 0.125 is not < 0.125 (the reference's test is strict); code 12: gap 0.0625, squared
+    # distance 0.01; code 16: gap 0.0625, squared distance 0.25 < 0.5
+    assert g[11] and not g[10] and g[12] and g[16]
+    far = p.clone()
+    far[0, 16], far[0, 20] = 0.0, 0.1875
+    g = rule.group(far, torch.tensor([12]))[0]
+    assert g[11] and not g[20]  # code 20: gap 0 but squared distance 0.64 >= 0.5: not interchangeable
+    cos = _gsd(rank_window=31, rank_window_above=31, distance="cosine")[0].group(far, torch.tensor([12]))[0]
+    assert cos[20]  # every embedding points the same way: cosine similarity 1
+
+
+# -- LlamaGen's VQ: the codebook l2-normalised at initialisation (an option) ---
+
+
+def test_vq_l2_init_normalises_the_stored_codebook_as_llamagen():
+    from tokenloom.quantize import VectorQuantizer
+
+    torch.manual_seed(0)
+    ours = VectorQuantizer(64, 8)
+    torch.manual_seed(0)
+    llamagen = VectorQuantizer(64, 8, l2_init=True)
+    n = llamagen.embedding.weight.norm(dim=-1)
+    assert torch.allclose(n, torch.ones_like(n))  # vq_model.py: F.normalize(self.embedding.weight.data)
+    assert ours.embedding.weight.norm(dim=-1).max() < 1.0 / 64 * math.sqrt(8)  # uniform(±1/V): tiny raw norms
+    assert torch.allclose(llamagen.codebook(), ours.codebook(), atol=1e-6)  # the same directions
+    assert not VectorQuantizer(64, 8, l2_norm=False, l2_init=True).embedding.weight.norm(dim=-1).allclose(
+        torch.ones(64))  # only with the normalised lookup, as LlamaGen
+    tok = tokenloom.create("tokenizer", "vq", image_shape=(3, 16, 16), downsample=2, codebook_size=64, l2_init=True)
+    assert torch.allclose(tok.quantizer.embedding.weight.norm(dim=-1), torch.ones(64))

@@ -7,6 +7,15 @@ cosine-similarity (l2-normalised) codebook with a codebook learned by
 gradient. For vectors ``z`` (``N × D``):
 
 - optionally l2-normalise ``z`` and the codebook ``e`` (``l2_norm``);
+- the codebook starts uniform in ``±1/V`` as LlamaGen's; LlamaGen then also
+  l2-normalises the stored weights when ``l2_norm`` (``VectorQuantizer.__init__``:
+  ``F.normalize(self.embedding.weight.data)``) — ``l2_init = True`` does the
+  same. The default (``False``) keeps the unnormalised init, whose codes have a
+  tiny raw norm (≈ √(D/3)/V), so gradient steps through the normalisation move
+  them much further than LlamaGen's unit-norm codes. Measured on 16-px
+  ``shapes`` (``vq``, downsample 2, 256 codes, 600 steps, 200 held-out
+  images): 32.2 dB / 255 codes used without, 30.1 dB / 245 with — at this
+  scale LlamaGen's init learns more slowly, so the default stays (issue 18);
 - ``k = argmin_j ||z − e_j||²``, ``z_q = e_k``;
 - loss ``||z_q − sg(z)||²`` (codebook) ``+ β·||sg(z_q) − z||²`` (commitment,
   β = 0.25), both means over elements;
@@ -28,12 +37,15 @@ from torch import nn
 
 class VectorQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, *, beta: float = 0.25, l2_norm: bool = True,
-                 restart_every: int = 0):
+                 restart_every: int = 0, l2_init: bool = False):
         super().__init__()
         self.codebook_size, self.dim, self.beta, self.l2_norm = codebook_size, dim, beta, l2_norm
         self.restart_every = restart_every
         self.embedding = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # as LlamaGen
+        if l2_norm and l2_init:  # LlamaGen also normalises the stored codebook at initialisation
+            with torch.no_grad():
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
         # usage in the current restart window (saved, so a resumed run restarts
         # the same codes), and the last batch's inputs (training only)
         self.register_buffer("usage", torch.zeros(codebook_size))

@@ -19,13 +19,23 @@ distribution p of that position given everything before it.
    away: each gets a fresh draft sampled from its current p (which becomes
    its q for the next iteration) — the fixed-point iteration of Jacobi
    decoding, with the rejection step keeping the output distribution exact.
-3. **Initialisation**: the window then slides; new slots at its end are
-   initialised from spatially nearby tokens (the spatial-locality
-   initialisation of the SJD reference code and its follow-up, SJD++:
-   ``init = "left"`` copies the token to the left in the same image row,
-   ``"above"`` the token one image row up — either committed or the current
-   draft there — falling back to the other neighbour, then to a uniformly
-   random code; ``"random"`` is the paper's original random initialisation).
+3. **Initialisation**: the window then slides; new slots at its end get an
+   initial draft. ``init = "random"``: a uniformly random code — the paper's
+   initialisation and the reference code's default
+   (tyshiwo1/Accelerating-T2I-AR-with-SJD: ``multi_token_init_scheme =
+   'random'`` in ``model_wrappers/model_loader.py``, ``test_lumina_mgpt.py``,
+   ``test_emu3.py``). ``"left"`` (the default here) copies the token to the
+   left in the same image row — either committed or the current draft there —
+   which is the reference's ``'repeat_horizon'`` (``scheduler/
+   jacobi_iteration_lumina_mgpt.py``), the scheme its LlamaGen script
+   (``test_llamagen.py``) runs and the closest to this raster LlamaGen
+   model; kept as the default for that reason (and so results do not
+   change). Differs: in the first column, where there is no left token, the
+   reference draws a random code and ``"left"`` here copies the token above
+   first. ``"above"`` copies the token one row up (falling back to the left
+   one): the reference's vertical scheme is disabled in its code (an
+   ``assert False``), so this is ours. The reference's ``'sample_horizon'``
+   (resample from the left token's distribution) is not implemented.
    An initialised draft is a fixed token, so its q is one-hot on it, which
    keeps the acceptance test exact.
 
@@ -42,8 +52,6 @@ and finished images leave the batch.
 
 from __future__ import annotations
 
-import time
-
 import attrs
 import torch
 
@@ -51,8 +59,11 @@ import tokenloom
 from tokenloom import speculative as spec
 
 
-class SJDGenerator(tokenloom.Generator):
-    exact_likelihood = True  # the raster model's likelihood (decoding is exact with the exact rule)
+class SJDGenerator(spec.SpeculativeOrder):
+    """The raster model, its likelihood, the statistics and the timing come
+    from :class:`tokenloom.speculative.SpeculativeOrder`; this is the Jacobi loop."""
+
+    name = "sjd"
 
     @attrs.frozen
     class Config:
@@ -62,33 +73,9 @@ class SJDGenerator(tokenloom.Generator):
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
-        self.L = tokenizer.layout.length
-        self.V = tokenizer.vocab_size
         layout = tokenizer.layout
         # the 2-D grid spatial initialisation looks up (none for multi-scale layouts)
         self.grid = (layout.grid[1], layout.depth) if layout.n_scales == 1 else None
-        self._stats = spec.SpeculativeStats()
-
-    # -- the raster model ------------------------------------------------------
-
-    def model_spec(self) -> tokenloom.ModelSpec:
-        return spec.raster_spec(self.tokenizer)
-
-    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
-        return spec.raster_training_batch(codes, cond, self.L, self.V, where="sjd.training_batch: codes")
-
-    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
-        return spec.raster_log_likelihood(model, codes, cond, self.L, self.V, where="sjd.log_likelihood: codes")
-
-    # -- statistics ------------------------------------------------------------
-
-    def stats(self) -> dict[str, float]:
-        """Acceptance statistics of the ``generate`` calls since
-        :meth:`reset_stats` (see :class:`tokenloom.speculative.SpeculativeStats`)."""
-        return self._stats.as_dict(self.L)
-
-    def reset_stats(self) -> None:
-        self._stats.reset()
 
     # -- decoding --------------------------------------------------------------
 
@@ -127,18 +114,7 @@ class SJDGenerator(tokenloom.Generator):
             ptr = ptr.gather(1, ptr)
         return torch.where(need, value.gather(1, ptr), window)
 
-    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        spec.check_not_known("sjd", known)
-        t0 = time.perf_counter()
-        codes = self._jacobi(model, chain, cond, rng)
-        self._stats.seconds += time.perf_counter() - t0
-        self._stats.images += cond.shape[0]
-        if self.config.baseline:
-            self._stats.baseline_seconds += spec.time_baseline(model, chain, cond, rng, self.L)
-            self._stats.baseline_images += cond.shape[0]
-        return codes
-
-    def _jacobi(self, model, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
+    def decode(self, model, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
         rule = spec.acceptance_rule(chain)
         L, V, dev = self.L, self.V, model.device
         W = min(self.config.window, L)

@@ -8,8 +8,10 @@ LlamaGen's decisive choices, kept here: the encoder output is projected to a
 **low-dimensional code space** (``code_dim`` = 8) and both the vectors and the
 codebook are **l2-normalised** before the nearest-neighbour lookup; the
 codebook is learned by its own loss ``||z_q − sg(z)||²`` with a **commitment
-loss β = 0.25**; gradients pass the quantiser **straight through**. Added
-option: **dead-code restart** (``restart_every`` steps without use moves a
+loss β = 0.25**; gradients pass the quantiser **straight through**. Differs:
+LlamaGen also l2-normalises the stored codebook at initialisation —
+``l2_init = true`` (off by default: at this toolkit's budgets it
+reconstructs worse, see :class:`tokenloom.quantize.VectorQuantizer`). Added option: **dead-code restart** (``restart_every`` steps without use moves a
 code onto a recent encoder output; 0 switches it off).
 
 The quantiser is our own (:class:`tokenloom.quantize.VectorQuantizer`):
@@ -38,12 +40,15 @@ class VQTokenizer(AutoencoderTokenizer):
         beta: float = attrs.field(default=0.25, validator=attrs.validators.ge(0.0))
         l2_norm: bool = True
         restart_every: int = attrs.field(default=50, validator=attrs.validators.ge(0))
+        #: l2-normalise the stored codebook at initialisation, as LlamaGen's VectorQuantizer (with l2_norm)
+        l2_init: bool = False
 
     def __init__(self, config: Config, *, image_shape: tuple[int, int, int]):
         super().__init__(config, image_shape=image_shape, latent_channels=config.code_dim)
         with self.seeded(1):
             self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, beta=config.beta,
-                                             l2_norm=config.l2_norm, restart_every=config.restart_every)
+                                             l2_norm=config.l2_norm, restart_every=config.restart_every,
+                                             l2_init=config.l2_init)
         self.layout = tokenloom.TokenLayout(scales=(self.grid,))
         self.vocab_size = config.codebook_size
 
