@@ -255,3 +255,24 @@ def test_vq_l2_init_normalises_the_stored_codebook_as_llamagen():
         torch.ones(64))  # only with the normalised lookup, as LlamaGen
     tok = tokenloom.create("tokenizer", "vq", image_shape=(3, 16, 16), downsample=2, codebook_size=64, l2_init=True)
     assert torch.allclose(tok.quantizer.embedding.weight.norm(dim=-1), torch.ones(64))
+
+
+# -- VAR's CFG convention --------------------------------------------------------
+
+
+def test_cfg_var_convention_is_var_guidance_one_plus_t_ramped_over_scales():
+    K, B, V = 6, 2, 5
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(B, V, generator=g, dtype=torch.float64), torch.randn(B, V, generator=g, dtype=torch.float64)
+    var_cfg = 1.5
+    ours = tokenloom.create("sampler", "cfg", scale=var_cfg, schedule="linear", convention="var")
+    same = tokenloom.create("sampler", "cfg", scale=1 + var_cfg, schedule="linear")
+    naive = tokenloom.create("sampler", "cfg", scale=var_cfg)  # copying VAR's number alone under-guides
+    for si in range(K):
+        info = tokenloom.StepInfo(step=si, n_steps=K, uncond_logits=u)
+        t = var_cfg * si / (K - 1)
+        var = (1 + t) * c - t * u  # models/var.py autoregressive_infer_cfg
+        assert torch.allclose(ours(c, info), var) and torch.allclose(same(c, info), var)
+    last = tokenloom.StepInfo(step=K - 1, n_steps=K, uncond_logits=u)
+    assert not torch.allclose(naive(c, last), (1 + var_cfg) * c - var_cfg * u)
+    assert tokenloom.create("sampler", "cfg").config.convention == "s"  # the default is unchanged

@@ -16,6 +16,18 @@ Schedules of s over decoding progress p = step / (n_steps − 1):
   et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
   Distribution Quality", https://arxiv.org/abs/2404.07724).
 
+**Conventions.** ``scale`` is the guidance s itself (LlamaGen's
+``cfg_scale``: ``u + s·(c − u)``), unless ``convention = "var"``: then
+``scale`` is VAR's ``cfg`` t, and the guidance is 1 + t, as VAR writes it —
+``(1 + t)·c − t·u`` with ``t = cfg · si / (K − 1)`` at scale si of K
+(FoundationVision/VAR, ``models/var.py``, ``autoregressive_infer_cfg``; HMAR
+and RAR keep that form). So VAR's ``cfg = 1.5`` is ``scale = 2.5,
+schedule = "linear"`` here, or ``scale = 1.5, schedule = "linear",
+convention = "var"``; copied as ``scale = 1.5`` alone it under-guides (s =
+1.5, constant). With ``convention = "var"`` every schedule maps s = 1 +
+(t at that step): ``constant`` 1 + t, ``linear`` 1 + t·p (VAR's ramp),
+``interval`` 1 + t inside the interval.
+
 Entries the conditional logits exclude (-inf) stay excluded; where only the
 unconditional logits are -inf the conditional value is kept (the difference
 is undefined there). Put ``cfg`` first in a chain (guidance → temperature →
@@ -45,6 +57,8 @@ class CFG(tokenloom.Sampler):
                                     validator=attrs.validators.in_(("constant", "linear", "interval")))
         start: float = attrs.field(default=0.0, validator=_fraction)
         end: float = attrs.field(default=1.0, validator=_fraction)
+        #: "s": scale is the guidance s (LlamaGen); "var": scale is VAR's cfg t, the guidance is 1 + t
+        convention: str = attrs.field(default="s", validator=attrs.validators.in_(("s", "var")))
 
         def __attrs_post_init__(self) -> None:
             if self.end < self.start:
@@ -55,6 +69,11 @@ class CFG(tokenloom.Sampler):
 
     def scale_at(self, info: tokenloom.StepInfo) -> float:
         cfg, p = self.config, info.progress
+        if cfg.convention == "var":  # VAR: (1 + t)·c − t·u, t = cfg·ratio
+            t = cfg.scale * (p if cfg.schedule == "linear" else 1.0)
+            if cfg.schedule == "interval" and not cfg.start <= p <= cfg.end:
+                t = 0.0
+            return 1.0 + t
         if cfg.schedule == "linear":
             return 1.0 + (cfg.scale - 1.0) * p
         if cfg.schedule == "interval":
