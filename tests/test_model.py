@@ -199,6 +199,8 @@ def test_target_aware_positions_change_the_prediction():
     assert not torch.allclose(a, b)
     with pytest.raises(tokenloom.InputError, match="target_positions"):
         m(x)
+    with pytest.raises(tokenloom.InputError, match="no target-aware positions"):
+        model()(x, target_positions=torch.arange(12))  # refused, not silently ignored
 
 
 def test_instrumented_wrapper_counts_passes_tokens_and_cache():

@@ -116,8 +116,9 @@ class InstrumentedModel:
 
         - ``positions`` / ``target_positions``: ``LongTensor[T]`` or ``[B, T]``
           flat code positions of ``spec.layout`` (``NO_POSITION`` = -1: none);
-          default: the sequence index − 1. ``target_positions`` is required
-          when the spec asks for target-aware positions (RAR);
+          default: the sequence index − 1. ``target_positions`` (the
+          position each input predicts) is required when the spec asks for
+          target-aware positions (RAR), refused otherwise;
         - ``attn_mask``: ``BoolTensor[T, S]`` or ``[B, T, S]`` over the
           ``S = cache.length + T`` keys (True = may attend); default: the
           spec's ``attention`` pattern;

@@ -533,6 +533,9 @@ class Transformer(nn.Module):
             if target_positions is None:
                 raise InputError("this model has target-aware positions (RAR): pass target_positions")
             x = x + self.tgt_emb(torch.where(target_positions < 0, self.n_pos, target_positions).long())
+        elif target_positions is not None:
+            raise InputError("target_positions: this model has no target-aware positions "
+                             "(its spec does not ask for ('target_aware', True))")
         return x, rope
 
     def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
