@@ -121,6 +121,13 @@ def sample_codes(chain: Chain, logits: torch.Tensor, rng: RNG, *, B: int, guided
     return chain.sample(logits[:B], info, rng)
 
 
+def refuse_known(name: str, known: Known | None, *, instead: str = "'random' or 'masked' to inpaint") -> None:
+    """The :class:`~tokenloom.errors.InputError` of an order without
+    ``supports_known`` that was given ``known=`` (``instead``: what to use)."""
+    if known is not None:
+        raise InputError(f"{name} does not support known= (use {instead})")
+
+
 def check_known(known: Known, B: int, L: int, V: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``(codes [B, L], mask [B, L])`` of a :class:`Known`."""
     codes = check_codes(known.codes, L, V, where="known.codes").to(device)
@@ -498,6 +505,7 @@ __all__ = [
     "raster_log_likelihood",
     "raster_spec",
     "raster_training_batch",
+    "refuse_known",
     "sample_codes",
     "scales_of",
 ]

@@ -32,19 +32,35 @@ depends only on ``(seed, i)``, never on its batch neighbours.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..contract.errors import InputError
-from ..contract.interfaces import AcceptanceRule, StepInfo
-from .orders import raster_decode, raster_log_likelihood, raster_spec, raster_training_batch
+from ..contract.interfaces import (
+    RNG,
+    AcceptanceRule,
+    Backbone,
+    Chain,
+    Generator,
+    ModelSpec,
+    StepInfo,
+    TrainBatch,
+)
+from .orders import (
+    raster_decode,
+    raster_log_likelihood,
+    raster_spec,
+    raster_training_batch,
+    refuse_known,
+)
 from .rng import RowRNG
 from .sampling import ExactRule, SamplerChain
 
 #: Plain next-token decoding, the baseline every speed-up is measured against:
 #: :func:`tokenloom.orders.raster_decode` (the ``raster`` order's own loop).
 autoregressive_decode = raster_decode
+#: The error of ``known=`` given to an order that cannot keep codes: :func:`tokenloom.orders.refuse_known`.
+check_not_known = refuse_known
 
 #: RowRNG stream of the speculative loops: iteration t of image i draws all
 #: its uniforms at once, ``rng.uniform(t, n, stream=STREAM)``, and
@@ -247,6 +263,63 @@ class SpeculativeStats:
 
 
 # ---------------------------------------------------------------------------
+# The base of the family: a raster model decoded faster
+# ---------------------------------------------------------------------------
+
+
+class SpeculativeOrder(Generator):
+    """Base of the orders that decode a plain raster model faster (``sjd``,
+    ``speculative``): the model, its teacher forcing and its exact likelihood
+    are the raster recipe's (so they share ``raster``'s trained model), and
+    :meth:`generate` times the subclass's :meth:`decode`, keeps the
+    :class:`SpeculativeStats` that :meth:`stats` reports and, with a config
+    field ``baseline = true``, times plain next-token decoding beside it.
+    ``name`` is the registered name (for messages)."""
+
+    exact_likelihood = True  # the raster model's likelihood (decoding is exact with the exact rule)
+    name: ClassVar[str] = "speculative"
+
+    def __init__(self, config: Any, *, tokenizer: Any):
+        super().__init__(config, tokenizer=tokenizer)
+        self.L = tokenizer.layout.length
+        self.V = tokenizer.vocab_size
+        self._stats = SpeculativeStats()
+
+    def model_spec(self) -> ModelSpec:
+        return raster_spec(self.tokenizer)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
+        return raster_training_batch(codes, cond, self.L, self.V, where=f"{self.name}.training_batch: codes")
+
+    def log_likelihood(self, model: Backbone, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return raster_log_likelihood(model, codes, cond, self.L, self.V, where=f"{self.name}.log_likelihood: codes")
+
+    def stats(self) -> dict[str, float]:
+        """Acceptance statistics of the ``generate`` calls since
+        :meth:`reset_stats` (see :class:`SpeculativeStats`)."""
+        return self._stats.as_dict(self.L)
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    def generate(self, model: Backbone, chain: Chain, cond: torch.Tensor, *, rng: RNG,
+                 known: Any = None) -> torch.Tensor:
+        check_not_known(self.name, known)
+        t0 = time.perf_counter()
+        codes = self.decode(model, chain, cond, rng)
+        self._stats.seconds += time.perf_counter() - t0
+        self._stats.images += cond.shape[0]
+        if self.config.baseline:
+            self._stats.baseline_seconds += time_baseline(model, chain, cond, rng, self.L)
+            self._stats.baseline_images += cond.shape[0]
+        return codes
+
+    def decode(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG) -> torch.Tensor:
+        """The order's decoding loop: ``LongTensor[B, L]``."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
 # Plain next-token decoding (the baseline every speed-up is measured against)
 # ---------------------------------------------------------------------------
 
@@ -264,15 +337,13 @@ def time_baseline(model: Any, chain: SamplerChain, cond: torch.Tensor, rng: RowR
     return time.perf_counter() - t0
 
 
-def check_not_known(name: str, known: Any) -> None:
-    if known is not None:
-        raise InputError(f"{name} does not support known= (use 'random' or 'masked' to inpaint)")
 
 
 __all__ = [
     "STREAM",
     "ExactRule",
     "Noise",
+    "SpeculativeOrder",
     "SpeculativeStats",
     "acceptance_rule",
     "autoregressive_decode",

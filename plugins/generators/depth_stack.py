@@ -37,7 +37,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import grid_of, guidance_rows, sample_codes
+from tokenloom.orders import grid_of, guidance_rows, refuse_known, sample_codes
 
 
 class DepthStackGenerator(tokenloom.Generator):
@@ -87,8 +87,7 @@ class DepthStackGenerator(tokenloom.Generator):
                                     positions=self._positions(codes.device))
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("depth-stack does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("depth-stack", known)
         B, dev, D = cond.shape[0], model.device, self.D
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)

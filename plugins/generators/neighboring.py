@@ -37,7 +37,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import grid_of, guidance_rows, sample_codes
+from tokenloom.orders import grid_of, guidance_rows, refuse_known, sample_codes
 
 RIGHT, DOWN = 0, 1
 
@@ -102,8 +102,7 @@ class NeighboringGenerator(tokenloom.Generator):
                                     attn_mask=self.attention_mask(dev))
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("neighboring does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("neighboring", known)
         B, dev = cond.shape[0], model.device
         h, w = self.h, self.w
         cond = cond.to(dev).long()

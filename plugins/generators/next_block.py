@@ -28,7 +28,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import GroupOrder, grid_of
+from tokenloom.orders import GroupOrder, grid_of, refuse_known
 
 
 class NextBlockGenerator(tokenloom.Generator):
@@ -60,8 +60,7 @@ class NextBlockGenerator(tokenloom.Generator):
         return self.groups.training_batch(codes, cond)
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("next-block does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("next-block", known)
         return self.groups.generate(model, chain, cond, rng)
 
 

@@ -29,7 +29,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import GroupOrder, flat_index, grid_of
+from tokenloom.orders import GroupOrder, flat_index, grid_of, refuse_known
 
 
 class NextCellGenerator(tokenloom.Generator):
@@ -63,8 +63,7 @@ class NextCellGenerator(tokenloom.Generator):
         return self.groups.training_batch(codes, cond)
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("next-cell does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("next-cell", known)
         return self.groups.generate(model, chain, cond, rng)
 
 

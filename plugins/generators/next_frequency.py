@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenloom
-from tokenloom.orders import ScaleOrder
+from tokenloom.orders import ScaleOrder, refuse_known
 
 
 class NextFrequencyGenerator(tokenloom.Generator):
@@ -80,6 +80,8 @@ class NextFrequencyGenerator(tokenloom.Generator):
         """``[B, L − n_0, C]``: :meth:`band_input` of every band after the first."""
         return torch.cat([self.band_input(codes, b) for b in range(1, self.tokenizer.layout.n_scales)], 1)
 
+    # Deliberately the same delegations as next-scale's: both orders are core's ScaleOrder (VAR's
+    # next-scale prediction), over spatial scales there and frequency bands here.
     def model_spec(self) -> tokenloom.ModelSpec:
         return self.bands.model_spec()
 
@@ -91,8 +93,7 @@ class NextFrequencyGenerator(tokenloom.Generator):
         return self.bands.training_batch(codes, cond)
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("next-frequency does not support known= (use 'next-scale' or 'masked')")
+        refuse_known("next-frequency", known, instead="'next-scale' or 'masked'")
         return self.bands.generate(model, chain, cond, rng)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:

@@ -76,7 +76,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import guidance_rows, scales_of
+from tokenloom.orders import guidance_rows, refuse_known, scales_of
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence noise (as `masked`)
 NEXT_SCALE, MASK = 0, 1  # output heads with mask_head = true
@@ -235,8 +235,7 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
                                     attn_mask=self.attention_mask(dev))
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("next-scale-markov does not support known= (use 'next-scale' or 'masked')")
+        refuse_known("next-scale-markov", known, instead="'next-scale' or 'masked'")
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)

@@ -42,7 +42,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import flat_index, grid_of, guidance_rows, sample_codes
+from tokenloom.orders import flat_index, grid_of, guidance_rows, refuse_known, sample_codes
 
 
 class ParGenerator(tokenloom.Generator):
@@ -108,8 +108,7 @@ class ParGenerator(tokenloom.Generator):
                                     cond=cond.long(), positions=positions)
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("par does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("par", known)
         B, dev, n, L = cond.shape[0], model.device, self.n, self.L
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)

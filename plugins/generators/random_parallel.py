@@ -47,6 +47,7 @@ from tokenloom.orders import (
     guidance_rows,
     instruction_sequence,
     instruction_spec,
+    refuse_known,
     sample_codes,
 )
 
@@ -105,8 +106,7 @@ class RandomParallelGenerator(tokenloom.Generator):
         return len(self.step_sizes())
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("random-parallel does not support known= (use 'random' to inpaint)")
+        refuse_known("random-parallel", known, instead="'random' to inpaint")
         B, dev, L = cond.shape[0], model.device, self.L
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)

@@ -40,6 +40,7 @@ from tokenloom.orders import (
     raster_log_likelihood,
     raster_spec,
     raster_training_batch,
+    refuse_known,
 )
 
 
@@ -111,8 +112,7 @@ class RasterGenerator(tokenloom.Generator):
     # -- decoding -------------------------------------------------------------
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("raster does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("raster", known)
         return raster_decode(model, chain, cond, rng, self.L, target_aware=self.config.rar)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:

@@ -52,8 +52,6 @@ and finished images leave the batch.
 
 from __future__ import annotations
 
-import time
-
 import attrs
 import torch
 
@@ -61,8 +59,11 @@ import tokenloom
 from tokenloom import speculative as spec
 
 
-class SJDGenerator(tokenloom.Generator):
-    exact_likelihood = True  # the raster model's likelihood (decoding is exact with the exact rule)
+class SJDGenerator(spec.SpeculativeOrder):
+    """The raster model, its likelihood, the statistics and the timing come
+    from :class:`tokenloom.speculative.SpeculativeOrder`; this is the Jacobi loop."""
+
+    name = "sjd"
 
     @attrs.frozen
     class Config:
@@ -72,33 +73,9 @@ class SJDGenerator(tokenloom.Generator):
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
-        self.L = tokenizer.layout.length
-        self.V = tokenizer.vocab_size
         layout = tokenizer.layout
         # the 2-D grid spatial initialisation looks up (none for multi-scale layouts)
         self.grid = (layout.grid[1], layout.depth) if layout.n_scales == 1 else None
-        self._stats = spec.SpeculativeStats()
-
-    # -- the raster model ------------------------------------------------------
-
-    def model_spec(self) -> tokenloom.ModelSpec:
-        return spec.raster_spec(self.tokenizer)
-
-    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
-        return spec.raster_training_batch(codes, cond, self.L, self.V, where="sjd.training_batch: codes")
-
-    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
-        return spec.raster_log_likelihood(model, codes, cond, self.L, self.V, where="sjd.log_likelihood: codes")
-
-    # -- statistics ------------------------------------------------------------
-
-    def stats(self) -> dict[str, float]:
-        """Acceptance statistics of the ``generate`` calls since
-        :meth:`reset_stats` (see :class:`tokenloom.speculative.SpeculativeStats`)."""
-        return self._stats.as_dict(self.L)
-
-    def reset_stats(self) -> None:
-        self._stats.reset()
 
     # -- decoding --------------------------------------------------------------
 
@@ -137,18 +114,7 @@ class SJDGenerator(tokenloom.Generator):
             ptr = ptr.gather(1, ptr)
         return torch.where(need, value.gather(1, ptr), window)
 
-    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        spec.check_not_known("sjd", known)
-        t0 = time.perf_counter()
-        codes = self._jacobi(model, chain, cond, rng)
-        self._stats.seconds += time.perf_counter() - t0
-        self._stats.images += cond.shape[0]
-        if self.config.baseline:
-            self._stats.baseline_seconds += spec.time_baseline(model, chain, cond, rng, self.L)
-            self._stats.baseline_images += cond.shape[0]
-        return codes
-
-    def _jacobi(self, model, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
+    def decode(self, model, chain: tokenloom.Chain, cond: torch.Tensor, rng: tokenloom.RNG) -> torch.Tensor:
         rule = spec.acceptance_rule(chain)
         L, V, dev = self.L, self.V, model.device
         W = min(self.config.window, L)

@@ -42,7 +42,6 @@ with :meth:`attach_models`; outside a pipeline, attach one yourself
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import attrs
@@ -58,8 +57,12 @@ def _positive_or_none(_inst, attribute, value):
         raise ValueError(f"must be >= 1, got {value}")
 
 
-class SpeculativeGenerator(tokenloom.Generator):
-    exact_likelihood = True  # the target is a raster model; decoding is exact with the exact rule
+class SpeculativeGenerator(spec.SpeculativeOrder):
+    """The raster target, its likelihood, the statistics and the timing come
+    from :class:`tokenloom.speculative.SpeculativeOrder`; this is the draft
+    model and the draft-then-verify loop."""
+
+    name = "speculative"
 
     @attrs.frozen
     class Config:
@@ -77,22 +80,9 @@ class SpeculativeGenerator(tokenloom.Generator):
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
-        self.L = tokenizer.layout.length
-        self.V = tokenizer.vocab_size
         self.draft: Any = None
-        self._stats = spec.SpeculativeStats()
 
-    # -- the raster target and its draft --------------------------------------
-
-    def model_spec(self) -> tokenloom.ModelSpec:
-        return spec.raster_spec(self.tokenizer)
-
-    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
-        return spec.raster_training_batch(codes, cond, self.L, self.V, where="speculative.training_batch: codes")
-
-    def log_likelihood(self, model, codes, cond) -> torch.Tensor:
-        return spec.raster_log_likelihood(model, codes, cond, self.L, self.V,
-                                          where="speculative.log_likelihood: codes")
+    # -- the draft model -------------------------------------------------------
 
     def auxiliary_models(self, model: ModelConfig) -> dict[str, ModelConfig]:
         """The models this order needs besides the target, by name, with
@@ -118,32 +108,14 @@ class SpeculativeGenerator(tokenloom.Generator):
                 f"speculative: the draft model's vocabulary {draft.spec.vocab_size} does not match the tokenizer's {self.V}")
         self.draft = draft
 
-    # -- statistics ------------------------------------------------------------
-
-    def stats(self) -> dict[str, float]:
-        """Acceptance statistics of the ``generate`` calls since
-        :meth:`reset_stats` (see :class:`tokenloom.speculative.SpeculativeStats`)."""
-        return self._stats.as_dict(self.L)
-
-    def reset_stats(self) -> None:
-        self._stats.reset()
-
     # -- decoding --------------------------------------------------------------
 
-    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        spec.check_not_known("speculative", known)
+    def decode(self, model, chain, cond, rng) -> torch.Tensor:
         if self.draft is None:
             raise tokenloom.InputError(
                 "speculative: no draft model attached (the pipeline trains one from auxiliary_models(); "
                 "outside a pipeline call attach_models({'draft': model}))")
-        t0 = time.perf_counter()
-        codes = self._decode(model, self.draft, chain, cond, rng)
-        self._stats.seconds += time.perf_counter() - t0
-        self._stats.images += cond.shape[0]
-        if self.config.baseline:
-            self._stats.baseline_seconds += spec.time_baseline(model, chain, cond, rng, self.L)
-            self._stats.baseline_images += cond.shape[0]
-        return codes
+        return self._decode(model, self.draft, chain, cond, rng)
 
     def _forward(self, model, cache, inputs, slots, cond_rows, guided: bool):
         """One pass of ``inputs`` ``[k, T]`` at sequence indices ``slots``;

@@ -47,6 +47,7 @@ from tokenloom.orders import (
     guidance_rows,
     raster_spec,
     raster_training_batch,
+    refuse_known,
     sample_codes,
 )
 
@@ -125,8 +126,7 @@ class ZipARGenerator(tokenloom.Generator):
     # -- decoding -----------------------------------------------------------
 
     def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
-        if known is not None:
-            raise tokenloom.InputError("zipar does not support known= (use 'random' or 'masked' to inpaint)")
+        refuse_known("zipar", known)
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)
