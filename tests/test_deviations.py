@@ -276,3 +276,53 @@ def test_cfg_var_convention_is_var_guidance_one_plus_t_ramped_over_scales():
     last = tokenloom.StepInfo(step=K - 1, n_steps=K, uncond_logits=u)
     assert not torch.allclose(naive(c, last), (1 + var_cfg) * c - var_cfg * u)
     assert tokenloom.create("sampler", "cfg").config.convention == "s"  # the default is unchanged
+
+
+# -- RandAR: guidance ramps by the fraction of tokens decoded --------------------
+
+
+class _ProgressLog(tokenloom.Sampler):
+    """A step-dependent processor that records the progress each step is told."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, float]] = []
+
+    def depends_on_step(self) -> bool:
+        return True
+
+    def process(self, logits, info):
+        k = 1 if info.positions is None or info.positions.dim() == 1 else info.positions.shape[1]
+        self.seen.append((k, info.progress))
+        return logits
+
+
+def _randar(name, **kw):
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import InstrumentedModel, build_model
+
+    t = tok(2, 4)  # L = 8
+    gen = tokenloom.create("generator", name, tokenizer=t, **kw)
+    model = InstrumentedModel(build_model(gen.model_spec(), ModelConfig(n_layer=1, d_model=16, n_head=2),
+                                          n_classes=3, seed=0).eval())
+    log = _ProgressLog()
+    with torch.no_grad():
+        gen.generate(model, SamplerChain([log]), torch.tensor([0, 1]), rng=RowRNG(0, [0, 1]))
+    return gen, log.seen
+
+
+def test_random_parallel_progress_is_the_fraction_of_tokens_decoded_as_randar():
+    gen, seen = _randar("random-parallel", steps=4)
+    L, done = gen.L, 0
+    for k, progress in seen:
+        assert math.isclose(progress, done / L)  # randar_gpt.py: query_token_idx_cur_step / block_size
+        done += k
+    assert done == L and len(seen) == gen.expected_nfe() < L
+    _, by_pass = _randar("random-parallel", steps=4, progress="pass")
+    assert [p for _, p in by_pass] == [s / (len(by_pass) - 1) for s in range(len(by_pass))]  # the old ramp
+
+
+def test_random_progress_is_t_over_L_as_randar():
+    gen, seen = _randar("random")
+    assert [p for _, p in seen] == [t / gen.L for t in range(gen.L)]
+    _, by_pass = _randar("random", progress="pass")
+    assert [p for _, p in by_pass] == [t / (gen.L - 1) for t in range(gen.L)]

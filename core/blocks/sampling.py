@@ -63,10 +63,7 @@ class SamplerChain:
         if logits.dim() == 3:
             logits = logits.reshape(-1, shape[-1])
             if info.uncond_logits is not None and info.uncond_logits.dim() == 3:
-                info = StepInfo(
-                    info.step, info.n_steps, info.positions, info.scale, info.n_scales,
-                    info.uncond_logits.reshape(-1, shape[-1]),
-                )
+                info = attrs.evolve(info, uncond_logits=info.uncond_logits.reshape(-1, shape[-1]))
         check_logits(logits, info)
         for s in self.processors:
             logits = s(logits, info)

@@ -223,7 +223,10 @@ class StepInfo:
     - ``scale`` / ``n_scales``: the scale index for multi-scale orders;
     - ``uncond_logits``: ``FloatTensor[B, V]`` logits of the unconditional
       rows, filled only when a processor in the chain sets
-      ``needs_uncond = True`` (classifier-free guidance).
+      ``needs_uncond = True`` (classifier-free guidance);
+    - ``fraction``: the decoding progress when the order measures it
+      otherwise than by steps (``random``/``random-parallel``: the fraction
+      of tokens decoded, as RandAR ramps its guidance), or None.
     """
 
     step: int = 0
@@ -232,10 +235,14 @@ class StepInfo:
     scale: int | None = None
     n_scales: int | None = None
     uncond_logits: torch.Tensor | None = None
+    fraction: float | None = None
 
     @property
     def progress(self) -> float:
-        """``step / (n_steps - 1)`` in [0, 1] (0 for one-step loops)."""
+        """``fraction`` when given, else ``step / (n_steps - 1)``; in [0, 1]
+        (0 for one-step loops)."""
+        if self.fraction is not None:
+            return min(1.0, max(0.0, float(self.fraction)))
         return 0.0 if self.n_steps <= 1 else min(1.0, self.step / (self.n_steps - 1))
 
 

@@ -24,6 +24,23 @@ known ones.
 
 **Likelihood.** Exact for any fixed order; ``log_likelihood`` uses raster
 order (one teacher-forced pass), comparable with the ``raster`` order.
+
+**Reference** (ziqipang/RandAR, ``RandAR/model/randar_gpt.py``). Kept: the
+interleaved instruction sequence, the loss at the instructions only, causal
+attention, one shared learned instruction vector. Kept since the issue-18
+fix: classifier-free guidance (and any step-dependent sampler) sees the
+progress as the *fraction of tokens decoded*, ``t / L`` before token t —
+RandAR's ``cfg_scales[0] + (cfg_scales[-1] − cfg_scales[0]) ·
+query_token_idx_cur_step / block_size`` (``progress = "decoded"``: the
+samplers get ``StepInfo.fraction = t / L``; ``"pass"`` gives the old
+``t / (L − 1)``). Differs: RandAR also rotates the instruction
+*embedding itself* by the 2-D RoPE of the position it asks for before the
+first layer (``get_position_instruction_tokens``: ``batch_apply_rotary_emb``
+on ``pos_instruct_embeddings``), so the instruction carries its target in
+its input vector as well as in attention; here the position enters only
+through the backbone's positions (RoPE inside attention, or a learned
+position embedding). Rotating an input embedding is a backbone feature
+tokenloom's transformer does not have (not done).
 """
 
 from __future__ import annotations
@@ -43,7 +60,8 @@ class RandomOrderGenerator(tokenloom.Generator):
 
     @attrs.frozen
     class Config:
-        pass
+        #: what the samplers' progress measures: "decoded" (RandAR: t / L before token t) or "pass"
+        progress: str = attrs.field(default="decoded", validator=attrs.validators.in_(("decoded", "pass")))
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
@@ -91,7 +109,9 @@ class RandomOrderGenerator(tokenloom.Generator):
             positions = torch.stack([pos_prev, order_r[:, t]], 1)
             logits = model(inputs, rows, positions=positions, cache=cache, last_only=True)[:, -1]  # (rows, V)
             pos = order[:, t]
-            info = tokenloom.StepInfo(step=t, n_steps=L, positions=pos, uncond_logits=logits[B:] if guided else None)
+            fraction = t / L if self.config.progress == "decoded" else None  # RandAR: progress t / L
+            info = tokenloom.StepInfo(step=t, n_steps=L, positions=pos, fraction=fraction,
+                                      uncond_logits=logits[B:] if guided else None)
             tok = chain.sample(logits[:B], info, rng)
             if known is not None:
                 given = kmask.gather(1, pos[:, None])[:, 0]

@@ -32,6 +32,18 @@ Classifier-free guidance rows share each pass.
 
 No exact likelihood is reported for the parallel sampler (the model's
 likelihood is ``random``'s).
+
+**Guidance progress.** RandAR ramps its CFG scale by the fraction of tokens
+decoded before the pass (``randar_gpt.py``, ``generate``:
+``query_token_idx_cur_step / block_size``), not by the pass index; under the
+cosine schedule the two differ a lot (few tokens in early passes). Since the
+issue-18 fix ``progress = "decoded"`` (the default) hands the samplers
+``StepInfo.fraction`` = tokens decoded so far / L, which is their
+``progress``, so a ``linear`` CFG schedule is RandAR's ramp;
+``progress = "pass"`` restores the ramp by pass (``step / (steps − 1)``).
+``step`` stays the pass index and keys the draws either way. As in
+``random``, RandAR's rotation of the instruction embedding itself
+is not reproduced (see there).
 """
 
 from __future__ import annotations
@@ -76,6 +88,8 @@ class RandomParallelGenerator(tokenloom.Generator):
     @attrs.frozen
     class Config:
         steps: int = attrs.field(default=16, validator=attrs.validators.ge(2))
+        #: what the samplers' progress measures: "decoded" (RandAR: tokens decoded / L) or "pass"
+        progress: str = attrs.field(default="decoded", validator=attrs.validators.in_(("decoded", "pass")))
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
@@ -155,8 +169,13 @@ class RandomParallelGenerator(tokenloom.Generator):
             p = torch.stack(pos, 1)
             logits = model(x, rows, positions=p, attn_mask=mask, cache=mc.cache)[:, n_ctx:]  # (R, k, V)
             where = order[:, done : done + k]  # (B, k)
-            new_codes = sample_codes(chain, logits, rng, B=B, guided=guided, step=step, n_steps=len(sizes),
-                                     positions=where)
+            if self.config.progress == "decoded":  # RandAR: the ramp by the fraction of tokens decoded
+                info = tokenloom.StepInfo(step=step, n_steps=len(sizes), positions=where, fraction=done / L,
+                                          uncond_logits=logits[B:] if guided else None)
+                new_codes = chain.sample(logits[:B], info, rng)
+            else:
+                new_codes = sample_codes(chain, logits, rng, B=B, guided=guided, step=step, n_steps=len(sizes),
+                                         positions=where)
             codes.scatter_(1, where, new_codes)
             prev = slots[n_ctx:]
             done += k
