@@ -27,6 +27,20 @@ from the right head of its left neighbour, of the first column from the
 down head of the token above, and every other token from the average of
 both (as in the reference code). NFE = h + w − 1.
 
+**Reference** (ThisisBillhe/NAR, ``NAR-images/autoregressive/models/gpt.py``,
+``Transformer.forward``). Kept: the proximity mask, the class token's two
+predictions averaged for ``x_(0,0)``, the first row from the right head, the
+first column from the down head, the rest from the average of both. Differs
+(not done): in the reference the two heads are not two linear layers on one
+hidden state — the *right* head (``norm``, ``output``) reads the hidden state
+after the ``n_layer`` blocks, and the *down* head has its own extra
+transformer block (``medusa_attention_num = 1``, run after the others), its
+own RMSNorm (``medusa_norm``) and output layer (``medusa_output``). Here both
+heads are linear layers on the backbone's final (shared-norm) hidden state:
+an extra per-head block is a backbone feature tokenloom's transformer does
+not offer, so the down head has one block less of its own capacity than
+NAR's.
+
 Needs one code per grid position (a layout of depth 1). No exact
 likelihood is reported (LITERATURE: neighbour orders report none).
 """
