@@ -16,6 +16,19 @@ rejection resample from norm(max(p̃ − q, 0)).
 δ = 0 is exact acceptance; for the same u, LANTERN accepts whenever exact
 acceptance does. The paper uses k ≈ 1000, δ ≈ 0.1–0.4 for 16k-code
 tokenizers; our defaults suit small codebooks.
+
+**Reference** (jadohu/LANTERN): the neighbours are the k nearest codes by
+Euclidean distance between the VQ codebook vectors
+(``entrypoints/generate_codebook.py``: ``cdist`` over
+``vq_model.quantize.embedding.weight``), the relaxation as above in
+``models/ea_model_llamagen.py`` (``lantern_k = 1000``, ``lantern_delta =
+0.1`` by default in ``entrypoints/generate_images.py``). Kept: that rule.
+Differs: the neighbours are computed on the tokenizer's ``code_embeddings()``
+(for ``vq`` the l2-normalised codebook, which is what its lookup uses); the
+reference's ``lantern_delta > 1`` mode (a budget relative to p(x̃)) is not
+offered; and the reference drafts with EAGLE-2 trees, here the rule judges
+``speculative``'s chain drafts or ``sjd``'s Jacobi drafts (see
+``speculative``).
 """
 
 from __future__ import annotations
