@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 import tokenloom
 import tokenloom.testing
+from tokenloom.backbone.instrumented import InstrumentedModel
 from tokenloom.config import ModelConfig, build_component
-from tokenloom.model import InstrumentedModel, build_model
+from tokenloom.model import build_model
 from tokenloom.rng import RowRNG
 from tokenloom.sampling import SamplerChain
 
