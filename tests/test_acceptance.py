@@ -117,16 +117,18 @@ def test_gsd_with_groups_of_one_is_exact(seed, V):
 def test_gsd_group_matches_a_reference_loop(seed, V, window, gap, sim):
     p, q = dist(seed, 2, V), dist(seed + 1, 2, V)
     drafted = torch.multinomial(q.float(), 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
-    rule = bound(tokenloom.create("sampler", "gsd", rank_window=window, max_gap=gap, min_similarity=sim), V, seed)
+    rule = bound(tokenloom.create("sampler", "gsd", rank_window=window, max_gap=gap, distance="cosine",
+                                  min_similarity=sim), V, seed)
     group = rule.group(p, drafted)
     emb = rule.unit_embeddings.double()
     for b in range(2):
         order = sorted(range(V), key=lambda i: (-p[b, i].item(), i))
         rank = {tok: r for r, tok in enumerate(order)}
         x = drafted[b].item()
+        # the reference's slice [i - window, i + window): `window` below the draft, window - 1 above
         expected = {
             y for y in range(V)
-            if y == x or (abs(rank[y] - rank[x]) <= window and abs(p[b, y] - p[b, x]) <= gap
+            if y == x or (-(window - 1) <= rank[y] - rank[x] <= window and abs(p[b, y] - p[b, x]) < gap
                           and float(emb[y] @ emb[x]) >= sim - 1e-6)
         }
         got = set(group[b].nonzero().flatten().tolist())
