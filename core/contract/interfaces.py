@@ -17,6 +17,11 @@ kind              what it is
                   (:class:`Metric`)
 ================  ==========================================================
 
+A generator decodes with what core hands it: a :class:`Backbone` (the
+trained transformer), a :class:`Chain` (the run's samplers and the final
+draw) and an :class:`RNG` (per-image randomness); the protocols below are
+everything it may use of them.
+
 A plugin registers its classes through a pluggy hook (see
 :mod:`tokenloom.hookspecs`)::
 
