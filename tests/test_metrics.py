@@ -93,6 +93,36 @@ class _U8(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------
 
 
+def test_the_frechet_reference_matches_closed_forms():
+    d = 5
+    mu = np.arange(d, dtype=float)
+    assert frechet_distance(np.zeros(d), np.eye(d), mu, np.eye(d)) == pytest.approx(float(mu @ mu))
+    a, b = 0.5, 2.0  # N(0, a²I) vs N(0, b²I): d (a - b)²
+    assert frechet_distance(np.zeros(d), a * a * np.eye(d), np.zeros(d), b * b * np.eye(d)) == pytest.approx(
+        d * (a - b) ** 2)
+    x = np.random.default_rng(0).normal(size=(200, 3))
+    m, s = gaussian_fit(x)
+    assert np.allclose(m, x.mean(0)) and np.allclose(s, np.cov(x, rowvar=False))
+    assert frechet_distance(m, s, m, s) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match=r"features \[N >= 2, D\]"):
+        gaussian_fit(np.zeros(4))
+
+
+def test_fidelity_keeps_every_name_it_exported_before_the_split():
+    from tokenloom import extractor, frechet
+
+    for name in ("EXTRACTORS", "Extractor", "ExtractorNet", "ExtractorRecipe", "FidelityOptions",
+                 "backend_version", "cache_dir", "default_extractor_path", "extract_features",
+                 "frechet_distance", "images_digest", "load_extractor", "missing_weights_message",
+                 "protocol_card", "resolve_extractor", "run_fidelity", "save_extractor", "to_uint8_rgb",
+                 "train_extractor", "finite_or_none", "file_sha256", "classifier_accuracy", "CNN_NAME",
+                 "INCEPTION_URL"):
+        assert name in fidelity.__all__ and hasattr(fidelity, name), name
+    assert fidelity.ExtractorNet is extractor.ExtractorNet and fidelity.load_extractor is extractor.load_extractor
+    assert fidelity.frechet_distance is frechet.frechet_distance
+    assert not any(hasattr(extractor, n) for n in ("run_fidelity", "FidelityOptions"))  # no torch-fidelity there
+
+
 def test_fid_agrees_with_calculate_metrics_and_scipy(tiny_weights, cache):
     import torch_fidelity
 

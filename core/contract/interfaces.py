@@ -928,7 +928,8 @@ class AcceptanceRule(Sampler):
 
 def _values_mapping(value: Any) -> dict[str, float | None]:
     if not isinstance(value, Mapping):
-        raise TypeError(f"MetricResult.values must be a mapping {{key: float or None}}, got {type(value).__name__}")
+        raise TypeError("MetricResult.values must be a mapping {key: float or None}, got "
+                        f"{type(value).__name__}")
     return dict(value)
 
 
