@@ -270,3 +270,33 @@ def test_the_shipped_example_grid_plans_as_documented():
     plan = load_plan(Path(__file__).resolve().parents[1] / "examples" / "ablation-small.toml")
     assert plan.summary() == "2 tokenizers, 6 models, 20 generation cells (2 seeds → 10 table rows); 4 skipped"
     assert all("next-scale needs a multi-scale tokenizer" in s.reason for s in plan.skipped)
+
+
+def test_planning_builds_each_cell_s_components_once(tmp_path, monkeypatch):
+    import tokenloom
+    from tokenloom.config import read_toml
+
+    reg = tokenloom.get_registry()
+    built: list[str] = []
+    for kind, name in (("tokenizer", "pixel"), ("generator", "raster"), ("generator", "masked")):
+        cls = reg.get(kind, name).cls
+        original = cls.__init__
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            built.append(_name)
+            _original(self, *a, **k)
+
+        monkeypatch.setattr(cls, "__init__", counted)
+    plan = plan_grid(read_toml(write_grid(tmp_path)), registry=reg)
+    # 8 cells; the 4 with pool = 3 (on 8 px) fail at their tokenizer: 8 tokenizers, 4 generators built
+    assert len(plan.cells) == 4 and len(plan.skipped) == 4
+    assert built.count("pixel") == 8 and built.count("raster") + built.count("masked") == 4
+
+
+def test_the_grid_labels_live_in_grid_and_ablation_reexports_them():
+    from tokenloom import ablation, grid
+
+    assert ablation.SEED_AXIS is grid.SEED_AXIS == "seed"
+    assert ablation.describe_labels is grid.describe_labels
+    assert grid.describe_labels({"tokenizer": "vq", "seed": "1"}, skip=(grid.SEED_AXIS,)) == "tokenizer=vq"
+    assert grid.describe_labels({}) == "base"

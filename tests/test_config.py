@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 import tokenloom
-from tokenloom.config import config_to_dict, load_config, parse_config, structure_config
+from tokenloom.config import config_to_dict, load_config, parse_config
+from tokenloom.contract.structure import describe, format_error, structure_config
 
 GOOD = """
 seed = 3
@@ -143,3 +144,38 @@ def test_structure_config_nested_types():
     with pytest.raises(tokenloom.ConfigError) as exc:
         structure_config(C, {"levels": [4, "x"]}, "tokenizer")
     assert exc.value.problems == ["tokenizer.levels[1]: expected int, got 'x'"]
+
+
+def test_structuring_lives_in_its_own_module_and_the_old_paths_still_resolve():
+    import tokenloom.config
+    import tokenloom.registry
+
+    # one implementation, reachable under the names code has always imported
+    assert tokenloom.config.structure_config is structure_config
+    assert tokenloom.config.build_component is tokenloom.registry.build_component
+    assert describe({}) == "a table" and describe([1]) == "a list" and describe(3.5) == "3.5"
+    assert format_error(RuntimeError("boom"), "train.lr") == ["train.lr: boom"]
+
+
+def test_strict_primitives_and_unknown_keys_are_all_reported():
+    import attrs
+
+    @attrs.frozen
+    class C:
+        n: int = 1
+        x: float = 0.5
+        on: bool = False
+        name: str = "a"
+
+    assert structure_config(C, {"n": 2, "x": 1, "on": True, "name": "b"}, "t") == C(2, 1.0, True, "b")
+    with pytest.raises(tokenloom.ConfigError) as exc:
+        structure_config(C, {"n": 3.5, "x": "3", "on": 1, "name": 2, "nam": "z"}, "t")
+    assert exc.value.problems == [
+        "t.n: expected int, got 3.5",
+        "t.x: expected float, got '3'",
+        "t.on: expected bool (true/false), got 1",
+        "t.name: expected string, got 2",
+        "t.nam: unknown key (did you mean 'name'? known keys: n, name, on, x)",
+    ]
+    with pytest.raises(tokenloom.ConfigError, match=r"t: expected a table, got a list"):
+        structure_config(C, [1], "t")

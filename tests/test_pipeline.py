@@ -162,3 +162,92 @@ def test_demo_config_is_a_valid_small_run():
     assert cfg.data.name == "shapes" and cfg.generator.name == "raster"
     assert [s.name for s in cfg.sampler] == ["top-k"]
     assert cfg.tokenizer.name in ("vq", "pixel") and "nll" in [m.name for m in cfg.metrics]
+
+
+def _count_calls(monkeypatch, cls, name, calls):
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append((cls.__name__, name, args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+
+
+def test_a_run_builds_each_component_once_and_scores_the_heldout_codes_once(tmp_path, monkeypatch):
+    reg = tokenloom.get_registry()
+    calls: list = []
+    for kind, name in (("tokenizer", "pixel"), ("generator", "raster"), ("sampler", "top-k")):
+        _count_calls(monkeypatch, reg.get(kind, name).cls, "__init__", calls)
+    _count_calls(monkeypatch, reg.get("generator", "raster").cls, "log_likelihood", calls)
+    rec = run(load_config(write(tmp_path)), tmp_path / "out", progress=False)
+    built = [c[0] for c in calls if c[1] == "__init__"]
+    assert sorted(built) == sorted({c[0] for c in calls if c[1] == "__init__"}) and len(built) == 3, built
+    # 16 held-out images, one batch of 64: scored by the pipeline, and the nll metric reuses the number
+    assert len([c for c in calls if c[1] == "log_likelihood"]) == 1
+    assert rec["metrics"]["nll_bits_per_image"] == rec["nll"]["nll_bits_per_image"]
+    assert rec["metrics"]["nll_bits_per_token"] == pytest.approx(rec["nll"]["nll_bits_per_token"], rel=1e-12)
+    assert "ctx.stats" in rec["eval_cards"]["nll"]["source"]
+
+
+def test_the_nll_metric_scores_the_codes_itself_on_a_subset(tmp_path, monkeypatch):
+    reg = tokenloom.get_registry()
+    calls: list = []
+    _count_calls(monkeypatch, reg.get("generator", "raster").cls, "log_likelihood", calls)
+    path = write(tmp_path)
+    path.write_text(path.read_text() + "[metrics.nll]\nmax_images = 8\n")
+    rec = run(load_config(path), tmp_path / "out", progress=False)
+    assert len(calls) == 2  # the pipeline's held-out NLL, then the metric's own on its 8 images
+    assert rec["eval_cards"]["nll"]["n_images"] == 8 and rec["eval_cards"]["nll"]["source"] == "held-out codes (ctx.codes)"
+    assert rec["metrics"]["nll_bits_per_image"] != rec["nll"]["nll_bits_per_image"]
+
+
+def test_run_and_fit_tokenizer_fit_through_the_same_resumable_path(tmp_path, monkeypatch):
+    from tokenloom.tokenizer_fit import fit_tokenizer_run
+
+    cls = tokenloom.get_registry().get("tokenizer", "pixel").cls
+    calls: list = []
+    _count_calls(monkeypatch, cls, "fit_resumable", calls)
+    cfg = load_config(write(tmp_path))
+    run(cfg, tmp_path / "run", progress=False)
+    fit_tokenizer_run(cfg, tmp_path / "fit", progress=False)
+    assert [c[3]["checkpoint"].parent.name for c in calls] == ["cache", "fit"]
+    assert calls[1][3]["checkpoint"].name == "train_state.safetensors"
+    run(cfg, tmp_path / "run", progress=False)  # cached: not fitted again
+    assert len(calls) == 2
+
+
+def test_format_number_is_the_one_table_format():
+    from tokenloom.running.results import format_number
+
+    assert [format_number(v) for v in (None, float("nan"), 0, 0.0, 16, 3.14159, 123456.0, 0.0001234, -2e-4, "x")] \
+        == ["–", "nan", "0", "0", "16", "3.142", "1.235e+05", "1.234e-04", "-2.000e-04", "x"]
+
+
+def test_grid_writer_layout_and_the_report_reads_its_first_row(tmp_path):
+    from tokenloom.reports import first_row_of_grid
+    from tokenloom.running.images import GRID_NCOL, GRID_PAD, grid_image, save_grid
+
+    imgs = torch.linspace(-1, 1, 11 * 3 * 8 * 8).reshape(11, 3, 8, 8)
+    save_grid(tmp_path / "g.png", imgs, min_cell=16)  # 8 px -> 2× = 16 px cells, 8 columns, 2 rows
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (GRID_NCOL * (16 + GRID_PAD) + GRID_PAD, 2 * (16 + GRID_PAD) + GRID_PAD)
+        a = torch.from_numpy(__import__("numpy").asarray(im.convert("RGB")).copy())
+    assert int(a[0, 0, 0]) == 255 and int(a[-1, -1, 0]) == 255  # white padding; an empty cell stays white
+    first = torch.from_numpy(first_row_of_grid(tmp_path / "g.png").copy())
+    assert first.shape[0] == 16 + 2 * GRID_PAD and torch.equal(first, a[: first.shape[0]])
+    cell = ((imgs[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+    assert torch.equal(a[GRID_PAD : GRID_PAD + 16 : 2, GRID_PAD : GRID_PAD + 16 : 2], cell)
+    grey = grid_image([imgs[:2], imgs[:3]], scale=1, background=128)  # rows of unequal length
+    assert grey.size == (3 * (8 + GRID_PAD) + GRID_PAD, 2 * (8 + GRID_PAD) + GRID_PAD)
+    assert grey.getpixel((GRID_PAD + 2 * (8 + GRID_PAD), GRID_PAD)) == (128, 128, 128)
+
+
+def test_one_hash_for_cache_keys_and_grid_cells():
+    from tokenloom.grid import expand_grid
+    from tokenloom.pipeline import stable_hash
+
+    _base, cells, _ = expand_grid({"seed": 0, "grid": {"seed": [1, 2]}})
+    assert [c.id for c in cells] == [stable_hash(c.config, 8) for c in cells]
+    assert stable_hash({"b": 1, "a": [1, 2]}) == stable_hash({"a": [1, 2], "b": 1})
+    assert len(stable_hash("x")) == 16 and stable_hash("x", 8) == stable_hash("x")[:8]

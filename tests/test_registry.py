@@ -13,7 +13,7 @@ from conftest import make_dist
 
 import tokenloom
 import tokenloom.testing
-from tokenloom.registry import Registry, set_registry
+from tokenloom.registry import Registry, build_component, set_registry
 
 GOOD_PLUGIN = '''
 import attrs, torch, tokenloom
@@ -242,3 +242,20 @@ def test_create_reports_bad_config_values():
     assert any(p.startswith("sampler.q: unknown key") for p in problems)
     tok = tokenloom.create("tokenizer", "pixel", bits=1, image_shape=(1, 4, 4))
     assert tok.vocab_size == 2
+
+
+def test_build_component_and_check_kind_are_the_registry_s_public_api():
+    from tokenloom.plugins.samplers import top_k
+
+    reg = Registry.from_plugins([("top_k", top_k)])
+    assert Registry.check_kind("samplers") == "sampler" and reg.check_kind("sampler") == "sampler"
+    with pytest.raises(tokenloom.UnknownComponentError, match="unknown component kind 'sampelr'"):
+        Registry.check_kind("sampelr")
+    proc = build_component(reg, "samplers", "top-k", {"k": 3}, path="sampler[0]")
+    assert proc.config.k == 3
+    with pytest.raises(tokenloom.ConfigError) as exc:
+        build_component(reg, "sampler", "top-k", {"k": "3", "q": 1}, path="sampler[0]")
+    assert exc.value.problems[0] == "sampler[0].k: expected int, got '3'"
+    assert exc.value.problems[1].startswith("sampler[0].q: unknown key")
+    with pytest.raises(tokenloom.UnknownComponentError, match="available: top-k"):
+        build_component(reg, "sampler", "top-p", {}, path="sampler[0]")

@@ -73,7 +73,7 @@ def _summary(record: dict, out: str) -> None:
     """The run's table row and where its outputs are, on stdout."""
     from pathlib import Path
 
-    from .pipeline import results_markdown
+    from .results import results_markdown
 
     click.echo(results_markdown([record]), nl=False)
     base = Path(out)
