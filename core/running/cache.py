@@ -63,9 +63,10 @@ def tokenizer_hash(key: str, weights_sha256: str) -> str:
     return stable_hash({"key": key, "weights": weights_sha256})
 
 
-def codes_key(tok_hash: str, data_id: str, seed: int) -> str:
-    """The key of the encoded splits (``cache/codes-<key>.safetensors``)."""
-    return stable_hash({"tokenizer": tok_hash, "data": {"data": data_id, "seed": seed}})
+def codes_key(tok_hash: str, data: Any) -> str:
+    """The key of the encoded splits (``cache/codes-<key>.safetensors``): the tokenizer's identity
+    and ``data``, what identifies the images (a run's: ``{"data": data_id, "seed": seed}``)."""
+    return stable_hash({"tokenizer": tok_hash, "data": data})
 
 
 def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:

@@ -149,10 +149,11 @@ def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry
     return tok, tokenizer_hash(key, digest), False
 
 
-def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, data_id: str, seed: int,
+def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, key_extra: Any,
                device: torch.device, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Codes of every split (``{split: LongTensor[N, L]}``), encoded once and cached."""
-    path = cache / f"codes-{codes_key(tok_hash, data_id, seed)}.safetensors"
+    """Codes of every split (``{split: LongTensor[N, L]}``), encoded once and cached by the
+    tokenizer's identity and ``key_extra`` (what identifies the images)."""
+    path = cache / f"codes-{codes_key(tok_hash, key_extra)}.safetensors"
     if cache_ok(path):
         tensors, _ = load_tensors(path)
         return tensors
@@ -367,8 +368,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, device=device, progress=progress,
                                                   data_id=data_id, tokenizer=parts.tokenizer)
         lap("tokenizer")
-        codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache, data_id=data_id,
-                           seed=cfg.seed, device=device)
+        codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
+                           key_extra={"data": data_id, "seed": cfg.seed}, device=device)
         lap("encode")
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash,
                                               cache, device=device, progress=progress, data_id=data_id)
