@@ -1,6 +1,9 @@
 """Shared fixtures: throwaway plugin distributions built in a temporary
 directory, exactly as pip would lay them out (a package plus a
-``*.dist-info`` with ``entry_points.txt``)."""
+``*.dist-info`` with ``entry_points.txt``); the registry of tokenloom's own
+plugins, which the whole test session uses as its process-wide registry so
+that an installed third-party plugin can never change a test's outcome
+(tests of discovery itself build registries from entry points explicitly)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,37 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def builtin_plugins() -> list[tuple[str, str]]:
+    """``(entry point name, module)`` of every built-in plugin, as pyproject.toml declares them."""
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return sorted(tomllib.load(f)["project"]["entry-points"]["tokenloom"].items())
+
+
+def builtin_registry():
+    """A registry of tokenloom's own plugins only (``Registry.from_plugins``)."""
+    import importlib
+
+    import tokenloom
+    from tokenloom.registry import Registry
+
+    return Registry.from_plugins([(name, importlib.import_module(mod)) for name, mod in builtin_plugins()],
+                                 dist="tokenloom", version=tokenloom.__version__, strict=True)
+
+
+def _use_builtin_registry():
+    from tokenloom.registry import set_registry
+
+    registry = builtin_registry()
+    set_registry(registry)
+    return registry
+
+
+# before any test module is collected (several parametrize over `tokenloom.available(...)`)
+BUILTIN_REGISTRY = _use_builtin_registry()
 
 
 def make_dist(root: Path, dist: str, version: str, module: str, source: str, entry_name: str | None = None) -> Path:
@@ -55,8 +89,16 @@ def on_path(monkeypatch):
 
 @pytest.fixture
 def cli_env():
-    """Environment for running the CLI in a subprocess."""
+    """Environment for running the CLI in a subprocess: the installed
+    third-party plugins are disabled, so the subprocess sees tokenloom's own."""
+    from importlib import metadata
+
     env = dict(os.environ)
     env.pop("TOKENLOOM_STRICT_PLUGINS", None)
-    env.pop("TOKENLOOM_DISABLE_PLUGINS", None)
+    ours = {name for name, _ in builtin_plugins()}
+    others = sorted({ep.name for ep in metadata.entry_points(group="tokenloom")} - ours)
+    if others:
+        env["TOKENLOOM_DISABLE_PLUGINS"] = ",".join(others)
+    else:
+        env.pop("TOKENLOOM_DISABLE_PLUGINS", None)
     return env

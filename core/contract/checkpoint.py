@@ -114,10 +114,11 @@ def save_component(path: str | Path, component: torch.nn.Module, *, kind: str, n
     return save_tensors(path, dict(component.state_dict()), meta)
 
 
-def load_component(path: str | Path, **context: Any) -> torch.nn.Module:
+def load_component(path: str | Path, *, registry: Any = None, **context: Any) -> torch.nn.Module:
     """Rebuild a component saved by :func:`save_component` (``context``: e.g.
-    ``image_shape=`` for a tokenizer) and load its state."""
-    from .registry import create
+    ``image_shape=`` for a tokenizer) and load its state. ``registry``: where
+    to find the component (default: the process-wide registry)."""
+    from .registry import build_component, create
 
     tensors, meta = load_tensors(path)
     try:
@@ -128,7 +129,10 @@ def load_component(path: str | Path, **context: Any) -> torch.nn.Module:
         raise CheckpointError(f"checkpoint {path}: missing or malformed metadata ({exc})") from None
     if kind == "tokenizer" and "image_shape" not in context and "image_shape" in extra:
         context["image_shape"] = tuple(extra["image_shape"])
-    component = create(kind, name, **options, **context)
+    if registry is None:
+        component = create(kind, name, **options, **context)
+    else:
+        component = build_component(registry, kind, name, {**options, **context}, path=kind)
     try:
         component.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

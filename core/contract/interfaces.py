@@ -422,6 +422,12 @@ class Tokenizer(nn.Module):
     #: convolutional encoders, whose receptive fields overlap). The conformance kit then checks
     #: locality: changing one patch changes only the codes of its cell.
     cell_local: ClassVar[bool] = False
+    #: Capability: True when the layout is one grid (one scale) whose cell (i, j) covers the image
+    #: patch ``[i*H/h : (i+1)*H/h, j*W/w : (j+1)*W/w]`` and nothing mixes cells — the codes of a cell
+    #: are computed from its patch alone and decode to it alone (pixel-like tokenizers; not
+    #: convolutional encoders, whose receptive fields overlap). The conformance kit then checks
+    #: locality: changing one patch changes only the codes of its cell.
+    cell_local: ClassVar[bool] = False
 
     def __init__(self, config: Any = _REQUIRED, *, image_shape: tuple[int, int, int] | None = None):
         if config is _REQUIRED or image_shape is None:
@@ -776,6 +782,11 @@ class Generator:
     #: (raster, random, next-scale, depth-stack); masked, block and
     #: neighbour orders report none rather than a misleading number.
     exact_likelihood: ClassVar[bool] = False
+    #: With ``exact_likelihood``: whether :meth:`generate` samples from ``exp(log_likelihood)`` for any
+    #: model (the conformance kit checks it on a tiny untrained one). False for an order whose
+    #: likelihood is that of another order (``random`` reports the raster order's): the two agree
+    #: only for a model trained to be consistent across orders.
+    samples_follow_likelihood: ClassVar[bool] = True
 
     def __init__(self, config: Any, *, tokenizer: Tokenizer):
         self.config = config
@@ -864,11 +875,24 @@ class Sampler:
     Class attributes: ``needs_uncond`` (the generator must supply
     ``info.uncond_logits``: classifier-free guidance), ``greedy`` (the chain's
     final draw is argmax instead of a categorical draw), ``role``
-    (``"processor"`` or ``"acceptance"``).
+    (``"processor"`` or ``"acceptance"``), and ``transform``, what the
+    processor does to the logits (the conformance kit checks it):
+
+    - ``"truncate"`` (default): removes entries (sets them to ``-inf``) and
+      leaves the kept ones unchanged; the largest entry is kept, and so is
+      every entry larger than a kept one (top-k, top-p, min-p, greedy);
+    - ``"select"``: removes entries and leaves the kept ones unchanged, but
+      may drop the largest (typical sampling);
+    - ``"rescale"``: multiplies each row by a positive number (temperature);
+    - ``"guide"``: combines ``logits`` with ``info.uncond_logits`` so that
+      identical conditional and unconditional logits come back unchanged
+      (classifier-free guidance);
+    - ``"other"``: none of these; the kit checks only the shape contract.
     """
 
     Config: ClassVar[type]
     role: ClassVar[str] = "processor"
+    transform: ClassVar[str] = "truncate"
     needs_uncond: ClassVar[bool] = False
     greedy: ClassVar[bool] = False
 
@@ -907,9 +931,30 @@ class AcceptanceRule(Sampler):
     ``norm(max(p - q, 0))``). As a processor it is the identity. Rules that
     need geometry read it in :meth:`bind` (``code_embeddings`` for LANTERN,
     ``token_embeddings`` for GSD).
+
+    Exactness (checked by the conformance kit on small enumerable cases):
+    drafting ``x ~ q``, accepting it, else resampling from the residual must
+    give exactly ``p``. A *relaxed* rule (LANTERN, GSD) declares
+    ``exact_settings``, the config values that switch its relaxation off
+    (where it must be exact), and :meth:`neighbourhood`, the tokens whose
+    target mass it may move onto a draft: the probability of accepting a
+    draft ``x`` (``q(x)`` times the chance of acceptance) never exceeds ``p``
+    of its neighbourhood, and a draft whose neighbourhood holds no other
+    token with mass under p or q is decided exactly.
     """
 
     role: ClassVar[str] = "acceptance"
+    transform: ClassVar[str] = "identity"
+    #: None: the rule is exact. Otherwise the rule relaxes acceptance, and these config values
+    #: (e.g. ``{"delta": 0.0}``) switch the relaxation off.
+    exact_settings: ClassVar[Mapping[str, Any] | None] = None
+
+    def neighbourhood(self, p: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """``BoolTensor[B, V]``: the tokens whose target probability the rule
+        may move onto each row's drafted token (always including the draft).
+        An exact rule moves none: the draft alone."""
+        out = torch.zeros_like(p, dtype=torch.bool)
+        return out.scatter_(-1, drafted[:, None], True)
 
     def process(self, logits: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return logits.clone()

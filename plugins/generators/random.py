@@ -57,6 +57,7 @@ _ORDER_STREAM = 11  # RowRNG stream of the per-image decoding order
 class RandomOrderGenerator(tokenloom.Generator):
     supports_known = True
     exact_likelihood = True
+    samples_follow_likelihood = False  # decoding mixes over orders; log_likelihood is the raster order's
 
     @attrs.frozen
     class Config:

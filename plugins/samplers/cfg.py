@@ -49,6 +49,7 @@ def _fraction(_inst, attribute, value):
 
 class CFG(tokenloom.Sampler):
     needs_uncond = True
+    transform = "guide"
 
     @attrs.frozen
     class Config:

@@ -40,6 +40,8 @@ top or bottom of the ranking; here the window is clipped at the ends.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 import torch
 
@@ -48,6 +50,8 @@ from tokenloom.sampling import speculative_residual
 
 
 class GSD(tokenloom.AcceptanceRule):
+    exact_settings: ClassVar[dict[str, Any]] = {"rank_window": 0, "rank_window_above": 0}
+
     @attrs.frozen
     class Config:
         #: candidates below the draft in p's ranking (the reference: 7)
@@ -107,6 +111,10 @@ class GSD(tokenloom.AcceptanceRule):
         g = near & close_p & close_e
         g.scatter_(-1, drafted[:, None], True)
         return g
+
+    def neighbourhood(self, p: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """The draft's group: the only tokens whose mass GSD counts for it."""
+        return self.group(p, drafted)
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         g = self.group(p, drafted)

@@ -33,6 +33,8 @@ offered; and the reference drafts with EAGLE-2 trees, here the rule judges
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import attrs
 import torch
 
@@ -46,6 +48,8 @@ def _unit_interval(_inst, attribute, value):
 
 
 class Lantern(tokenloom.AcceptanceRule):
+    exact_settings: ClassVar[dict[str, Any]] = {"delta": 0.0}
+
     @attrs.frozen
     class Config:
         k: int = attrs.field(default=16, validator=attrs.validators.ge(1))
@@ -83,6 +87,12 @@ class Lantern(tokenloom.AcceptanceRule):
         inside = cum <= self.config.delta  # longest prefix within the TV budget
         moved = (pn * inside).sum(-1)
         return moved, inside, nb
+
+    def neighbourhood(self, p: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """The draft and its ``k`` nearest codes: the only mass LANTERN moves onto it."""
+        _, _, nb = self._moved_mass(p, drafted)
+        out = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, nb, True)
+        return out.scatter_(-1, drafted[:, None], True)
 
     def relaxed(self, p: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
         """The relaxed target p̃ ``[B, V]`` for each row's drafted token."""

@@ -21,6 +21,8 @@ def _positive(_inst, attribute, value):
 
 
 class Temperature(tokenloom.Sampler):
+    transform = "rescale"
+
     @attrs.frozen
     class Config:
         t: float = attrs.field(default=1.0, validator=_positive)

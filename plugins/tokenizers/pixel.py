@@ -21,6 +21,8 @@ import tokenloom
 
 
 class PixelTokenizer(tokenloom.Tokenizer):
+    cell_local = True
+
     @attrs.frozen
     class Config:
         bits: int = attrs.field(default=2, validator=[attrs.validators.ge(1), attrs.validators.le(8)])
