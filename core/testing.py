@@ -340,11 +340,19 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
     fitted = build(image_shape)
     _reconstruction(fitted, name, image_shape, recon_steps, recon_bound)
     # the same at non-square shapes: the layout must follow H and W
+    gh, gw = layout.grid
+    cell = (h // gh, w // gw) if gh > 1 and gw > 1 and h % gh == 0 and w % gw == 0 and h // gh == w // gw else None
     for shape in _non_square_shapes(image_shape):
         try:
             other = build(shape)
         except ConfigError:
             continue  # the config does not allow this shape (e.g. a square token grid)
+        if cell and other.layout.n_scales == layout.n_scales:  # square cells of p×p pixels at H×W: here too
+            expect = (shape[1] // cell[0], shape[2] // cell[1])
+            assert tuple(other.layout.grid) == expect, (
+                f"{name}: at {c}×{h}×{w} its grid {layout.grid} has cells of {cell[0]}×{cell[1]} pixels, but at "
+                f"{shape[0]}×{shape[1]}×{shape[2]} its grid is {other.layout.grid}, not {expect} — the layout "
+                "does not follow H and W")
         _fit_quietly(other, random_images(32, shape, seed=1234), fit_steps, name)
         _shape_contract(other, name, shape, max(2, max_examples // 4))
         if cell_local:

@@ -121,6 +121,13 @@ class WrongWay(Cells):
         self.layout = tokenloom.TokenLayout(scales=((w, h),))
 
 
+class WrongWayNotLocal(WrongWay):
+    """The same mix-up in a tokenizer that does not claim cell locality: the
+    grid at a non-square size still has to follow H and W."""
+
+    cell_local = False
+
+
 def test_a_correct_cell_local_tokenizer_passes():
     tokenloom.testing.check("tokenizer", "cells", registry=registry_with("tokenizer", "cells", Cells),
                             image_shape=(3, 8, 8), max_examples=4)
@@ -129,7 +136,8 @@ def test_a_correct_cell_local_tokenizer_passes():
 @pytest.mark.parametrize("cls, match", [
     (Zeros, "best constant image"),
     (Swapped, "changed the codes of cells"),
-    (WrongWay, "does not follow the image"),
+    (WrongWay, "does not follow"),
+    (WrongWayNotLocal, "does not follow H and W"),
 ])
 def test_a_wrong_tokenizer_fails(cls, match):
     fails("tokenizer", "wrong", cls, match, image_shape=(3, 8, 8), max_examples=4)
