@@ -422,12 +422,6 @@ class Tokenizer(nn.Module):
     #: convolutional encoders, whose receptive fields overlap). The conformance kit then checks
     #: locality: changing one patch changes only the codes of its cell.
     cell_local: ClassVar[bool] = False
-    #: Capability: True when the layout is one grid (one scale) whose cell (i, j) covers the image
-    #: patch ``[i*H/h : (i+1)*H/h, j*W/w : (j+1)*W/w]`` and nothing mixes cells — the codes of a cell
-    #: are computed from its patch alone and decode to it alone (pixel-like tokenizers; not
-    #: convolutional encoders, whose receptive fields overlap). The conformance kit then checks
-    #: locality: changing one patch changes only the codes of its cell.
-    cell_local: ClassVar[bool] = False
 
     def __init__(self, config: Any = _REQUIRED, *, image_shape: tuple[int, int, int] | None = None):
         if config is _REQUIRED or image_shape is None:
