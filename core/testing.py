@@ -1017,8 +1017,15 @@ def check_metric(name: str, *, registry: Any = None, context: Any = None, image_
     as a run reads it) whose values are ``{str: finite float or None}``, is
     deterministic and leaves the context unchanged; its eval card is plain JSON
     and deterministic; NaN or out-of-range images it requires are a clear
-    :class:`~tokenloom.errors.InputError`. ``context``: a
-    :class:`~tokenloom.MetricContext` to use instead of :func:`metric_context`."""
+    :class:`~tokenloom.errors.InputError`. Meaning: on the kit's context
+    (which provides every field) some value is a number; a context without a
+    required field is an InputError or a result, never a crash; for every key
+    with a direction (:func:`tokenloom.reports.direction`) computed from
+    ``real`` against ``generated`` or ``reconstructed``, identical images score
+    best and mixing them towards noise (:data:`DISTORTIONS`) never improves
+    the score, and moves at least one. ``context``: a
+    :class:`~tokenloom.MetricContext` to use instead of :func:`metric_context`
+    (then the "gives a number" property is not checked)."""
     import copy
     import json
 
