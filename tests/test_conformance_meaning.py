@@ -21,6 +21,7 @@ import tokenloom
 import tokenloom.testing
 from tokenloom.registry import Registry
 from tokenloom.sampling import speculative_residual
+from tokenloom.testing.samplers import acceptance_cases, acceptance_outcome, bind_rule
 
 
 def registry_with(kind: str, name: str, cls: type) -> Registry:
@@ -286,9 +287,9 @@ def test_a_relaxed_rule_passes_and_is_exact_at_its_exact_settings():
     # the exactness property has teeth on the real rules: relaxed, they are not exact on the kit's cases
     for name, options in (("lantern", {"k": 2, "delta": 0.4}), ("gsd", {"max_gap": 1.0})):
         rule, gaps = tokenloom.create("sampler", name, **options), []
-        for i, (p, q) in enumerate(tokenloom.testing._acceptance_cases()):
-            tokenloom.testing._bind_rule(rule, p.shape[0], i)
-            out, _ = tokenloom.testing._exact_outcome(rule, p, q, 2000)
+        for i, (p, q) in enumerate(acceptance_cases()):
+            bind_rule(rule, p.shape[0], i)
+            out, _ = acceptance_outcome(rule, p, q, 2000)
             gaps.append(float((out - p.double()).abs().max()))
         assert max(gaps) > 0.02, (name, gaps)
 
