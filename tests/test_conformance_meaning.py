@@ -351,10 +351,10 @@ class OwnDraws(PlainRaster):
     uniform logits — and looks at the chain once more, so the kit cannot
     follow its draws: only the chi-square test can see what it samples."""
 
-    def generate(self, model, sampler, cond, *, rng, known=None):
-        super().generate(model, sampler, cond, rng=rng, known=known)
+    def generate(self, model, chain, cond, *, rng, known=None):
+        super().generate(model, chain, cond, rng=rng, known=known)
         zeros = torch.zeros(cond.shape[0], self.V)
-        sampler(zeros, tokenloom.StepInfo(uncond_logits=zeros))
+        chain.process(zeros, tokenloom.StepInfo(uncond_logits=zeros))
         return rng.categorical(torch.zeros(cond.shape[0], self.L, self.V), 0, stream=5)
 
 

@@ -47,12 +47,12 @@ class PlainRaster(tokenloom.Generator):
         """The backbone's logits ``[rows, V]`` for code ``t``, given the input at index ``t``."""
         return model(token, rows, cache=cache, positions=self._positions(model.device)[t : t + 1])[:, -1]
 
-    def generate(self, model, sampler, cond, *, rng, known=None) -> torch.Tensor:
+    def generate(self, model, chain, cond, *, rng, known=None) -> torch.Tensor:
         if known is not None:
             raise tokenloom.InputError("plain-raster does not support known=")
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
-        guided = sampler.needs_uncond  # classifier-free guidance: null-class rows after the conditional ones
+        guided = chain.needs_uncond  # classifier-free guidance: null-class rows after the conditional ones
         rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
         cache = model.new_cache(rows.shape[0], self.L)
         codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
@@ -61,7 +61,7 @@ class PlainRaster(tokenloom.Generator):
             logits = self.next_logits(model, token, rows, cache, t)
             info = tokenloom.StepInfo(step=t, n_steps=self.L, positions=torch.full((B,), t, device=dev),
                                       uncond_logits=logits[B:] if guided else None)
-            codes[:, t] = sampler.sample(logits[:B], info, rng)
+            codes[:, t] = chain.sample(logits[:B], info, rng)
             token = codes[:, t].repeat(2 if guided else 1)[:, None]
         return codes
 
