@@ -763,11 +763,13 @@ class Generator:
 
     - :meth:`model_spec` — what the backbone must provide;
     - :meth:`training_batch` — teacher-forcing inputs/targets/masks from codes;
-    - :meth:`generate` — decode ``B`` code sequences with ``model`` (core's
-      instrumented backbone, which counts forward passes and time itself) and
-      a sampler chain; all randomness comes from ``rng`` (a
-      :class:`tokenloom.rng.RowRNG`, seeded per image), so image *i* never
-      depends on its batch neighbours.
+    - :meth:`generate` — decode ``B`` code sequences with ``model`` (a
+      :class:`Backbone`: core's instrumented transformer, which counts
+      forward passes and time itself) and ``chain`` (a :class:`Chain`: the
+      run's samplers and the final draw); all randomness comes from ``rng``
+      (an :class:`RNG`, seeded per image), so image *i* never depends on its
+      batch neighbours;
+    - :meth:`log_likelihood` — exact log p(codes | cond), when the order has one.
     """
 
     Config: ClassVar[type]
