@@ -2,7 +2,7 @@
 its own layer or the layers below it.
 
 Layers, lowest first: contract < blocks < backbone < evaluation < running < testing
-(``core/contract/``, ``core/blocks/``, ..., ``core/testing.py``). Every import counts — at module
+(``core/contract/``, ``core/blocks/``, ..., ``core/testing/``). Every import counts — at module
 level and inside functions (a function-level import still makes the two modules depend on each
 other, it only hides the loop until run time) — relative ones and absolute ``tokenloom.*`` ones, with
 the old ``tokenloom.<module>`` paths resolved through :data:`tokenloom.LAYOUT`. ``core/__init__.py``
