@@ -2,9 +2,9 @@
 torch-fidelity (``fid``, ``isc``, ``kid``, ``precision-recall``, and
 ``reconstruction``'s rFID).
 
-The numbers themselves come from ``torch_fidelity.calculate_metrics`` — never
-re-implemented here. This module decides *what* torch-fidelity sees and
-records *how*, so that two numbers are comparable exactly when their eval
+The numbers themselves come from torch-fidelity's own functions (the steps of
+``torch_fidelity.calculate_metrics``) — never re-implemented here. This
+module decides *what* torch-fidelity sees and records *how*, so that two numbers are comparable exactly when their eval
 cards match:
 
 - **inputs**: images ``[N, C, H, W]`` float32 in [-1, 1] become uint8
@@ -26,9 +26,15 @@ cards match:
 - **options**: every keyword handed to ``calculate_metrics`` is checked
   against ``torch_fidelity.defaults.DEFAULTS`` (it ignores unknown keys
   silently), and the user's pass-through ``options`` table too;
-- **caches**: the reference set's features are cached by torch-fidelity under
-  ``<cache_dir>/fidelity`` with an input name built from the reference
-  images' content hash *and* the extractor's weights hash;
+- **caches**: the reference set's features are cached by tokenloom (not by
+  torch-fidelity, whose cache is read with a pickle load) as hash-checked
+  safetensors files under ``<cache_dir>/fidelity``, keyed by the reference
+  images' content hash, the extractor's weights hash and the layer; a corrupt
+  file is reported, moved aside and recomputed. Nothing is ever unpickled;
+- **computation**: the steps of ``torch_fidelity.calculate_metrics`` for one
+  extractor, with torch-fidelity's own functions (feature extraction, IS,
+  FID statistics and distance, KID, precision/recall), so the numbers are
+  torch-fidelity's;
 - **edge inputs** get a clear :class:`~tokenloom.errors.InputError` before
   torch-fidelity sees them (KID subset larger than the sample count, IS on an
   extractor without class logits, too few samples for the IS splits or the
@@ -47,7 +53,10 @@ importable from here too, as they always were.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -303,17 +312,6 @@ class _UInt8Images(torch.utils.data.Dataset):
         return self.u8[i]
 
 
-class _NoImages(torch.utils.data.Dataset):
-    """Stand-in input2 when the reference comes as precomputed statistics
-    (torch-fidelity reads them from its cache and never iterates this)."""
-
-    def __len__(self) -> int:
-        return 0
-
-    def __getitem__(self, i: int) -> torch.Tensor:  # pragma: no cover
-        raise IndexError(i)
-
-
 # ---------------------------------------------------------------------------
 # Resolving an extractor
 # ---------------------------------------------------------------------------
@@ -409,8 +407,6 @@ def run_fidelity(
     ``generated`` (torch-fidelity's input1) against ``reference`` (input2),
     or against the ``mu``/``sigma`` in the ``.npz`` ``reference_stats`` (FID
     only). Returns torch-fidelity's result dict and the eval card."""
-    import torch_fidelity
-
     which = {k: dict(v) for k, v in which.items()}
     if not which or set(which) - set(_METRIC_NAMES):
         raise ValueError(f"run_fidelity: unknown metrics {sorted(which)}")
@@ -499,13 +495,11 @@ def run_fidelity(
 
     root = cache_dir(opts.cache_dir, ctx) / "fidelity"
     kwargs: dict[str, Any] = {
-        "input1": _UInt8Images(gen_u8),
         "cuda": str(getattr(ctx, "device", "cpu") or "cpu").startswith("cuda"),
         "batch_size": opts.batch_size,
         "feature_extractor": ext.name,
         "feature_extractor_weights_path": ext.weights_path,
-        "cache": opts.cache,
-        "cache_root": str(root),
+        "cache": False,  # tokenloom keeps its own feature cache; torch-fidelity's is a pickle
         "rng_seed": opts.seed,
         "save_cpu_ram": True,  # no DataLoader worker processes for in-memory tensors
         "verbose": False,
@@ -515,36 +509,132 @@ def run_fidelity(
         **opts.options,
     }
     tag = f"{ext.name}-w{ext.weights_sha256[:12]}"
+    ref_stats = None
     if reference_stats is not None:
         if set(which) != {"fid"}:
             raise ConfigError([f"metrics.{metric}.reference_stats: precomputed statistics serve FID only"])
-        kwargs["input2"] = _NoImages()
-        kwargs["input2_cache_name"], card["reference"] = _seed_stats_cache(
-            reference_stats, root, ext, layers["fid"], tag)
-        kwargs["cache"] = True
-    elif binary:
-        kwargs["input2"] = _UInt8Images(ref_u8)
-        kwargs["input2_cache_name"] = f"tl-{card['reference']['sha256'][:20]}-{tag}"
+        ref_stats, card["reference"] = _read_reference_stats(reference_stats, ext, layers["fid"])
     card["cache_key"] = tag
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            result = torch_fidelity.calculate_metrics(**_checked_kwargs(kwargs))
+            result = _calculate(_checked_kwargs(kwargs), which, layers, gen_u8, ref_u8, ref_stats,
+                                cache=_FeatureCache(root, card, tag) if opts.cache and ref_u8 is not None else None)
     except ValueError as exc:  # torch-fidelity's vassert
         raise InputError(f"{metric}: torch-fidelity rejected the inputs: {exc}") from None
     return {k: float(v) for k, v in result.items()}, card
 
 
-def _seed_stats_cache(path_str: str, root: Path, ext: Extractor, layer: str, tag: str) -> tuple[str, dict[str, Any]]:
-    """Put ``mu``/``sigma`` from an ``.npz`` where torch-fidelity's FID cache
-    looks for the reference statistics, so ``calculate_metrics`` uses them."""
+class _FeatureCache:
+    """tokenloom's cache of the reference set's features, one safetensors file
+    per feature layer under ``<cache_dir>/fidelity``, named by the extractor
+    (with its weights hash) and keyed by the reference images' content hash,
+    the layer and the extractor's internal dtype. Files are hash-checked when
+    read (:func:`~tokenloom.checkpoint.load_tensors`); a corrupt or mismatching
+    file is reported on stderr, moved aside to ``<name>.corrupt`` and
+    recomputed. Nothing here is ever unpickled (torch-fidelity's own cache,
+    which is read with a pickle load, is never used)."""
+
+    def __init__(self, root: Path, card: dict[str, Any], tag: str):
+        self.root, self.tag = root, tag
+        self.ref_sha, self.n = card["reference"]["sha256"], card["reference"]["n"]
+
+    def key(self, layer: str, dtype: Any) -> str:
+        text = json.dumps({"reference": self.ref_sha, "extractor": self.tag, "layer": layer, "dtype": dtype},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def path(self, layer: str, dtype: Any) -> Path:
+        return self.root / f"features-{self.tag}-{self.key(layer, dtype)}.safetensors"
+
+    def load(self, layers: list[str], dtype: Any) -> dict[str, torch.Tensor] | None:
+        """The cached features of every layer in ``layers``, or None when any is missing or corrupt."""
+        from ..contract.checkpoint import load_tensors
+        from ..contract.errors import CheckpointError
+
+        out = {}
+        for layer in layers:
+            path = self.path(layer, dtype)
+            if not path.is_file():
+                return None
+            try:
+                tensors, meta = load_tensors(path)
+                feats = tensors.get("features")
+                if meta.get("key") != self.key(layer, dtype) or feats is None or feats.dim() != 2 \
+                        or feats.shape[0] != self.n:
+                    raise CheckpointError(f"corrupt fidelity feature cache {path}: its key or shape does not "
+                                          "match the reference set")
+            except CheckpointError as exc:
+                bad = path.with_name(path.name + ".corrupt")
+                print(f"[tokenloom] warning: {exc} — moved aside to {bad.name}; recomputing", file=sys.stderr,
+                      flush=True)
+                os.replace(path, bad)
+                return None
+            out[layer] = feats
+        return out
+
+    def save(self, featuresdict: Mapping[str, torch.Tensor], dtype: Any) -> None:
+        from ..contract.checkpoint import save_tensors
+
+        for layer, feats in featuresdict.items():
+            save_tensors(self.path(layer, dtype), {"features": feats},
+                         {"key": self.key(layer, dtype), "tokenloom_kind": "fidelity-features", "layer": layer})
+
+
+def _calculate(kwargs: dict[str, Any], which: Mapping[str, Any], layers: Mapping[str, str], gen_u8: torch.Tensor,
+               ref_u8: torch.Tensor | None, ref_stats: dict[str, Any] | None,
+               cache: _FeatureCache | None) -> dict[str, Any]:
+    """What ``torch_fidelity.calculate_metrics`` computes for one extractor,
+    with the same torch-fidelity functions in the same way (so the numbers are
+    the same), except that the reference features come from tokenloom's
+    :class:`_FeatureCache` instead of torch-fidelity's pickle cache."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    needed = sorted(set(layers.values()))
+    fe = create_feature_extractor(kwargs["feature_extractor"], needed, **kwargs)
+
+    def features(u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        return get_featuresdict_from_dataset(_UInt8Images(u8), fe, kwargs["batch_size"], kwargs["cuda"],
+                                             kwargs["save_cpu_ram"], kwargs["verbose"])
+
+    fd1 = features(gen_u8)
+    fd2 = None
+    if ref_u8 is not None:
+        dtype = kwargs.get("feature_extractor_internal_dtype")
+        fd2 = cache.load(needed, dtype) if cache is not None else None
+        if fd2 is None:
+            fd2 = features(ref_u8)
+            if cache is not None:
+                cache.save(fd2, dtype)
+    metrics: dict[str, Any] = {}
+    if "isc" in which:
+        metrics.update(isc_featuresdict_to_metric(fd1, layers["isc"], **kwargs))
+    if "fid" in which:
+        stats2 = ref_stats if ref_stats is not None else fid_featuresdict_to_statistics(fd2, layers["fid"])
+        metrics.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(fd1, layers["fid"]), stats2,
+                                                kwargs["verbose"]))
+    if "kid" in which:
+        metrics.update(kid_featuresdict_to_metric(fd1, fd2, layers["kid"], **kwargs))
+    if "prc" in which:
+        metrics.update(prc_featuresdict_to_metric(fd1, fd2, layers["prc"], **kwargs))
+    return metrics
+
+
+def _read_reference_stats(path_str: str, ext: Extractor, layer: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``mu``/``sigma`` from an ``.npz`` (read without pickle), checked against
+    the extractor's layer, as torch-fidelity's FID statistics (float32 mu,
+    float64 sigma)."""
     import numpy as np
 
     path = Path(path_str).expanduser()
     if not path.is_file():
         raise ConfigError([f"reference_stats: no such file: {path}"])
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             mu, sigma = np.asarray(npz["mu"]), np.asarray(npz["sigma"])
     except KeyError as exc:
         raise InputError(f"reference_stats {path}: missing array {exc} (expected 'mu' and 'sigma')") from None
@@ -556,16 +646,9 @@ def _seed_stats_cache(path_str: str, root: Path, ext: Extractor, layer: str, tag
                          f"{layer!r} of '{ext.name}' ({dim} dims) — statistics must come from the same extractor")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise InputError(f"reference_stats {path}: contains NaN or infinite values")
-    digest = file_sha256(path)
-    name = f"tlstats-{digest[:20]}-{tag}"
-    target = root / f"{name}-{ext.name}-stat-fid-{layer}.pt"
     # torch-fidelity's own statistics have float32 mu and float64 sigma
     stats = {"mu": mu.astype(np.float32), "sigma": sigma.astype(np.float64)}
-    from ..contract.checkpoint import atomic_write
-
-    with atomic_write(target) as fh:
-        torch.save(stats, fh)
-    return name, {"stats": str(path), "sha256": digest}
+    return stats, {"stats": str(path), "sha256": file_sha256(path)}
 
 
 def protocol_card(metric: str, opts: FidelityOptions, **extra: Any) -> dict[str, Any]:
