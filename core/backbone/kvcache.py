@@ -34,6 +34,12 @@ class KVCache:
     attention), puts row ``b``'s default positions after its own prefix and
     the class embedding wherever a row's token sits at sequence index 0.
     With ``lengths`` None (the default) nothing changes.
+
+    **A conditioning prefix.** When the backbone's prefix has ``M = P - 1``
+    positions before sequence index 0, its first call writes them at the
+    front of the cache and sets ``offset = M`` (and ``prefix_mask``, the real
+    ones, ``BoolTensor[B, M]``); ``length``, ``lengths`` and :meth:`truncate`
+    count the sequence after them, so a generator never sees the prefix.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -45,6 +51,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.lengths: torch.Tensor | None = None  # LongTensor[B] once ragged
+        self.offset = 0  # prefix positions before sequence index 0 (written by the first call)
+        self.prefix_mask: torch.Tensor | None = None  # BoolTensor[B, offset]: the real ones
 
     @property
     def ragged(self) -> bool:
@@ -71,14 +79,15 @@ class KVCache:
         """Write ``k``/``v`` (``[B, H, T, hd]``) after the current length and
         return the keys/values ``[B, H, length + T, hd]`` to attend to."""
         T = k.shape[2]
-        start, end = self.length, self.length + T
+        base = self.offset
+        start, end = base + self.length, base + self.length + T
         if end > self.max_len:
-            raise InputError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+            raise InputError(f"KV cache overflow: {end - base} tokens > max_len {self.max_len - base}")
         kl, vl = self._layers[layer]  # (B, H, max_len, hd) views, written in place
         if self.lengths is not None:  # ragged: row b writes at [lengths[b], lengths[b] + T)
             B = k.shape[0]
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            cols = self.lengths.to(k.device)[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            cols = base + self.lengths.to(k.device)[:, None] + torch.arange(T, device=k.device)  # (B, T)
             kl[rows, :, cols] = k.transpose(1, 2)  # (B, T, H, hd)
             vl[rows, :, cols] = v.transpose(1, 2)
         else:
@@ -123,6 +132,8 @@ class KVCache:
         rows = rows.to(self.k.device)
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        if self.prefix_mask is not None:
+            self.prefix_mask = self.prefix_mask[rows]
         if self.lengths is not None:
             self.lengths = self.lengths[rows]
             self.length = int(self.lengths.max()) if self.lengths.numel() else 0
@@ -131,6 +142,8 @@ class KVCache:
         """Empty the cache (every row back to length 0, not ragged)."""
         self.length = 0
         self.lengths = None
+        self.offset = 0
+        self.prefix_mask = None
 
 
 __all__ = ["KVCache"]

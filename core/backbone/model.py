@@ -4,9 +4,17 @@ Read it like nanoGPT's ``model.py`` (Karpathy, https://github.com/karpathy/nanoG
 pre-norm GPT-2 block (LayerNorm, attention, 4×GELU MLP), with what visual
 autoregression adds on top:
 
-- **class conditioning** — index 0 of every sequence is the class token; its
-  embedding comes from ``cls_emb`` (``n_classes + 1`` rows, the last one the
-  *null class* used for classifier-free guidance, LlamaGen §2.3);
+- **conditioning** — ``cond`` (``LongTensor[B]``) indexes a *condition table*
+  built by a :class:`~tokenloom.interfaces.Conditioner` (the run's encoded
+  training conditions or prompts; its last row is the null condition used for
+  classifier-free guidance, LlamaGen §2.3). A row's prefix has P positions:
+  the last takes sequence index 0 of the generator's sequence (the class
+  token's slot), the other ``M = P - 1`` come before it, at no position, seen
+  by every query (and, in cached decoding, written to the cache by the first
+  call). Prefix token ids are embedded by ``cls_emb`` (for the ``class``
+  conditioner: ``n_classes + 1`` rows, the class token exactly as before),
+  prefix embeddings projected by ``cond_proj``; padded prefix positions are
+  attended by nobody;
 - **positions** — ``pos = "learned"`` (an embedding per flat code position)
   or ``"rope2d"`` (LlamaGen's 2-D rotary embedding: half of each head's
   dimensions rotate with the row, half with the column). Position ids are
@@ -47,7 +55,7 @@ from torch import nn
 
 from ..contract.config import ModelConfig
 from ..contract.errors import ConfigError, InputError
-from ..contract.interfaces import NO_POSITION, ModelSpec, TokenLayout
+from ..contract.interfaces import NO_POSITION, ModelSpec, Prefix, TokenLayout
 from .instrumented import InstrumentedModel
 from .kernels import BMM_ATTENTION_PAIRS, PLAIN_LINEAR, CPULinear, PlainLinear, attend
 from .kvcache import KVCache
@@ -243,15 +251,41 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+class PrefixFormat(NamedTuple):
+    """The shape of a backbone's conditioning prefix (from its conditioner):
+    ``kind`` ``"tokens"`` (ids into a ``vocab``-row table; None: ``n_classes + 1``)
+    or ``"embeddings"`` (``dim``-wide vectors, projected), ``length`` P positions."""
+
+    kind: str = "tokens"
+    length: int = 1
+    vocab: int | None = None
+    dim: int | None = None
+
+    @classmethod
+    def of(cls, conditioner: Any) -> PrefixFormat:
+        """The format of a :class:`~tokenloom.interfaces.Conditioner`."""
+        kind = conditioner.prefix_kind
+        if kind == "tokens":
+            return cls(kind, int(conditioner.prefix_len), vocab=int(conditioner.prefix_vocab))
+        return cls(kind, int(conditioner.prefix_len), dim=int(conditioner.prefix_dim))
+
+
 class Transformer(nn.Module):
     """Decoder transformer built from a generator's :class:`ModelSpec` and the
     ``[model]`` config. ``forward`` returns logits ``[B, T, V_head]`` (a
     tuple of them when the spec has several heads)."""
 
-    def __init__(self, spec: ModelSpec, config: ModelConfig, *, n_classes: int):
+    def __init__(self, spec: ModelSpec, config: ModelConfig, *, n_classes: int,
+                 prefix: PrefixFormat | None = None):
         super().__init__()
-        if n_classes < 1:
+        prefix = prefix or PrefixFormat()
+        if prefix.vocab is None and prefix.kind == "tokens":
+            prefix = prefix._replace(vocab=n_classes + 1)
+        if n_classes < 1 and prefix == PrefixFormat(vocab=n_classes + 1):
             raise ConfigError(f"model: n_classes must be >= 1, got {n_classes}")
+        if prefix.kind not in ("tokens", "embeddings") or prefix.length < 1:
+            raise ConfigError(f"model: a conditioning prefix must be 'tokens' or 'embeddings' of >= 1 positions, "
+                              f"got {prefix}")
         if spec.input_kind not in ("tokens", "embeddings"):
             raise ConfigError(f"model: unknown input_kind {spec.input_kind!r} (tokens, embeddings)")
         if spec.attention not in ("causal", "bidirectional", "block-causal", "custom"):
@@ -266,7 +300,12 @@ class Transformer(nn.Module):
             self.tok_emb = nn.Embedding(spec.vocab_size, d)
         else:
             self.in_proj = nn.Linear(spec.input_dim, d)
-        self.cls_emb = nn.Embedding(n_classes + 1, d)  # row n_classes: the null class
+        self.prefix = prefix
+        self.n_memory = prefix.length - 1  # M: prefix positions before sequence index 0
+        if prefix.kind == "tokens":  # the class conditioner: n_classes + 1 rows, row n_classes the null class
+            self.cls_emb = nn.Embedding(prefix.vocab, d)
+        else:
+            self.cond_proj = nn.Linear(prefix.dim, d)
         if config.pos == "learned":
             self.pos_emb = nn.Embedding(self.n_pos + 1, d)
         else:
@@ -290,6 +329,13 @@ class Transformer(nn.Module):
             "positions": f"positions: must lie in [-1, {self.n_pos})",
             "cond": f"cond: class ids must lie in [0, {n_classes}] ({n_classes}: the null class)",
         }
+        # the condition table: identity for the class conditioner (cond = class id), else set_conditions
+        for name in ("cond_ids", "cond_emb", "cond_mask"):
+            self.register_buffer(name, None, persistent=False)
+        self._identity_table = prefix.kind == "tokens" and prefix.length == 1 and prefix.vocab == n_classes + 1
+        if self._identity_table:
+            self._set_table(torch.arange(n_classes + 1)[:, None], torch.ones(n_classes + 1, 1, dtype=torch.bool))
+
         self.ln_f = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in spec.heads)
         # RQ-Transformer's depth transformer: spec option "depth_head" = its number of layers
@@ -304,10 +350,61 @@ class Transformer(nn.Module):
             self.register_buffer("depth_causal", torch.ones(n_depth, n_depth, dtype=torch.bool).tril(),
                                  persistent=False)
 
+        # a prefix of P > 1 positions: a learned embedding per prefix position (created last, so a
+        # P = 1 model draws its initial weights exactly as before)
+        self.prefix_pos = nn.Embedding(prefix.length, d) if prefix.length > 1 else None
+
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled residual projections
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and not name.startswith("cond_proj"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    # -- the condition table -------------------------------------------------
+
+    def _set_table(self, values: torch.Tensor, mask: torch.Tensor) -> None:
+        device = self.ln_f.weight.device if hasattr(self, "ln_f") else None
+        name = "cond_ids" if values.dtype == torch.long else "cond_emb"
+        self.register_buffer(name, values.to(device), persistent=False)
+        self.register_buffer("cond_mask", mask.to(device), persistent=False)
+        self.n_classes = int(values.shape[0]) - 1
+
+    def set_conditions(self, conditions: Prefix, null: Prefix) -> None:
+        """Make ``conditions`` (N rows) and ``null`` (one row) the condition
+        table: ``cond`` id ``i < N`` reads row ``i``, :attr:`n_classes` becomes
+        N and the null condition (``null_class``) is id N. Built once per run
+        (the training conditions, then the prompts to generate from); not
+        part of the saved weights."""
+        fmt = self.prefix
+        for what, part in (("conditions", conditions), ("null", null)):
+            if not isinstance(part, Prefix) or part.mask.dim() != 2 or part.length != fmt.length:
+                got = f"{part.length} prefix positions" if isinstance(part, Prefix) else type(part).__name__
+                raise InputError(f"{what}: {got}, the model was built for {fmt.length}")
+        if len(null) != 1:
+            raise InputError(f"null: expected one row, got {len(null)}")
+        table = Prefix.cat([conditions, null])
+        P = table.length
+        if P != fmt.length:
+            raise InputError(f"conditions: {P} prefix positions, the model was built for {fmt.length}")
+        if table.mask.dtype != torch.bool or not bool(table.mask[:, -1].all()):
+            raise InputError("conditions: the mask must be a BoolTensor whose last position is real in every row")
+        if fmt.kind == "tokens":
+            ids = table.ids
+            if ids is None or ids.dtype.is_floating_point or ids.dim() != 2:
+                raise InputError(f"conditions: expected ids LongTensor[N, {P}] for a token prefix")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= fmt.vocab):
+                raise InputError(f"conditions: prefix ids must lie in [0, {fmt.vocab})")
+            self._set_table(ids.long(), table.mask)
+            N = ids.shape[0]
+            if P == 1 and N == fmt.vocab and torch.equal(ids[:, 0].cpu(), torch.arange(N)):
+                return  # the class conditioner's table: cond is the class id (the one-lookup path)
+        else:
+            emb = table.embeddings
+            if emb is None or emb.dim() != 3 or emb.shape[-1] != fmt.dim:
+                raise InputError(f"conditions: expected embeddings FloatTensor[N, {P}, {fmt.dim}]")
+            self._set_table(emb.float(), table.mask)
+        self._identity_table = False
+        self._errors["cond"] = (f"cond: condition ids must lie in [0, {self.n_classes}] "
+                                f"({self.n_classes}: the null condition)")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -330,8 +427,8 @@ class Transformer(nn.Module):
         (nanoGPT's convention: they cost no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            for m in (getattr(self, "tok_emb", None), self.cls_emb, getattr(self, "pos_emb", None), self.tgt_emb,
-                      self.scale_emb, self.depth_emb):
+            for m in (getattr(self, "tok_emb", None), getattr(self, "cls_emb", None), getattr(self, "pos_emb", None),
+                      self.tgt_emb, self.scale_emb, self.depth_emb, self.prefix_pos):
                 if m is not None:
                     n -= m.weight.numel()
         return n
@@ -372,8 +469,9 @@ class Transformer(nn.Module):
         tokens (default ``spec.seq_len``) on the weights' device and dtype."""
         self._inference_params = None
         p = next(self.parameters())
-        return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_len or self.spec.seq_len,
-                       self.head_dim, dtype=p.dtype, device=p.device)
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head,
+                       (max_len or self.spec.seq_len) + self.n_memory, self.head_dim, dtype=p.dtype,
+                       device=p.device)
 
     def token_embeddings(self) -> torch.Tensor | None:
         """The input embedding table ``[V, C]``, or None for embedding inputs."""
@@ -382,8 +480,27 @@ class Transformer(nn.Module):
     # -- forward -------------------------------------------------------------
 
     def _class_embedding(self, cond: torch.Tensor) -> torch.Tensor:
-        """``[B, C]``: the class token's embedding for ``cond`` (``LongTensor[B]``)."""
-        return _lookup(self.cls_emb.weight, cond.long(), self._errors["cond"])
+        """``[B, C]``: the embedding at sequence index 0 (the prefix's last
+        position) for ``cond`` (``LongTensor[B]``)."""
+        if self._identity_table:  # the class token: one lookup, exactly as before conditioners
+            return _lookup(self.cls_emb.weight, cond.long(), self._errors["cond"])
+        return self._prefix(cond)[0][:, -1]
+
+    def _prefix(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix of ``cond`` (``LongTensor[B]``, rows of the condition
+        table): embeddings ``[B, P, C]`` and the mask ``BoolTensor[B, P]``."""
+        if self.cond_mask is None:
+            raise InputError("this model has no condition table: call set_conditions(conditions, null) first")
+        rows = cond.long()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) > self.n_classes):
+            raise InputError(self._errors["cond"])
+        if self.prefix.kind == "tokens":
+            x = _lookup(self.cls_emb.weight, self.cond_ids[rows], self._errors["cond"])  # (B, P, C)
+        else:
+            x = self.cond_proj(self.cond_emb[rows].to(self.cond_proj.weight.dtype))  # (B, P, C)
+        if self.prefix_pos is not None:
+            x = x + self.prefix_pos.weight
+        return x, self.cond_mask[rows]
 
     def _mask(self, T: int, start: int, attn_mask: torch.Tensor | None, device: torch.device) -> Any:
         """What SDPA gets: None, ``"causal"`` (the fused path) or a boolean
@@ -442,7 +559,11 @@ class Transformer(nn.Module):
         slot = None  # (B, T): each new token's sequence index, when the rows continue their own prefixes
         if cache is not None and cache.ragged:
             slot = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)
-        x = self._embed(inputs, cond, start, slot)  # (B, T, C)
+        M = self.n_memory
+        if M and cond is None:
+            cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
+        pre = self._prefix(cond) if M else None  # ((B, P, C), (B, P)): a prefix of P > 1 positions
+        x = self._embed(inputs, cond, start, slot, None if pre is None else pre[0][:, -1])  # (B, T, C)
         if positions is None:  # ([B,] T): the flat code position after the class token's
             positions = slot - 1 if slot is not None else torch.arange(start - 1, start - 1 + T, device=dev)
         x, rope = self._add_positions(x, positions, target_positions)  # (B, T, C), ([B,] T, 1, 1, hd/2)
@@ -452,6 +573,18 @@ class Transformer(nn.Module):
             keys = torch.arange(start + T, device=dev)  # (S,)
             attn_mask = keys[None, None, :] <= slot[:, :, None]  # (B, T, S)
         mask = self._mask(T, start, attn_mask, dev)
+        write_memory = False  # whether the M prefix positions before index 0 run in this pass
+        if M:
+            if cache is not None and cache.offset:  # written by an earlier call: only their keys
+                mask = self._memory_mask(mask, B, T, start, cache.prefix_mask, False, dev)
+            else:
+                if start:
+                    raise InputError("a prefix of several positions is written by a sequence's first call "
+                                     "(start it at sequence index 0)")
+                write_memory = True
+                valid = pre[1][:, :-1]  # (B, M)
+                x, rope = self._with_memory(x, rope, pre[0][:, :-1])  # (B, M + T, C)
+                mask = self._memory_mask(mask, B, T, 0, valid, True, dev)
         if self.training and self.drop.p > 0:
             x = self.drop(x)
         dropout = self.config.dropout if self.training else 0.0
@@ -461,6 +594,10 @@ class Transformer(nn.Module):
         linear = self._cpu_linear if cpu_inference else PLAIN_LINEAR
         for i, params in enumerate(self._layer_params()):
             x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)  # (B, T, C)
+        if write_memory:
+            x = x[:, M:]  # the prefix positions predict nothing
+            if cache is not None:  # from now on the cache holds the prefix before index 0
+                cache.offset, cache.prefix_mask = M, pre[1][:, :-1].clone()
         if cache is not None:
             cache.advance(T)
         x = torch.layer_norm(x[:, -1:] if last_only else x, self.ln_f.normalized_shape, self.ln_f.weight,
@@ -476,11 +613,55 @@ class Transformer(nn.Module):
         logits = tuple(linear(x, head.weight) for head in self.heads)  # per head: (B, T or 1, V)
         return logits[0] if len(logits) == 1 else logits
 
+    def _with_memory(self, x: torch.Tensor, rope: torch.Tensor | None,
+                     memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (``[B, T, C]``) with the ``M`` prefix positions ``memory``
+        (``[B, M, C]``) in front, at no position, and the rotations to match
+        (the identity for the prefix)."""
+        M = memory.shape[1]
+        mem = memory.to(x.dtype)
+        if self.config.pos == "learned":
+            mem = mem + self.pos_emb.weight[self.n_pos]
+        if self.tgt_emb is not None:
+            mem = mem + self.tgt_emb.weight[self.n_pos]
+        x = torch.cat([mem, x], 1)
+        if rope is not None:  # ([B,] T, 1, 1, hd/2): the prefix rotates by nothing
+            one = torch.ones_like(rope.narrow(-4, 0, 1)).expand(*rope.shape[:-4], M, *rope.shape[-3:])
+            rope = torch.cat([one, rope], -4)
+        return x, rope
+
+    def _memory_mask(self, mask: Any, B: int, T: int, start: int, valid: torch.Tensor, queries: bool,
+                     dev: torch.device) -> torch.Tensor | None:
+        """The attention mask with the ``M`` prefix keys in front: every query
+        sees the real (``valid``, ``[B, M]``) ones. ``queries``: the prefix
+        positions are queries of this pass too (causal among themselves,
+        padding seen only by itself). ``[B, 1, T', M + S]`` (None when
+        nothing is masked)."""
+        S = start + T
+        M = valid.shape[1]
+        valid = valid.to(dev)
+        if mask is None and not queries and bool(valid.all()):
+            return None
+        if mask is None:
+            base = torch.ones(1, 1, T, S, dtype=torch.bool, device=dev)
+        elif isinstance(mask, str):  # "causal" from index 0
+            base = torch.ones(T, S, dtype=torch.bool, device=dev).tril(start)[None, None]
+        else:
+            base = mask if mask.dim() == 4 else mask[None, None]
+        rows = torch.cat([valid[:, None, None, :].expand(B, 1, T, M), base.expand(B, 1, T, S)], -1)
+        if not queries:
+            return rows
+        ar = torch.arange(M, device=dev)
+        own = (ar[None, :] <= ar[:, None]) & (valid[:, None, :] | torch.eye(M, dtype=torch.bool, device=dev))
+        mem_rows = torch.cat([own, torch.zeros(B, M, S, dtype=torch.bool, device=dev)], -1)[:, None]
+        return torch.cat([mem_rows, rows], 2)  # (B, 1, M + T, M + S)
+
     def _embed(self, inputs: torch.Tensor, cond: torch.Tensor | None, start: int,
-               slot: torch.Tensor | None) -> torch.Tensor:
+               slot: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
         """The input embeddings ``[B, T, C]``: the tokens' (a stack's summed,
         or projected ``input_kind = "embeddings"`` vectors), with the class
-        embedding of ``cond`` (default: the null class) wherever a token sits
+        embedding of ``cond`` (default: the null class) — the prefix's last
+        position, ``first`` when already computed — wherever a token sits
         at sequence index 0 (``start`` tokens are cached; ``slot``: every
         token's sequence index when the cache is ragged, else None)."""
         B = inputs.shape[0]
@@ -503,11 +684,13 @@ class Transformer(nn.Module):
             if is_cls.any():
                 if cond is None:
                     cond = torch.full((B,), self.n_classes, dtype=torch.long, device=inputs.device)
-                x = torch.where(is_cls[..., None], self._class_embedding(cond)[:, None].to(x.dtype), x)
+                first = self._class_embedding(cond) if first is None else first
+                x = torch.where(is_cls[..., None], first[:, None].to(x.dtype), x)
         elif start == 0:  # sequence index 0: the class token
             if cond is None:
                 cond = torch.full((B,), self.n_classes, dtype=torch.long, device=inputs.device)
-            x = torch.cat([self._class_embedding(cond)[:, None], x[:, 1:]], 1)
+            first = self._class_embedding(cond) if first is None else first
+            x = torch.cat([first[:, None].to(x.dtype), x[:, 1:]], 1)
         return x
 
     def _add_positions(self, x: torch.Tensor, positions: torch.Tensor,
@@ -558,12 +741,23 @@ class Transformer(nn.Module):
         return tuple(self.heads[j](u[:, :, j]) for j in range(d + 1))
 
 
-def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: int = 0) -> Transformer:
+def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: int = 0,
+                conditioner: Any = None, conditions: Prefix | None = None) -> Transformer:
     """The backbone for ``spec`` (what :func:`tokenloom.pipeline.run` trains),
-    its initial weights a pure function of ``seed``."""
+    its initial weights a pure function of ``seed``. ``conditioner`` (a
+    :class:`~tokenloom.interfaces.Conditioner`; None: class labels, one
+    prefix token of ``n_classes + 1``) sets the prefix's format;
+    ``conditions`` (its encoded conditions) the condition table, with the
+    conditioner's null condition as the last row."""
+    fmt = None if conditioner is None else PrefixFormat.of(conditioner)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Transformer(spec, config, n_classes=n_classes)
+        model = Transformer(spec, config, n_classes=n_classes, prefix=fmt)
+    if conditioner is not None and (conditions is not None or not model._identity_table):
+        if conditions is None:
+            raise ConfigError("build_model: a conditioner other than class labels needs its encoded conditions")
+        model.set_conditions(conditions, conditioner.null())
+    return model
 
 
 __all__ = [
@@ -576,6 +770,7 @@ __all__ = [
     "InstrumentedModel",
     "KVCache",
     "PlainLinear",
+    "PrefixFormat",
     "Transformer",
     "apply_rope",
     "attend",

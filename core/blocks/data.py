@@ -75,7 +75,10 @@ class ImageSet:
     - ``labels``: ``LongTensor[N]`` in ``[0, n_classes)``;
     - ``class_names``: one name per class;
     - ``attributes``: one dict per image (``shapes`` only; see the module
-      docstring), else None.
+      docstring), else None;
+    - ``captions``: one caption per image (``shapes``: written from its
+      attributes by :func:`shapes_caption`; ``folder``: ``metadata.jsonl``),
+      else None.
     """
 
     images: torch.Tensor
@@ -83,6 +86,7 @@ class ImageSet:
     n_classes: int
     class_names: tuple[str, ...]
     attributes: list[dict] | None = None
+    captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -276,7 +280,73 @@ def _shapes(config: Any, split: str, seed: int) -> ImageSet:
             p["bbox"] = _shape_bbox(p, size)
     images = torch.stack([render_shapes(a, size) for a in attributes]) if attributes else torch.empty(0, 3, size, size)
     labels = torch.tensor([a["label"] for a in attributes], dtype=torch.long)
-    return ImageSet(images.float().contiguous(), labels, len(SHAPE_CLASSES), SHAPE_CLASSES, attributes)
+    captions = tuple(shapes_caption(a) for a in attributes)
+    return ImageSet(images.float().contiguous(), labels, len(SHAPE_CLASSES), SHAPE_CLASSES, attributes, captions)
+
+
+# ---------------------------------------------------------------------------
+# shapes captions: written from the ground truth, read back by one parser
+# ---------------------------------------------------------------------------
+
+_NUMBERS = ("zero", "one", "two", "three", "four", "five")
+_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
+                "1": 1, "2": 2, "3": 3, "4": 4, "5": 5}
+#: How many caption templates :func:`shapes_caption` rotates through (image index mod this).
+SHAPES_CAPTION_TEMPLATES = 3
+
+
+def _plural(name: str) -> str:
+    return name + "s"
+
+
+def _listing(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def shapes_caption(attributes: dict, template: int | None = None) -> str:
+    """A caption of a ``shapes`` scene from its ground truth (``attributes``
+    as :func:`shapes_attributes` gives): count, class and every shape's
+    colour, in one of :data:`SHAPES_CAPTION_TEMPLATES` templates (default:
+    the image index mod their number) — ``"a red circle"``, ``"two squares,
+    blue and yellow"``, ``"three green triangles"``, ``"one circle in red"``,
+    ``"2 blue and yellow squares"``. :func:`parse_caption` reads each back."""
+    n, cls, colours = int(attributes["count"]), str(attributes["class"]), list(attributes["colours"])
+    t = int(attributes.get("index", 0)) % SHAPES_CAPTION_TEMPLATES if template is None else template
+    noun = cls if n == 1 else _plural(cls)
+    same = len(set(colours)) == 1
+    if t == 0:
+        if n == 1:
+            return f"a {colours[0]} {cls}"
+        return f"{_NUMBERS[n]} {colours[0]} {noun}" if same else f"{_NUMBERS[n]} {noun}, {_listing(colours)}"
+    if t == 1:
+        return f"{_NUMBERS[n]} {noun} in {colours[0] if same else _listing(colours)}"
+    return f"{n} {colours[0] if same else _listing(colours)} {noun}"
+
+
+def parse_caption(text: str) -> dict | None:
+    """What a ``shapes`` caption asks for: ``{"count", "class", "colours"}``
+    (``colours``: one per shape, sorted; a single colour word colours every
+    shape), or None when the text names no shape class, no count word is
+    understood or the colours do not add up to the count. The one reader of
+    captions and prompts (the ``prompt-alignment`` metric uses it)."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+", str(text).lower())
+    classes = {c: c for c in SHAPE_CLASSES} | {_plural(c): c for c in SHAPE_CLASSES}
+    found = [classes[w] for w in words if w in classes]
+    counts = [_COUNT_WORDS[w] for w in words if w in _COUNT_WORDS]
+    colours = [w for w in words if w in SHAPES_COLOURS]
+    if len(set(found)) != 1 or not colours:
+        return None
+    plural = any(w in words for w in map(_plural, SHAPE_CLASSES))
+    count = counts[0] if counts else (1 if not plural else None)
+    if count is None:
+        return None
+    if len(colours) == 1:
+        colours = colours * count
+    if len(colours) != count:
+        return None
+    return {"count": count, "class": found[0], "colours": sorted(colours)}
 
 
 # ---------------------------------------------------------------------------
@@ -329,11 +399,46 @@ def _fix_channels(x: torch.Tensor, channels: int, where: str) -> torch.Tensor:
 
 
 def _finish(images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...], config: Any,
-            split: str, seed: int, where: str) -> ImageSet:
+            split: str, seed: int, where: str, captions: list[str] | None = None) -> ImageSet:
     idx = torch.from_numpy(_split_indices(images.shape[0], config, split, seed, where))
     images = _fix_channels(images[idx], config.channels, where)
     images = _resize(images, config.size, where)
-    return ImageSet(images.float().contiguous(), labels[idx].long(), len(class_names), class_names, None)
+    kept = None if captions is None else tuple(captions[int(i)] for i in idx)
+    return ImageSet(images.float().contiguous(), labels[idx].long(), len(class_names), class_names, None, kept)
+
+
+def read_metadata_captions(root: Path, files: list[Path]) -> list[str] | None:
+    """The caption of each of ``files`` from ``root/metadata.jsonl`` (the
+    Hugging Face imagefolder convention: one JSON object per line with
+    ``file_name``, relative to ``root``, and ``text``), or None when there is
+    no such file. A bad line, a row naming a missing file or an image without
+    a row is an :class:`InputError` naming the file and line."""
+    import json
+
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        return None
+    texts: dict[Path, str] = {}
+    with meta.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{meta}:{n}: not a JSON object ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
+                    or not isinstance(row.get("text"), str):
+                raise InputError(f"{meta}:{n}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}")
+            path = (root / row["file_name"]).resolve()
+            if not path.is_file():
+                raise InputError(f"{meta}:{n}: file_name {row['file_name']!r} names no file under {root}")
+            texts[path] = row["text"]
+    missing = [p for p in files if p.resolve() not in texts]
+    if missing:
+        raise InputError(f"{meta}: no caption for {len(missing)} image(s), e.g. {missing[0]} "
+                         "(add a line {\"file_name\": ..., \"text\": ...} for each image)")
+    return [texts[p.resolve()] for p in files]
 
 
 def _digits(config: Any, split: str, seed: int) -> ImageSet:
@@ -389,7 +494,8 @@ def _folder(config: Any, split: str, seed: int) -> ImageSet:
         arrays.append(arr.reshape(arr.shape[0], arr.shape[1], -1))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, C, H, W]
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
-    return _finish(x, labels, tuple(classes), config, split, seed, f"folder data set {root}")
+    captions = read_metadata_captions(root, [p for p, _ in files])
+    return _finish(x, labels, tuple(classes), config, split, seed, f"folder data set {root}", captions)
 
 
 def _npz(config: Any, split: str, seed: int) -> ImageSet:
@@ -480,14 +586,18 @@ __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
     "SHAPES_BACKGROUND",
+    "SHAPES_CAPTION_TEMPLATES",
     "SHAPES_COLOURS",
     "SHAPES_RULES",
     "SHAPE_CLASSES",
     "SHAPE_FILL_RATIO",
     "ImageSet",
     "load_dataset",
+    "parse_caption",
     "parse_shapes",
+    "read_metadata_captions",
     "render_shapes",
     "shape_regions",
     "shapes_attributes",
+    "shapes_caption",
 ]

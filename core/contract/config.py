@@ -128,9 +128,14 @@ class RunConfig:
     metrics: tuple[ComponentConfig, ...] = ()
     n_samples: int = 64
     device: str = "auto"
+    #: ``[conditioner]``: what a row is conditioned on (None: ``class``, the class label)
+    conditioner: ComponentConfig | None = None
+    #: ``[metrics] prompts``: a text file of prompts (one per line) to generate from, or None
+    prompts: str | None = None
 
 
-_TOP_KEYS = ("seed", "data", "tokenizer", "generator", "model", "train", "sampler", "metrics", "device")
+_TOP_KEYS = ("seed", "data", "tokenizer", "generator", "model", "train", "sampler", "metrics", "device",
+             "conditioner")
 
 
 def _component(registry: Any, kind: str, table: Any, path: str, problems: list[str]) -> ComponentConfig | None:
@@ -196,6 +201,9 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
     generator = None
     if "generator" in raw:
         generator = _component(registry, "generator", raw["generator"], "generator", problems)
+    conditioner = None
+    if "conditioner" in raw:
+        conditioner = _component(registry, "conditioner", raw["conditioner"], "conditioner", problems)
 
     samplers: list[ComponentConfig] = []
     chain = raw.get("sampler", [])
@@ -222,16 +230,22 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         problems.append(f"metrics.names: expected a list of strings, got {describe(names)}")
         names = []
+    prompts = mraw.get("prompts")
+    if prompts is not None and not isinstance(prompts, str):
+        problems.append(f"metrics.prompts: expected a path to a text file (one prompt per line), got "
+                        f"{describe(prompts)}")
+        prompts = None
     if "n_samples" in mraw:
         n_samples = mraw["n_samples"]
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples <= 0:
             problems.append(f"metrics.n_samples: expected a positive int, got {describe(n_samples)}")
             n_samples = 64
     for key, value in mraw.items():
-        if key in ("names", "n_samples"):
+        if key in ("names", "n_samples", "prompts"):
             continue
         if not isinstance(value, dict):
-            problems.append(f"metrics.{key}: unknown key (known keys: names, n_samples, or a [metrics.<name>] table)")
+            problems.append(f"metrics.{key}: unknown key (known keys: names, n_samples, prompts, or a "
+                            "[metrics.<name>] table)")
         elif key not in names:
             problems.append(f"metrics.{key}: options for a metric that is not in metrics.names")
     for i, name in enumerate(names):
@@ -254,6 +268,8 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
         metrics=tuple(metrics),
         n_samples=n_samples,
         device=device,
+        conditioner=conditioner,
+        prompts=prompts,
     )
 
 
@@ -292,6 +308,10 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         del out["data"]["path"]
     if cfg.generator is not None:
         out["generator"] = cfg.generator.table()
+    if cfg.conditioner is not None:  # absent = class labels (the dict, and so every run id, as before)
+        out["conditioner"] = cfg.conditioner.table()
+    if cfg.prompts is not None:
+        out["metrics"]["prompts"] = cfg.prompts
     for m in cfg.metrics:
         if m.options:
             out["metrics"][m.name] = dict(m.options)

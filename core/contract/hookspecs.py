@@ -1,4 +1,4 @@
-"""Hook specifications: the four hooks a tokenloom plugin may implement.
+"""Hook specifications: the five hooks a tokenloom plugin may implement.
 
 A plugin is a module (or object) named by an entry point in the group
 ``tokenloom``. The registry imports it on first use (never at
@@ -83,9 +83,20 @@ def register_metrics(register: Register) -> None:
     ``compute``."""
 
 
+@hookspec
+def register_conditioners(register: Register) -> None:
+    """Register conditioners (subclasses of :class:`tokenloom.Conditioner`):
+    ``register("caption", CaptionConditioner)``.
+
+    Called once when the registry is first used. The class is built as
+    ``cls(cls.Config(...), n_classes=..., class_names=...)`` and must pass
+    ``tokenloom.testing.check("conditioner", name)``."""
+
+
 HOOKS: dict[str, str] = {
     "tokenizer": "register_tokenizers",
     "generator": "register_generators",
     "sampler": "register_samplers",
     "metric": "register_metrics",
+    "conditioner": "register_conditioners",
 }

@@ -1,6 +1,6 @@
 """The public plugin contract of tokenloom (v1).
 
-Reading this file is enough to write a plugin. There are four kinds of
+Reading this file is enough to write a plugin. There are five kinds of
 component; each is a class deriving from one of the bases below and carrying
 its configuration as a nested, frozen attrs class named ``Config``:
 
@@ -15,6 +15,8 @@ kind              what it is
                   (:class:`AcceptanceRule`)
 ``metric``        a number computed from images, codes or run statistics
                   (:class:`Metric`)
+``conditioner``   conditions (class labels, captions) -> the prefix the
+                  backbone reads before the codes (:class:`Conditioner`)
 ================  ==========================================================
 
 A generator decodes with what core hands it: a :class:`Backbone` (the
@@ -58,7 +60,7 @@ from torch import nn
 
 from .errors import InputError
 
-KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric")
+KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric", "conditioner")
 
 #: Position id of a token without a grid position (the class token, a position instruction's
 #: "nowhere"): ``TrainBatch.positions`` and the backbone's ``positions=`` use it; see :class:`ModelSpec`.
@@ -1029,11 +1031,150 @@ class Metric:
         return {"metric": name, **protocol}
 
 
+# ---------------------------------------------------------------------------
+# Conditioners
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Condition:
+    """One image's condition: a class ``label`` (an index into the data set's
+    class names), a ``caption`` (free text), or both. ``Condition()`` (neither)
+    is the *null* condition: what an unconditional row reads."""
+
+    label: int | None = None
+    caption: str | None = None
+
+
+@attrs.frozen
+class Prefix:
+    """What the backbone reads for ``N`` conditions: ``P`` prefix positions per row.
+
+    - ``ids``: ``LongTensor[N, P]`` in ``[0, Conditioner.prefix_vocab)`` (a
+      conditioner of ``prefix_kind = "tokens"``; the backbone embeds them with
+      a table of its own, trained with it), or
+    - ``embeddings``: ``FloatTensor[N, P, prefix_dim]`` (``prefix_kind =
+      "embeddings"``: e.g. a frozen text encoder's hidden states; the backbone
+      projects them to its width with a trained linear map);
+    - ``mask``: ``BoolTensor[N, P]``, True where a position is real (False:
+      padding, which no query attends to). The *last* position of every row
+      must be real: it takes sequence index 0 of the generator's sequence (the
+      slot the class token had), the other ``P - 1`` positions precede it.
+    """
+
+    mask: torch.Tensor
+    ids: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        """P: the number of prefix positions of a row."""
+        return int(self.mask.shape[1])
+
+    def rows(self, index: torch.Tensor | slice) -> Prefix:
+        """The rows ``index`` of this prefix."""
+        pick = (lambda t: None if t is None else t[index])
+        return Prefix(mask=self.mask[index], ids=pick(self.ids), embeddings=pick(self.embeddings))
+
+    @staticmethod
+    def cat(parts: list[Prefix]) -> Prefix:
+        """The rows of ``parts`` one after another (same kind and P)."""
+        ids = None if parts[0].ids is None else torch.cat([p.ids for p in parts])
+        emb = None if parts[0].embeddings is None else torch.cat([p.embeddings for p in parts])
+        return Prefix(mask=torch.cat([p.mask for p in parts]), ids=ids, embeddings=emb)
+
+
+class Conditioner(nn.Module):
+    """Turns conditions (:class:`Condition`: class labels, captions) into the
+    :class:`Prefix` the backbone reads, and gives the *null* condition that
+    classifier-free guidance and condition dropout use.
+
+    Generators never see a conditioner: they pass ``cond: LongTensor[B]``,
+    an index into the run's *condition table* (the encoded training
+    conditions while training, the encoded prompts while generating), and
+    ``Backbone.null_class`` (the table's last row, the null condition) for
+    unconditional rows. Core builds the table with :meth:`encode` and
+    :meth:`null` and hands it to the backbone, so every generation order
+    works with every conditioner.
+
+    Built as ``cls(config, *, n_classes=..., class_names=...)`` (the data
+    set's classes). Class attributes / properties a subclass sets:
+
+    - ``prefix_kind``: ``"tokens"`` (``Prefix.ids``) or ``"embeddings"``;
+    - ``prefix_len`` (P), and ``prefix_vocab`` (tokens) or ``prefix_dim``
+      (embeddings) — known after :meth:`fit`;
+    - ``needs``: which fields of a :class:`Condition` it reads
+      (``{"label"}``, ``{"caption"}``).
+
+    Methods: :meth:`fit` (from the training conditions, e.g. a caption
+    vocabulary; default: nothing), :meth:`encode`, :meth:`null`, and
+    :meth:`state` / :meth:`load_state` (JSON-able, saved beside the trained
+    model so a finished run can be sampled from again). Must be deterministic
+    and batch-independent (a row's prefix depends on its condition only); a
+    condition it cannot read is an :class:`~tokenloom.errors.InputError`.
+    """
+
+    Config: ClassVar[type]
+    prefix_kind: ClassVar[str] = "tokens"
+    needs: ClassVar[frozenset[str]] = frozenset({"label"})
+
+    def __init__(self, config: Any, *, n_classes: int = 1, class_names: tuple[str, ...] = ()):
+        super().__init__()
+        self.config = config
+        self.n_classes = int(n_classes)
+        self.class_names = tuple(class_names)
+
+    @property
+    def prefix_len(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def prefix_vocab(self) -> int:
+        """Size of the prefix vocabulary (``prefix_kind = "tokens"``)."""
+        raise NotImplementedError
+
+    @property
+    def prefix_dim(self) -> int:
+        """Width of the prefix embeddings (``prefix_kind = "embeddings"``)."""
+        raise NotImplementedError
+
+    def fit(self, conditions: list[Condition]) -> None:
+        """Learn what encoding needs from the training conditions (default: nothing)."""
+
+    def encode(self, conditions: list[Condition]) -> Prefix:
+        """The prefix of each condition (``N = len(conditions)`` rows)."""
+        raise NotImplementedError
+
+    def null(self) -> Prefix:
+        """The null condition's prefix (one row), distinct from every real one."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`fit` learned, JSON-able (default: nothing)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def describe(self, condition: Condition) -> str:
+        """A short human-readable name of ``condition`` (grid labels, reports)."""
+        if condition.caption is not None:
+            return condition.caption
+        if condition.label is None:
+            return "(null)"
+        names = self.class_names
+        return names[condition.label] if 0 <= condition.label < len(names) else str(condition.label)
+
+
 BASES: dict[str, type] = {
     "tokenizer": Tokenizer,
     "generator": Generator,
     "sampler": Sampler,
     "metric": Metric,
+    "conditioner": Conditioner,
 }
 
 
@@ -1046,6 +1187,8 @@ __all__ = [
     "Backbone",
     "Cache",
     "Chain",
+    "Condition",
+    "Conditioner",
     "Generator",
     "Known",
     "Metric",
@@ -1053,6 +1196,7 @@ __all__ = [
     "MetricResult",
     "ModelSpec",
     "MultiScaleInputs",
+    "Prefix",
     "Sampler",
     "SamplerContext",
     "StepInfo",

@@ -303,7 +303,8 @@ class Registry:
 # Building a component
 # ---------------------------------------------------------------------------
 
-_CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": ()}
+_CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": (),
+                 "conditioner": ("n_classes", "class_names")}
 
 
 def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], *, path: str) -> Any:

@@ -1,0 +1,1 @@
+"""Built-in conditioners: class labels, captions (word tokens), a frozen text encoder."""
