@@ -17,6 +17,7 @@ exclusions) and
    shared ``DIR/cache``, so cells that share a tokenizer or a model fit or
    train it once;
 3. **records** each finished cell atomically in ``DIR/cells/<cell>.json``
+   (the cell id is a safe file name, checked to stay inside ``DIR``)
    and rewrites the report (:mod:`tokenloom.reports`) after every cell.
 
 Resume: kill the process at any point and run the same command again —
@@ -33,6 +34,7 @@ decides which cells are finished, prints, and alone writes files.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +49,7 @@ from ..contract.errors import ConfigError, TokenloomError
 from .cache import data_key, model_key, stable_hash, tokenizer_key
 from .grid import SEED_AXIS, Cell, Skipped, describe_labels, expand_grid
 from .pipeline_check import check_composition
+from .results import inside, move_aside, safe_name
 
 
 @attrs.frozen
@@ -171,23 +174,35 @@ def load_plan(path: str | Path, *, registry: Any = None) -> Plan:
 
 
 def cell_path(out: Path, pc: PlannedCell) -> Path:
-    return out / "cells" / f"{pc.id}.json"
+    """``out/cells/<cell>.json`` (the id made a safe file name), checked to stay inside ``out``."""
+    return inside(out, out / "cells" / f"{safe_name(pc.id)}.json")
 
 
 def finished_record(out: Path, pc: PlannedCell) -> dict | None:
-    """The stored record of a finished cell, or None (absent, written for
-    another config, unreadable, or its sample grid is missing)."""
+    """The stored record of a finished cell, or None (absent, or its sample
+    grid is missing: the cell is recomputed). A record that cannot be read
+    (truncated, not JSON, written for another config, no run record in it)
+    is reported on stderr and moved aside to ``<cell>.json.corrupt``."""
     path = cell_path(out, pc)
     if not path.is_file():
         return None
     try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored, dict) or not isinstance(stored.get("record"), dict):
+            raise TypeError("not a cell record")
+        if stored.get("config_hash") != pc.config_hash():
+            raise TypeError("written for another configuration (config_hash does not match)")
+        record = stored["record"]
+        artifacts = record.get("artifacts")
+        if not isinstance(artifacts, dict) or not isinstance(record.get("metrics"), dict):
+            raise TypeError("the run record has no metrics or artifacts")
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        move_aside(path, str(exc), "recomputing the cell")
         return None
-    if not isinstance(stored, dict) or stored.get("config_hash") != pc.config_hash():
-        return None
-    record = stored.get("record")
-    if not isinstance(record, dict) or not (out / record.get("artifacts", {}).get("samples", "\0")).is_file():
+    samples = artifacts.get("samples")
+    if not isinstance(samples, str) or not (out / samples).is_file():
+        print(f"[tokenloom] cell {pc.id}: its sample grid {samples} is missing; recomputing the cell",
+              file=sys.stderr, flush=True)
         return None
     return record
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ SECTIONS = ("data", "model", "train", "tokenizer", "generator")
 @attrs.frozen
 class Cell:
     """One composition of the grid: its raw config and how it differs from
-    the base (``labels``: axis -> short description)."""
+    the base (``labels``: axis -> short description). ``id``: the tokenizer and
+    generator labels and a config hash, made a safe file name (at most 80
+    characters of ``A-Z a-z 0-9 . _ + - [ ]``, the hash always kept)."""
 
     id: str
     config: dict[str, Any]
@@ -209,8 +212,10 @@ def expand_grid(raw: dict[str, Any], *, source: str | None = None) -> tuple[dict
         slug = "-".join(
             labels[k] for k in labels if k in ("tokenizer", "generator")
         ).replace("(", "_").replace(")", "").replace(",", "_").replace("=", "")
-        cell_id = f"{slug or 'cell'}-{key}" if slug else key
-        cells.append(Cell(cell_id[:80], cfg, labels))
+        # a file name (cells/<id>.json): option values such as paths must not make it leave its folder
+        slug = re.sub(r"[^A-Za-z0-9._+\-\[\]]", "_", slug).lstrip(".")[:71]
+        cell_id = f"{slug}-{key}" if slug else key
+        cells.append(Cell(cell_id, cfg, labels))
     return raw, cells, skipped
 
 

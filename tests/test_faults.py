@@ -1,0 +1,298 @@
+"""Fault injection (issue 14): corrupt and truncated files, kills between
+writes, file names that would leave the output directory, read-only output.
+
+Every fault must give one clear message and lose nothing: a corrupt file is
+reported, moved aside and recomputed (or rebuilt), and the final numbers are
+the ones an undisturbed run gives. Runs are tiny (8-px shapes, a few
+training steps); the subprocess kill tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenloom.ablation import cell_path, plan_grid, run_ablation
+from tokenloom.config import load_config
+from tokenloom.errors import InputError
+from tokenloom.pipeline import run
+from tokenloom.running.results import inside, read_runs, safe_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOML = """
+seed = 0
+[data]
+name = "shapes"
+size = 8
+n = 48
+n_holdout = 16
+[tokenizer]
+name = "pixel"
+bits = 1
+pool = 2
+[generator]
+name = "raster"
+[model]
+n_layer = 1
+d_model = 16
+n_head = 2
+[train]
+steps = {steps}
+batch_size = 8
+warmup = 1
+[[sampler]]
+name = "top-k"
+k = {k}
+[metrics]
+names = ["nll", "cost"]
+n_samples = 8
+"""
+
+DETERMINISTIC = ("nll_bits_per_image", "nfe", "uniform_bits_per_image")
+
+
+def config(tmp_path: Path, *, k: int = 3, steps: int = 4, name: str | None = None) -> Path:
+    path = tmp_path / (name or f"k{k}-s{steps}.toml")
+    path.write_text(TOML.format(k=k, steps=steps))
+    return path
+
+
+def same_numbers(a: dict, b: dict) -> None:
+    for key in DETERMINISTIC:
+        assert a["metrics"][key] == b["metrics"][key], key
+    assert a["train"]["final_loss"] == b["train"]["final_loss"]
+
+
+# ---------------------------------------------------------------------------
+# results.json: never silently truncated
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-json", "not-utf8", "wrong-shape"])
+def test_a_corrupt_results_json_is_moved_aside_and_rebuilt_from_the_records(tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    first = run(load_config(config(tmp_path, k=3)), out, progress=False)
+    second = run(load_config(config(tmp_path, k=2)), out, progress=False)
+    results = out / "results.json"
+    text = results.read_bytes()
+    assert len(json.loads(text)["runs"]) == 2
+    assert sorted(p.name for p in (out / "records").iterdir()) == sorted(
+        [f"{first['id']}.json", f"{second['id']}.json"])
+    results.write_bytes({"truncated": text[: len(text) // 2], "not-json": b"\x00\x01garbage",
+                         "not-utf8": b"\xff\xfe\x00{", "wrong-shape": b'{"runs": 3}'}[damage])
+    capsys.readouterr()
+    third = run(load_config(config(tmp_path, k=4)), out, progress=False)
+    err = capsys.readouterr().err
+    assert "results.json" in err and "moved aside to results.json.corrupt" in err and "rebuilding" in err
+    assert (out / "results.json.corrupt").read_bytes() != text  # the damaged copy is kept as it was
+    runs = json.loads(results.read_text())["runs"]
+    assert [r["id"] for r in runs] == [first["id"], second["id"], third["id"]]  # nothing lost, order kept
+    for before, after in zip((first, second), runs):
+        assert after["metrics"] == json.loads(json.dumps(before["metrics"]))
+    assert all(r["id"] in (out / "results.md").read_text() for r in runs)
+
+
+def test_a_second_corruption_never_overwrites_the_first_copy(tmp_path, capsys):
+    out = tmp_path / "out"
+    rec = run(load_config(config(tmp_path)), out, progress=False)
+    (out / "results.json").write_text("{")
+    assert [r["id"] for r in read_runs(out)] == [rec["id"]]
+    (out / "results.json").write_text("[")
+    assert [r["id"] for r in read_runs(out)] == [rec["id"]]
+    assert (out / "results.json.corrupt").read_text() == "{"
+    assert (out / "results.json.corrupt.1").read_text() == "["
+    assert capsys.readouterr().err.count("moved aside") == 2
+
+
+def test_a_run_killed_between_its_record_and_results_json_keeps_its_row(tmp_path):
+    out = tmp_path / "out"
+    first = run(load_config(config(tmp_path, k=3)), out, progress=False)
+    lost = run(load_config(config(tmp_path, k=2)), out, progress=False, write_report=False)
+    # the record of a run that was killed right after writing records/<id>.json
+    from tokenloom.checkpoint import write_json
+
+    write_json(out / "records" / f"{lost['id']}.json", lost)
+    assert [r["id"] for r in read_runs(out)] == [first["id"], lost["id"]]
+
+
+def test_a_corrupt_run_record_is_reported_and_moved_aside(tmp_path, capsys):
+    out = tmp_path / "out"
+    rec = run(load_config(config(tmp_path)), out, progress=False)
+    path = out / "records" / f"{rec['id']}.json"
+    path.write_text('{"id": ')
+    assert [r["id"] for r in read_runs(out)] == [rec["id"]]  # results.json still has the row
+    assert "moved aside" in capsys.readouterr().err and path.with_name(path.name + ".corrupt").is_file()
+
+
+# ---------------------------------------------------------------------------
+# Training: no NaN for a loss that was computed
+# ---------------------------------------------------------------------------
+
+
+def test_a_kill_after_the_last_training_save_keeps_the_final_loss(tmp_path):
+    import tokenloom
+    from tokenloom.config import ModelConfig, TrainConfig
+    from tokenloom.model import build_model
+    from tokenloom.train import train
+
+    tok = tokenloom.create("tokenizer", "pixel", bits=1, pool=4, image_shape=(3, 8, 12))
+    gen = tokenloom.create("generator", "raster", tokenizer=tok)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 8, (32, 6), generator=g)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    cfg = TrainConfig(steps=6, batch_size=8, warmup=1)
+    ckpt = tmp_path / "state.safetensors"
+
+    def model():
+        return build_model(gen.model_spec(), ModelConfig(n_layer=1, d_model=16, n_head=2), n_classes=3, seed=1)
+
+    first = train(model(), gen, codes, labels, cfg, seed=0, null_class=3, checkpoint=ckpt, progress=False)
+    assert ckpt.is_file()  # the final model write never happened: the process was killed here
+    again = train(model(), gen, codes, labels, cfg, seed=0, null_class=3, checkpoint=ckpt, progress=False)
+    assert again.resumed_from == 6 and again.steps == 6
+    assert again.final_loss == first.final_loss and again.final_loss == again.final_loss  # not NaN
+
+
+def test_a_run_killed_before_its_final_model_write_reports_the_real_final_loss(tmp_path):
+    from tokenloom.checkpoint import load_tensors, save_tensors
+
+    cfg = load_config(config(tmp_path))
+    straight = run(cfg, tmp_path / "straight", progress=False)
+    cache = tmp_path / "straight" / "cache"
+    (final,) = [f for f in cache.glob("model-*.safetensors") if not f.name.endswith(".train.safetensors")]
+    out = tmp_path / "out"
+    (out / "cache").mkdir(parents=True)
+    for f in cache.iterdir():
+        if f.name.startswith(("tokenizer-", "codes-")):
+            (out / "cache" / f.name).write_bytes(f.read_bytes())
+    # what a kill between the last training-state save and the final model write leaves: the
+    # training state at the last step (the final weights), no final model file
+    tensors, meta = load_tensors(final)
+    meta = {k: v for k, v in meta.items() if k not in ("sha256", "train_record")}
+    meta["last_loss"] = repr(straight["train"]["final_loss"])
+    save_tensors(out / "cache" / final.name.replace(".safetensors", ".train.safetensors"), tensors, meta)
+    resumed = run(cfg, out, progress=False)
+    assert resumed["train"]["resumed_from"] == cfg.train.steps
+    assert resumed["train"]["final_loss"] == straight["train"]["final_loss"]
+    same_numbers(resumed, straight)
+    assert "NaN" not in (out / "results.json").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Ablation cell records
+# ---------------------------------------------------------------------------
+
+GRID_BASE = TOML.format(k=3, steps=3)
+GRID = GRID_BASE + """
+[grid]
+generator = [{name = "raster"}, {name = "random"}]
+"""
+
+
+def test_a_corrupt_cell_record_is_reported_moved_aside_and_recomputed(tmp_path, capsys):
+    out = tmp_path / "abl"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    first = run_ablation(grid, out, progress=False, echo=lambda _m: None, plots=False)
+    plan = plan_grid(__import__("tomllib").loads(GRID))
+    path = cell_path(out, plan.cells[0])
+    path.write_text(path.read_text()[:40])
+    capsys.readouterr()
+    again = run_ablation(grid, out, progress=False, echo=lambda _m: None, plots=False)
+    err = capsys.readouterr().err
+    assert path.name in err and "moved aside" in err and "recomputing the cell" in err
+    assert path.with_name(path.name + ".corrupt").is_file()
+    json.loads(path.read_text())  # rewritten
+    for a, b in zip(first["runs"], again["runs"]):
+        for key in DETERMINISTIC:
+            assert a["metrics"][key] == b["metrics"][key]
+
+
+# ---------------------------------------------------------------------------
+# Nothing written outside <out>
+# ---------------------------------------------------------------------------
+
+
+def test_safe_names_cannot_leave_their_folder(tmp_path):
+    for evil in ("../../etc/passwd", "/abs/path", "..", ".hidden", "a/b\\c", "x\x00y", "", "é€"):
+        name = safe_name(evil)
+        assert name and "/" not in name and "\\" not in name and not name.startswith(".")
+        assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+    assert safe_name("raster-0123abcd") == "raster-0123abcd"
+    assert safe_name("pixel_bits1_pool2-masked_steps2-1a2b3c4d") == "pixel_bits1_pool2-masked_steps2-1a2b3c4d"
+    with pytest.raises(InputError, match="outside the output directory"):
+        inside(tmp_path / "out", tmp_path / "out" / ".." / "elsewhere.json")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cells").symlink_to(tmp_path)
+    with pytest.raises(InputError, match="outside"):
+        inside(tmp_path / "out", tmp_path / "out" / "cells" / ".." / ".." / "x.json")
+
+
+def test_grid_cell_ids_from_path_like_option_values_stay_inside_out(tmp_path):
+    evil = GRID_BASE + """
+[grid]
+tokenizer = [{name = "pixel", bits = 1, pool = 2, notes = "../../../../tmp/evil"}]
+"""
+    raw = __import__("tomllib").loads(evil)
+    from tokenloom.grid import expand_grid
+
+    _, cells, _ = expand_grid(raw)
+    (cell,) = cells
+    assert "/" not in cell.id and not cell.id.startswith(".") and len(cell.id) <= 80
+    long = GRID_BASE + '[grid]\ntokenizer = [{name = "pixel", bits = 1, pool = 2, x = "' + "a/" * 80 + '"}]\n'
+    _, (cell,), _ = expand_grid(__import__("tomllib").loads(long))
+    assert len(cell.id) <= 80 and cell.id[-8:].isalnum()  # the config hash survives truncation
+
+
+# ---------------------------------------------------------------------------
+# Read-only output and kills (subprocesses)
+# ---------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenloom", *args], check=False, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_a_read_only_out_is_one_message_naming_the_directory(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        p = cli("run", str(config(tmp_path)), "--out", str(out), "--quiet", cwd=tmp_path)
+    finally:
+        out.chmod(0o700)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(out) in lines[0] and "permission" in lines[0].lower(), p.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_run_then_resume_gives_the_same_numbers(tmp_path):
+    cfg = config(tmp_path, steps=60)
+    ref = cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())["runs"][0]
+    out = tmp_path / "killed"
+    for delay in (2.0, 4.0):
+        proc = subprocess.Popen([sys.executable, "-m", "tokenloom", "run", str(cfg), "--out", str(out), "--quiet"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = cli("run", str(cfg), "--out", str(out), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (got,) = json.loads((out / "results.json").read_text())["runs"]
+    same_numbers(got, expected)
