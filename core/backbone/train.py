@@ -279,12 +279,15 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         done = step + 1
         if checkpoint is not None and rank == 0 and (done % every == 0 or done == end):
-            save_training_state(checkpoint, model, optimizer, done)
+            save_training_state(checkpoint, model, optimizer, done, {"last_loss": repr(loss)})
     bar.close()
     model.eval()
     done = max(start, end)
     tokens = done * cfg.batch_size * seq_len
-    return TrainResult(steps=done, final_loss=losses[-1] if losses else float("nan"),
+    final_loss = losses[-1] if losses else float("nan")
+    if not losses and start > 0:  # resumed with no step left: the loss the checkpoint recorded (issue 14)
+        final_loss = float(load_tensors(checkpoint)[1].get("last_loss", "nan"))
+    return TrainResult(steps=done, final_loss=final_loss,
                        seconds=time.perf_counter() - t0, tokens=tokens, flops=tokens * fpt,
                        resumed_from=start, losses=losses)
 

@@ -78,7 +78,7 @@ from .generation import (
 from .images import save_grid
 from .machine import resolve_device
 from .pipeline_check import build_tokenizer, check_composition
-from .results import results_markdown, write_results
+from .results import inside, results_markdown, safe_name, write_results
 from .tokenizer_fit import fit_seeded
 
 
@@ -404,7 +404,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
 
     full = config_to_dict(cfg)
     run_id = f"{cfg.generator.name}-{stable_hash({'config': full, 'region': region}, 8)}"
-    grid = out / "samples" / f"{run_id}.png"
+    grid = inside(out, out / "samples" / f"{safe_name(run_id)}.png")
     write_samples(grid, generated, tok=tok, known=known, n_classes=n_classes, device=device)
     record = {
         "id": run_id,
