@@ -66,6 +66,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import random_images
+from .conditioners import check_conditioner, kit_conditions
 from .generators import check_generator, chi_square_pvalue
 from .metrics import DISTORTIONS, METRIC_REQUIRES, check_metric, metric_context
 from .samplers import TRANSFORMS, check_acceptance, check_sampler, logits_strategy
@@ -73,7 +74,7 @@ from .tokenizers import blocky_images, check_tokenizer
 
 #: The properties of each kind of component.
 CHECKS = {"tokenizer": check_tokenizer, "sampler": check_sampler, "generator": check_generator,
-          "metric": check_metric}
+          "metric": check_metric, "conditioner": check_conditioner}
 
 
 def check(kind: str, name: str, **config: Any) -> None:
@@ -95,11 +96,13 @@ __all__ = [
     "blocky_images",
     "check",
     "check_acceptance",
+    "check_conditioner",
     "check_generator",
     "check_metric",
     "check_sampler",
     "check_tokenizer",
     "chi_square_pvalue",
+    "kit_conditions",
     "logits_strategy",
     "metric_context",
     "random_images",
