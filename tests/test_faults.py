@@ -9,6 +9,7 @@ training steps); the subprocess kill tests are marked slow.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -263,36 +264,90 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> s
                           timeout=timeout, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_a_read_only_out_is_one_message_naming_the_directory(tmp_path):
-    out = tmp_path / "ro"
-    out.mkdir()
-    out.chmod(0o500)
+def test_an_unwritable_out_is_one_message_naming_the_directory(tmp_path):
+    if os.geteuid() == 0:  # root ignores file permissions; /sys refuses even root
+        out, expect = Path("/sys/tokenloom-fault-test"), "not permitted"
+    else:
+        out, expect = tmp_path / "ro", "permission denied"
+        out.mkdir()
+        out.chmod(0o500)
     try:
-        p = cli("run", str(config(tmp_path)), "--out", str(out), "--quiet", cwd=tmp_path)
+        p = cli("run", str(config(tmp_path)), "--out", str(out), "--no-progress", cwd=tmp_path)
     finally:
-        out.chmod(0o700)
-    assert p.returncode != 0
+        if out.is_relative_to(tmp_path):
+            out.chmod(0o700)
+    assert p.returncode == 3, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and str(out) in lines[0] and "permission" in lines[0].lower(), p.stderr
+    assert len(lines) == 1 and str(out) in lines[0] and expect in lines[0].lower(), p.stderr
+    assert "--out" in lines[0]  # the fix
+
+
+@pytest.mark.parametrize(("code", "words"), [
+    (errno.EACCES, ("permission denied", "permissions of")),
+    (errno.EROFS, ("read-only file system", "writable file system")),
+    (errno.ENOSPC, ("no space left", "free some space")),
+])
+def test_os_errors_are_one_line_with_the_file_and_the_fix(tmp_path, monkeypatch, code, words):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+    from tokenloom.running import pipeline
+
+    target = tmp_path / "out" / "cache" / ".model-abc.safetensors.x1y2.tmp"
+
+    def fail(*_a, **_k):
+        raise OSError(code, os.strerror(code), str(target))
+
+    monkeypatch.setattr(pipeline, "run_file", fail)
+    res = CliRunner().invoke(tl, ["run", str(config(tmp_path)), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 3
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert all(w in lines[0] for w in words) and str(target.parent) in lines[0] and ".tmp" not in lines[0]
+    debug = CliRunner().invoke(tl, ["--debug", "run", str(config(tmp_path)), "--out", str(tmp_path / "out")])
+    assert isinstance(debug.exception, OSError) and debug.exception.errno == code  # the traceback goes through
+
+
+def test_a_config_that_is_not_utf8_and_an_internal_error_are_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+    from tokenloom.running import pipeline
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('seed = 0\n# café\n'.encode("latin-1"))
+    for command in ("check", "run"):
+        res = CliRunner().invoke(tl, [command, str(bad)])
+        assert res.exit_code == 2 and "Traceback" not in res.output
+        (line,) = res.output.strip().splitlines()
+        assert str(bad) in line and "UTF-8" in line, line
+
+    def bug(*_a, **_k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "run_file", bug)
+    res = CliRunner().invoke(tl, ["run", str(config(tmp_path))])
+    assert res.exit_code == 1
+    (line,) = res.output.strip().splitlines()
+    assert "internal error: ZeroDivisionError" in line and "--debug" in line
 
 
 @pytest.mark.slow
 def test_kill_9_during_a_run_then_resume_gives_the_same_numbers(tmp_path):
     cfg = config(tmp_path, steps=60)
-    ref = cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet", cwd=tmp_path)
+    ref = cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     expected = json.loads((tmp_path / "ref" / "results.json").read_text())["runs"][0]
     out = tmp_path / "killed"
     for delay in (2.0, 4.0):
-        proc = subprocess.Popen([sys.executable, "-m", "tokenloom", "run", str(cfg), "--out", str(out), "--quiet"],
+        proc = subprocess.Popen([sys.executable, "-m", "tokenloom", "run", str(cfg), "--out", str(out), "--no-progress"],
                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = cli("run", str(cfg), "--out", str(out), "--quiet", cwd=tmp_path)
+    done = cli("run", str(cfg), "--out", str(out), "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (got,) = json.loads((out / "results.json").read_text())["runs"]
     same_numbers(got, expected)

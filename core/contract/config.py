@@ -274,7 +274,8 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; a missing file or a syntax error is a ConfigError."""
+    """Parse a TOML file; a missing file, a directory, a syntax error or
+    bytes that are not UTF-8 are a ConfigError."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -285,6 +286,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"expected a TOML file, got a directory: {path}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"invalid TOML: {exc}"], source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1].hex()
+        raise ConfigError([(f"not UTF-8 text (byte 0x{bad} at position {exc.start}): TOML files are UTF-8; "
+                            "save the file as UTF-8")], source=str(path)) from None
 
 
 def load_config(path: str | Path, *, registry: Any = None) -> RunConfig:

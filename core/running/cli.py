@@ -1,35 +1,104 @@
 """The ``tokenloom`` command line.
 
-Every command prints a readable message and exits non-zero on a
-:class:`~tokenloom.errors.TokenloomError` (bad config, unknown component,
-broken plugin in strict mode, corrupt checkpoint) — never a traceback.
+Every command prints a readable message and exits non-zero — never a
+traceback — on a :class:`~tokenloom.errors.TokenloomError` (bad config,
+unknown component, broken plugin in strict mode, corrupt checkpoint; exit 2),
+an operating-system error (permission denied, read-only file system, disk
+full, missing file: one line naming the file and the fix; exit 3), a file
+that is not UTF-8 text (exit 3), an interruption (exit 130) and any other
+exception (named as an internal error; exit 1). ``tokenloom --debug ...``
+(or ``TOKENLOOM_DEBUG=1``) shows the traceback instead, for bug reports.
 Progress bars go to stderr; results go to files and a summary to stdout.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
 from ..contract.errors import TokenloomError
 
+_OS_FIXES = {
+    errno.EACCES: ("permission denied", "check the permissions of {where}, or choose another --out"),
+    errno.EPERM: ("operation not permitted", "check the permissions of {where}, or choose another --out"),
+    errno.EROFS: ("read-only file system", "choose an --out on a writable file system"),
+    errno.ENOSPC: ("no space left on the device", ("free some space (an old run's cache/ can go), or choose "
+                                                   "another --out")),
+    errno.EDQUOT: ("disk quota exceeded", "free some space, or choose another --out"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.ENOTDIR: ("a part of the path is not a directory", "check the path"),
+    errno.EISDIR: ("is a directory, not a file", "give a file"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n)"),
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: what happened, to which file, and the fix."""
+    name = exc.filename if exc.filename is not None else exc.filename2
+    where = Path(os.fsdecode(name)) if name is not None else None
+    if where is not None and where.name.startswith(".") and where.name.endswith(".tmp"):
+        where = where.parent  # a temporary file of an atomic write: the directory is what matters
+    what, fix = _OS_FIXES.get(exc.errno, (exc.strerror or type(exc).__name__, "check the path and try again"))
+    target = f"{where}" if where is not None else "(no file named)"
+    folder = where.parent if where is not None and where.parent != Path() else where or Path(".")
+    return f"{what}: {target} — {fix.format(where=folder)}"
+
+
+def decode_error_message(exc: UnicodeDecodeError) -> str:
+    bad = exc.object[exc.start:exc.start + 1].hex() if isinstance(exc.object, bytes) else "?"
+    return (f"a file is not UTF-8 text (byte 0x{bad} at position {exc.start}): save it as UTF-8 "
+            "(config files are TOML, which is UTF-8)")
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug")) or os.environ.get("TOKENLOOM_DEBUG", "") not in ("", "0")
+
 
 class _Group(click.Group):
-    """A click group that turns TokenloomError into a one-block message."""
+    """A click group that turns every failure into a one-line message (see
+    the module docstring); with ``--debug`` it lets the traceback through."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except TokenloomError as exc:
+            if _debug(ctx):
+                raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {os_error_message(exc)}", err=True)
+            ctx.exit(3)
+        except UnicodeDecodeError as exc:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {decode_error_message(exc)}", err=True)
+            ctx.exit(3)
+        except KeyboardInterrupt:
+            click.echo("interrupted — run the same command again to continue where it stopped", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # the last line of defence: one message, not a traceback
+            if _debug(ctx):
+                raise
+            click.echo(f"error: internal error: {type(exc).__name__}: {exc} — run `tokenloom --debug ...` for "
+                       "the traceback and report it", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tokenloom")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an error (for bug reports).")
+def cli(debug: bool) -> None:
     """tokenloom: comparable experiments in autoregressive visual generation."""
 
 
