@@ -285,7 +285,11 @@ class MetricContext:
 
     - ``real``: ``FloatTensor[N, C, H, W]`` reference images in [-1, 1];
     - ``generated``: ``FloatTensor[M, C, H, W]`` generated images;
-    - ``real_labels`` / ``generated_labels``: class labels ``LongTensor``;
+    - ``real_labels`` / ``generated_labels``: class labels ``LongTensor``
+      (``generated_labels``: the class each image was asked for, None when
+      the prompts name none);
+    - ``generated_conditions``: the :class:`Condition` each generated image
+      was asked for (its prompt, its class), or None;
     - ``codes``: ``LongTensor[N, L]`` codes of real images; ``reconstructed``:
       decode(encode(real));
     - ``stats``: run statistics (``nfe``, ``seconds_per_image``, ...);
@@ -312,6 +316,7 @@ class MetricContext:
     seed: int = 0
     device: str = "cpu"
     cache_dir: str | None = None
+    generated_conditions: list[Any] | None = None
 
 
 # ---------------------------------------------------------------------------

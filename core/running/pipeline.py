@@ -67,6 +67,16 @@ from .cache import (
     tokenizer_hash,
     tokenizer_key,
 )
+from .conditioning import (
+    build_conditioner,
+    conditioner_state,
+    generation_table,
+    heldout_table,
+    install,
+    read_prompts,
+    reads_labels,
+    training_table,
+)
 from .generation import (
     MICRO_BATCH,
     REGIONS,
@@ -77,7 +87,7 @@ from .generation import (
 )
 from .images import save_grid
 from .machine import resolve_device
-from .pipeline_check import build_tokenizer, check_composition
+from .pipeline_check import build_tokenizer, preflight
 from .results import inside, results_markdown, safe_name, write_results
 from .tokenizer_fit import fit_seeded
 
@@ -169,15 +179,22 @@ def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, ke
 
 def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: torch.Tensor, n_classes: int,
                   tok_hash: str, cache: Path, *, device: torch.device, progress: bool,
-                  data_id: str) -> tuple[Any, dict, str]:
+                  data_id: str, conditioner: Any = None, table: Any = None) -> tuple[Any, dict, str]:
     """The trained backbone (cached by :func:`model_key`), its training
     record and its key. A killed training run resumes from its last
-    checkpoint."""
+    checkpoint. ``labels``: each training image's row of the condition
+    table (its class label without a conditioner); ``n_classes``: the
+    table's rows (the null condition is row ``n_classes``); ``conditioner``
+    and ``table`` (:class:`~tokenloom.running.conditioning.ConditionTable`):
+    the run's conditioner and its encoded training conditions (None: class
+    labels, the backbone's own table)."""
     spec = generator.model_spec()
     key = model_key(cfg, spec, tok_hash, n_classes, data_id)
     final = cache / f"model-{key}.safetensors"
     state = cache / f"model-{key}.train.safetensors"
-    model = build_model(spec, cfg.model, n_classes=n_classes, seed=cfg.seed).to(device)
+    model = build_model(spec, cfg.model, n_classes=n_classes, seed=cfg.seed, conditioner=conditioner,
+                        conditions=None if table is None else table.prefix).to(device)
+    meta_extra = {} if conditioner is None else {"conditioner": conditioner_state(conditioner)}
     if cached(final):
         load_training_state(final, model, None)
         _, meta = load_tensors(final)
@@ -194,7 +211,7 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
               "n_params": model.n_params()}
     opt = torch.optim.AdamW(model.parameters())  # weights only: an empty optimiser state
     if dist.is_main():
-        save_training_state(final, model, opt, result.steps, {"train_record": json.dumps(record)})
+        save_training_state(final, model, opt, result.steps, {"train_record": json.dumps(record), **meta_extra})
         state.unlink(missing_ok=True)
     dist.barrier()
     record["reused"] = False
@@ -203,12 +220,14 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
 
 def train_auxiliary(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: torch.Tensor, n_classes: int,
                     tok_hash: str, cache: Path, *, device: torch.device, progress: bool,
-                    data_id: str) -> dict[str, dict]:
+                    data_id: str, conditioner: Any = None, table: Any = None,
+                    models_out: list | None = None) -> dict[str, dict]:
     """Train (or load) the extra models the generator asks for
     (``generator.auxiliary_models``, e.g. speculative decoding's draft) —
     each through :func:`train_or_load` with its own ``[model]`` config and
     step count, so it is cached by its own key — and attach them. Returns
-    each one's training record and key."""
+    each one's training record and key; ``models_out`` (a list) receives
+    the models (their condition tables follow the main model's)."""
     wanted = generator.auxiliary_models(cfg.model)
     if not wanted:
         return {}
@@ -218,8 +237,11 @@ def train_auxiliary(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels:
         aux_cfg = attrs.evolve(cfg, model=mcfg, train=attrs.evolve(cfg.train, steps=steps))
         _say(progress, f"auxiliary model '{name}' for {cfg.generator.name}")
         model, record, key = train_or_load(aux_cfg, generator, codes, labels, n_classes, tok_hash, cache,
-                                           device=device, progress=progress, data_id=data_id)
+                                           device=device, progress=progress, data_id=data_id,
+                                           conditioner=conditioner, table=table)
         models[name] = InstrumentedModel(model)
+        if models_out is not None:
+            models_out.append(model)
         records[name] = {**record, "key": key, "model": attrs.asdict(mcfg)}
     generator.attach_models(models)
     return records
@@ -346,9 +368,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     and score the held-out likelihood (sharded), rank 0 alone decodes,
     computes the metrics and writes files; every rank returns its record."""
     registry = registry or get_registry()
-    if cfg.generator is None:
-        raise ConfigError(["generator: a run needs a [generator] table (e.g. name = \"raster\")"])
-    parts = check_composition(cfg, registry=registry)  # composition errors before anything trains
+    # everything a run refuses (composition, data, device), reported together before anything trains
+    parts = preflight(cfg, registry=registry, data_given=data is not None)
     generator = parts.generator
     if region is not None and not generator.supports_known:
         raise ConfigError([(f"region: generator '{cfg.generator.name}' does not support known tokens "
@@ -363,6 +384,11 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
 
     train_set, holdout, data_id = prepare_data(cfg, data)
     n_classes = int(train_set.n_classes)
+    conditioner = build_conditioner(cfg, registry, train_set)  # None: class labels (no [conditioner])
+    train_table = training_table(conditioner, train_set, cfg.conditioner.name if cfg.conditioner else "class")
+    model_data_id = data_id
+    if conditioner is not None:  # the model depends on the conditioner and what it fitted
+        model_data_id = f"{data_id}:{stable_hash({'conditioner': cfg.conditioner.table(), 'state': conditioner.state()}, 16)}"
     lap("data")
     with dist.main_first():  # rank 0 fits and encodes; the other ranks load what it cached
         tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, device=device, progress=progress,
@@ -371,20 +397,38 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
                            key_extra={"data": data_id, "seed": cfg.seed}, device=device)
         lap("encode")
-    model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash,
-                                              cache, device=device, progress=progress, data_id=data_id)
+    model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_table.index,
+                                              train_table.n_rows, tok_hash, cache, device=device, progress=progress,
+                                              data_id=model_data_id, conditioner=conditioner, table=train_table)
     wrapped = InstrumentedModel(model)
     lap("train")
-    aux_records = train_auxiliary(cfg, generator, codes["train"], train_set.labels, n_classes, tok_hash, cache,
-                                  device=device, progress=progress, data_id=data_id)
+    backbones: list[Any] = [model]
+    aux_records = train_auxiliary(cfg, generator, codes["train"], train_table.index, train_table.n_rows, tok_hash,
+                                  cache, device=device, progress=progress, data_id=model_data_id,
+                                  conditioner=conditioner, table=train_table, models_out=backbones)
     lap("auxiliary")
 
     chain = bind_chain(parts.chain, tok, wrapped)
     labels, known = sample_conditions(cfg.n_samples, tok, holdout, codes["holdout"], n_classes, region)
-    gen_codes, stats = generate_or_load(cfg, generator, wrapped, chain, labels, known, cache, model_id=mkey,
+    gen_table = None
+    model_id = mkey
+    if conditioner is not None:  # the prompts' table (class labels: the same rows as in training)
+        pick = None if region is None else torch.arange(cfg.n_samples) % len(holdout)
+        prompts = read_prompts(cfg.prompts) if cfg.prompts is not None and region is None else None
+        gen_table = generation_table(conditioner, holdout, cfg.n_samples, prompts=prompts, pick=pick)
+        install(backbones, conditioner, gen_table)
+        labels = gen_table.index
+        if not reads_labels(conditioner):
+            model_id = f"{mkey}:{stable_hash([c.caption for c in gen_table.conditions], 16)}"
+    gen_codes, stats = generate_or_load(cfg, generator, wrapped, chain, labels, known, cache, model_id=model_id,
                                         region=region, progress=progress)
     lap("generate")
-    nll = heldout_nll(generator, wrapped, codes["holdout"], holdout.labels)  # sharded over ranks
+    nll_labels = holdout.labels
+    if conditioner is not None and not reads_labels(conditioner):  # the held-out images' own conditions
+        held = heldout_table(conditioner, holdout)
+        install(backbones, conditioner, held)
+        nll_labels = held.index
+    nll = heldout_nll(generator, wrapped, codes["holdout"], nll_labels)  # sharded over ranks
     lap("nll")
     if not dist.is_main():  # rank 0 decodes, computes the metrics and writes; the others wait for its record
         return dist.broadcast(None)
@@ -394,8 +438,13 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
 
     stats = cost_stats(stats, train_record, aux_records)
     metrics = pipeline_metrics(stats, nll)
+    generated_labels = labels if gen_table is None else gen_table.labels
+    generated_conditions = None
+    if gen_table is not None:
+        generated_conditions = [gen_table.conditions[int(i)] for i in gen_table.index]
     ctx = MetricContext(real=holdout.images, generated=generated, real_labels=holdout.labels.long(),
-                        generated_labels=labels, codes=codes["holdout"], reconstructed=reconstructed,
+                        generated_labels=generated_labels, generated_conditions=generated_conditions,
+                        codes=codes["holdout"], reconstructed=reconstructed,
                         stats={**stats, **heldout_stats(nll, len(holdout))}, tokenizer=tok, model=wrapped,
                         generator=generator, data=holdout, seed=cfg.seed, device=str(device))
     if hasattr(ctx, "cache_dir"):
@@ -405,7 +454,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     full = config_to_dict(cfg)
     run_id = f"{cfg.generator.name}-{stable_hash({'config': full, 'region': region}, 8)}"
     grid = inside(out, out / "samples" / f"{safe_name(run_id)}.png")
-    write_samples(grid, generated, tok=tok, known=known, n_classes=n_classes, device=device)
+    write_samples(grid, generated, tok=tok, known=known,
+                  n_classes=n_classes if gen_table is None else gen_table.n_rows, device=device)
     record = {
         "id": run_id,
         "components": {"tokenizer": cfg.tokenizer.name, "generator": cfg.generator.name,
@@ -420,6 +470,10 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         "cache": {"tokenizer": tok_hash[:16], "tokenizer_reused": tok_reused, "model": mkey,
                   "model_reused": bool(train_record.get("reused"))},
         "eval_cards": cards,
+        **({} if gen_table is None else {"conditioning": {
+            "conditioner": cfg.conditioner.name,
+            "prompts": [conditioner.describe(c) for c in gen_table.conditions][:64],
+            "n_prompts": gen_table.n_rows}}),
         "device": str(device),
         "seconds": time.perf_counter() - t_start,
         "artifacts": {"samples": os.path.relpath(grid, out), "results_md": "results.md"},
