@@ -22,6 +22,8 @@ n = 100
 name = "pixel"
 bits = 2
 pool = 4
+[generator]
+name = "raster"
 [[sampler]]
 name = "temperature"
 t = 0.9

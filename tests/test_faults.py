@@ -351,3 +351,77 @@ def test_kill_9_during_a_run_then_resume_gives_the_same_numbers(tmp_path):
     assert done.returncode == 0, done.stderr
     (got,) = json.loads((out / "results.json").read_text())["runs"]
     same_numbers(got, expected)
+
+
+# ---------------------------------------------------------------------------
+# tokenloom check refuses what run refuses
+# ---------------------------------------------------------------------------
+
+REFUSED = {
+    "empty": ("", "the file is empty"),
+    "no-generator": (TOML.format(k=3, steps=2).replace('[generator]\nname = "raster"\n', ""),
+                     "a run needs a [generator]"),
+    "unknown-data": (TOML.format(k=3, steps=2).replace('name = "shapes"', 'name = "shapez"'),
+                     "unknown data set 'shapez'"),
+    "no-holdout": (TOML.format(k=3, steps=2).replace("n_holdout = 16", "n_holdout = 0"), "data.n_holdout"),
+    "banana": ('device = "banana"\n' + TOML.format(k=3, steps=2), "unknown device 'banana'"),
+    "no-gpu-7": ('device = "cuda:7"\n' + TOML.format(k=3, steps=2), "cuda:7"),
+    "missing-folder": (TOML.format(k=3, steps=2).replace('name = "shapes"', 'name = "folder"\npath = "/nonexistent/x"'),
+                       "no such directory"),
+    "grid-file-to-run": (GRID, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_check_refuses_what_run_refuses(tmp_path, case):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+
+    text, words = REFUSED[case]
+    path = tmp_path / f"{case}.toml"
+    path.write_text(text)
+    ran = CliRunner().invoke(tl, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert ran.exit_code == 2, ran.output
+    assert not (tmp_path / "out" / "cache").exists() or not any((tmp_path / "out" / "cache").iterdir())
+    checked = CliRunner().invoke(tl, ["check", str(path)])
+    if case == "grid-file-to-run":  # run refuses a grid; check shows its plan
+        assert "tokenloom ablate" in ran.output
+        assert checked.exit_code == 0 and "grid ok: 1 tokenizer, 2 models, 2 generation cells" in checked.output
+        return
+    assert checked.exit_code == 2, checked.output
+    assert words in checked.output and words in ran.output
+    assert "Traceback" not in checked.output + ran.output
+
+
+def test_check_lists_the_skipped_cells_of_a_grid_and_refuses_a_grid_with_none(tmp_path):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID_BASE + '[grid]\ngenerator = [{name = "raster"}, {name = "next-scale"}]\n')
+    res = CliRunner().invoke(tl, ["check", str(grid)])
+    assert res.exit_code == 0, res.output
+    assert "1 generation cell; 1 skipped" in res.output and "generator=next-scale" in res.output
+    assert "multi-scale" in res.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('device = "banana"\n' + GRID)
+    res = CliRunner().invoke(tl, ["check", str(bad)])
+    assert res.exit_code == 2 and "no cell can run" in res.output and "unknown device 'banana'" in res.output
+
+
+def test_the_readme_configuration_example_passes_check(tmp_path):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    example = section[section.index("```toml") + len("```toml"):section.index("```", section.index("```toml") + 7)]
+    path = tmp_path / "run.toml"
+    path.write_text(example)
+    res = CliRunner().invoke(tl, ["check", str(path)])
+    assert res.exit_code == 0 and "ok" in res.output, res.output
+    fit = CliRunner().invoke(tl, ["check", "--fit-tokenizer", str(REPO / "examples" / "tokenizer-vq.toml")])
+    assert fit.exit_code == 0, fit.output

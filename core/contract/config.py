@@ -293,8 +293,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, *, registry: Any = None) -> RunConfig:
-    """Read and validate a run config file (see the module docstring)."""
-    return parse_config(read_toml(path), registry=registry, source=str(path))
+    """Read and validate a run config file (see the module docstring). An
+    empty file, and a grid file (it has a ``[grid]`` table: ``tokenloom
+    ablate`` runs it), are a ConfigError."""
+    raw = read_toml(path)
+    if not raw:
+        raise ConfigError([("the file is empty: a run needs at least [data], [tokenizer] and [generator] tables "
+                            "(see the README's Configuration section)")], source=str(path))
+    if "grid" in raw:
+        raise ConfigError([("grid: this is a grid file (it has a [grid] table): run it with `tokenloom ablate`, "
+                            "check it with `tokenloom check`")], source=str(path))
+    return parse_config(raw, registry=registry, source=str(path))
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -5,9 +5,10 @@ file (:mod:`tokenloom.grid`: a base config plus ``[grid]`` axes, sweeps and
 exclusions) and
 
 1. **plans** before anything trains: every cell's config is validated
-   (:func:`tokenloom.config.parse_config`) and composed
-   (:func:`tokenloom.pipeline_check.check_composition`); incompatible cells
-   are listed with their reason and skipped. The plan counts what will be
+   (:func:`tokenloom.config.parse_config`) and checked like a run checks it
+   before any work (:func:`tokenloom.pipeline_check.preflight`: composition,
+   data, device); incompatible cells are listed with their reason and
+   skipped. The plan counts what will be
    computed from the pipeline's own cache keys — tokenizers by
    :func:`tokenloom.running.cache.tokenizer_key`, models by tokenizer × the
    generator's ``model_spec()`` (train order, length, vocabulary, ...) ×
@@ -48,7 +49,7 @@ from ..contract.config import RunConfig, parse_config
 from ..contract.errors import ConfigError, TokenloomError
 from .cache import data_key, model_key, stable_hash, tokenizer_key
 from .grid import SEED_AXIS, Cell, Skipped, describe_labels, expand_grid
-from .pipeline_check import check_composition
+from .pipeline_check import preflight
 from .results import inside, move_aside, safe_name
 
 
@@ -136,9 +137,7 @@ def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any =
     for cell in cells:
         try:
             cfg = parse_config(cell.config, registry=registry)
-            if cfg.generator is None:
-                raise ConfigError(['generator: a cell needs a [generator] table (e.g. name = "raster")'])
-            gen = check_composition(cfg, registry=registry).generator
+            gen = preflight(cfg, registry=registry).generator  # what the run would refuse: skipped here
             data_id = data_key(cfg)
             tkey = tokenizer_key(cfg, data_id)
             spec = gen.model_spec()

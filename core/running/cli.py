@@ -127,14 +127,32 @@ def plugins(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=str))
-def check(config: str) -> None:
-    """Validate CONFIG without running anything: every key, type and
-    component name, and whether the components compose."""
-    from ..contract.config import load_config
-    from .pipeline_check import check_composition
+@click.option("--fit-tokenizer", "fit_only", is_flag=True,
+              help="Check CONFIG as `tokenloom fit-tokenizer` reads it (no [generator] needed).")
+def check(config: str, fit_only: bool) -> None:
+    """Validate CONFIG without training anything: everything `run` (or, for
+    a grid file, `ablate`) would refuse before doing work — every key, type
+    and component name, whether the components compose, a missing
+    [generator], the data set (its name, its path, held-out images) and the
+    device. A grid file prints its plan: every cell's composition is
+    checked and the skipped cells are listed with their reason. With
+    --fit-tokenizer, as `fit-tokenizer` reads it (no [generator] needed)."""
+    from ..contract.config import load_config, read_toml
+    from ..contract.errors import ConfigError
+    from .ablation import plan_grid
+    from .grid import describe_labels
+    from .pipeline_check import preflight
 
+    raw = read_toml(config)
+    if isinstance(raw, dict) and "grid" in raw:
+        plan = plan_grid(raw, source=config)
+        if not plan.cells:
+            raise ConfigError(["grid: no cell can run"] + [f"{describe_labels(s.labels)}: {s.reason}"
+                                                           for s in plan.skipped], source=config)
+        click.echo(f"{config}: grid ok: {plan.describe()}")
+        return
     cfg = load_config(config)
-    check_composition(cfg, source=config)
+    preflight(cfg, source=config, need_generator=not fit_only)
     click.echo(f"{config}: ok")
 
 

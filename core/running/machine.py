@@ -17,12 +17,18 @@ def resolve_device(name: str) -> torch.device:
         return local_device()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use = "use 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
     try:
         dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError([f"device: {exc}"]) from None
+    except (RuntimeError, TypeError):
+        raise ConfigError([f"device: unknown device {name!r} ({use})"]) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"device: {name!r} asked for, but CUDA is not available (use 'auto' or 'cpu')"])
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError([f"device: {name!r} does not exist (this machine has {n} GPU{'' if n == 1 else 's'})"])
+    if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise ConfigError([f"device: {name!r} is not a device tokenloom runs on here ({use})"])
     return dev
 
 

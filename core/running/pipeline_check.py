@@ -1,6 +1,9 @@
-"""Composition checks that need the components built (but nothing trained):
-a generator that does not fit its tokenizer, an image size a tokenizer cannot
-take. Used by ``tokenloom check``, by the ablation planner and before any run
+"""Checks before any work: composition checks that need the components built
+(but nothing trained) — a generator that does not fit its tokenizer, an image
+size a tokenizer cannot take — and :func:`preflight`, everything a run refuses
+before it trains (a missing ``[generator]``, an unknown data set or a missing
+data path, no held-out images, a device that does not exist). Used by
+``tokenloom check``, by the ablation planner (per cell) and before any run
 starts — which goes on with the components built here (each is built once)."""
 
 from __future__ import annotations
@@ -62,4 +65,66 @@ def check_composition(cfg: RunConfig, *, source: str | None = None, registry: An
     return Composition(tokenizer, generator, chain)
 
 
-__all__ = ["Composition", "build_tokenizer", "check_composition", "image_shape_of"]
+def data_problems(cfg: RunConfig) -> list[str]:
+    """What :func:`tokenloom.data.load_dataset` and the run would refuse about
+    ``[data]``, found without reading any image: an unknown data set name, a
+    missing ``path`` (or one that does not exist) for ``folder``/``npz``, and
+    ``n_holdout = 0`` (a run scores held-out images)."""
+    import difflib
+    from pathlib import Path
+
+    from ..blocks.data import DATASETS
+
+    data, problems = cfg.data, []
+    if data.name not in DATASETS:
+        close = difflib.get_close_matches(str(data.name), DATASETS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        problems.append(f"data.name: unknown data set {data.name!r} ({hint}available: {', '.join(DATASETS)})")
+    elif data.name in ("folder", "npz"):
+        what = "a directory '<dir>/<class>/<image>.png'" if data.name == "folder" else "a file '<file>.npz'"
+        if not data.path:
+            problems.append(f"data.path: the {data.name} data set needs path = {what}")
+        else:
+            path = Path(data.path).expanduser()
+            ok = path.is_dir() if data.name == "folder" else path.is_file()
+            if not ok:
+                problems.append(f"data.path: no such {'directory' if data.name == 'folder' else 'file'}: {path}")
+    if data.n_holdout == 0:
+        problems.append("data.n_holdout: the run needs held-out images (for NLL and metrics); set it > 0")
+    return problems
+
+
+def preflight(cfg: RunConfig, *, source: str | None = None, registry: Any = None,
+              data_given: bool = False, need_generator: bool = True) -> Composition:
+    """Everything :func:`tokenloom.pipeline.run` refuses before doing any
+    work, reported together (one :class:`ConfigError`): a missing
+    ``[generator]`` (there is no default order: a run compares orders, so it
+    names one), :func:`data_problems` (skipped when the image sets are handed
+    in: ``data_given``), a device that does not exist or is not available,
+    and :func:`check_composition`. Returns the built composition.
+    ``need_generator=False``: a config for ``tokenloom fit-tokenizer``
+    (which trains no backbone)."""
+    from .machine import resolve_device
+
+    registry = registry or get_registry()
+    problems: list[str] = []
+    if cfg.generator is None and need_generator:
+        problems.append('generator: a run needs a [generator] table (e.g. name = "raster"); a config for '
+                        '`tokenloom fit-tokenizer` needs none: check it with `tokenloom check --fit-tokenizer`')
+    if not data_given:
+        problems += data_problems(cfg)
+    try:
+        resolve_device(cfg.device)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    parts = None
+    try:
+        parts = check_composition(cfg, registry=registry)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return parts
+
+
+__all__ = ["Composition", "build_tokenizer", "check_composition", "data_problems", "image_shape_of", "preflight"]
