@@ -425,3 +425,104 @@ def test_the_readme_configuration_example_passes_check(tmp_path):
     assert res.exit_code == 0 and "ok" in res.output, res.output
     fit = CliRunner().invoke(tl, ["check", "--fit-tokenizer", str(REPO / "examples" / "tokenizer-vq.toml")])
     assert fit.exit_code == 0, fit.output
+
+
+# ---------------------------------------------------------------------------
+# Images read faithfully or refused
+# ---------------------------------------------------------------------------
+
+
+def _folder_set(tmp_path: Path, images: dict[str, object], *, channels: int = 3, size: int = 4):
+    from tokenloom.config import DataConfig
+    from tokenloom.data import load_dataset
+
+    root = tmp_path / "imgs"
+    for name, im in images.items():
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        if isinstance(im, list):  # frames of an animation
+            im[0].save(root / "a" / name, save_all=True, append_images=im[1:])
+        else:
+            im.save(root / "a" / name)
+    cfg = DataConfig(name="folder", path=str(root), size=size, n=len(images), n_holdout=0, channels=channels)
+    return load_dataset(cfg, split="train", seed=0)
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    grey = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    data = _folder_set(tmp_path, {"g16.png": Image.fromarray(grey)}, channels=1)
+    got = ((data.images[0, 0] + 1) * 127.5).round().to(torch.int64).numpy()
+    assert (got == np.round(grey / 257.0)).all()  # 0, 17, 34, ... 255: not nearly all white
+    assert got.min() == 0 and got.max() == 255 and (got < 128).sum() == 8
+    err = capsys.readouterr().err
+    assert "1 image 16-bit: scaled to 8 bits" in err and err.count("\n") == 1
+
+
+def test_alpha_is_composited_onto_white_with_one_note(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255  # red
+    rgba[..., 3] = 0
+    rgba[0, 0, 3] = 255  # one opaque pixel
+    half = rgba.copy()
+    half[..., 3] = 128
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    data = _folder_set(tmp_path, {"clear.png": Image.fromarray(rgba), "half.png": Image.fromarray(half),
+                                  "opaque.png": Image.fromarray(opaque)})
+    px = ((data.images + 1) * 127.5).round().to(torch.int64)
+    clear, halfway, solid = px[0], px[1], px[2]  # files are read in sorted order
+    assert clear[:, 0, 0].tolist() == [255, 0, 0] and clear[:, 1, 1].tolist() == [255, 255, 255]
+    assert halfway[:, 1, 1].tolist() == [255, 127, 127]  # red over white at alpha 128/255
+    assert (solid[0] == 255).all() and (solid[1:] == 0).all()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 images with transparency: composited onto white" in err[0]
+
+
+def test_animated_images_give_their_first_frame_with_a_note(tmp_path, capsys):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (4, 4), (200, 10 * i, 0)) for i in range(3)]
+    data = _folder_set(tmp_path, {"anim.gif": frames, "anim.png": [f.copy() for f in frames]})
+    px = ((data.images + 1) * 127.5).round().to(torch.int64)
+    assert px[:, 1].max() <= 2 and px[:, 0].min() >= 190  # frame 0 (green 0), not a later frame
+    err = capsys.readouterr().err
+    assert "2 images animated (3 frames): first frame used" in err
+
+
+def test_palette_and_tiny_images_are_read(tmp_path):
+    from PIL import Image
+
+    pal = Image.new("RGB", (4, 4), (10, 200, 30)).quantize(colors=2)
+    assert pal.mode == "P"
+    tiny = Image.new("RGB", (1, 1), (10, 200, 30))
+    data = _folder_set(tmp_path, {"p.png": pal}, size=4)
+    assert ((data.images[0] + 1) * 127.5).round()[:, 0, 0].tolist() == [10, 200, 30]
+    data = _folder_set(tmp_path / "t", {"t.png": tiny}, size=4)
+    assert data.images.shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize(("labels", "names", "want"), [
+    ([0, 1, 2**40], None, "would make"),
+    ([0, 1, 2**62], None, "would make"),
+    ([0, 1, 5], ["a", "b", "c"], "out of range for the 3 class_names"),
+    ([0, -1, 1], None, "must be >= 0"),
+    ([0, 1], None, "expected integers"),
+])
+def test_absurd_npz_labels_are_refused_quickly(tmp_path, labels, names, want):
+    import numpy as np
+
+    from tokenloom.config import DataConfig
+    from tokenloom.data import load_dataset
+
+    path = tmp_path / "d.npz"
+    arrays = {"images": np.zeros((3, 4, 4, 3), np.uint8), "labels": np.array(labels, dtype=np.int64)}
+    if names is not None:
+        arrays["class_names"] = np.array(names)
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match=want):
+        load_dataset(DataConfig(name="npz", path=str(path), size=4, n=3, n_holdout=0), split="train", seed=0)

@@ -38,11 +38,16 @@ class labels. Four sources:
     An ImageFolder tree ``path/<class_name>/*.png|jpg|jpeg|bmp|gif|webp``; the
     class is the sub-folder (sorted names → labels 0..). Images must share
     one square size (resized to ``size`` if it differs); split as ``digits``.
+    Images are read faithfully (:func:`read_image`): 16-bit grey is scaled
+    to 8 bits, palettes are expanded, transparency is composited onto white,
+    an animated image gives its first frame — each kind of conversion with
+    one note on stderr naming how many images and one of them.
 ``npz``
     A ``.npz`` file with an array ``images`` — ``uint8`` ``[N, H, W, C]`` (or
     ``[N, H, W]``) in 0..255, or float ``[N, C, H, W]`` in [-1, 1] — and
-    optionally ``labels`` (integers ``[N]``) and ``class_names`` (strings);
-    split as ``digits``.
+    optionally ``labels`` (integers ``[N]``, each below the number of
+    ``class_names`` when given, else below :data:`MAX_CLASSES`) and
+    ``class_names`` (strings); split as ``digits``.
 
 Bad data is an :class:`~tokenloom.errors.InputError` naming the file or array
 (missing path, empty folder, unreadable file, mixed sizes, wrong dtype or
@@ -52,6 +57,7 @@ range); a bad ``[data]`` table is a :class:`~tokenloom.errors.ConfigError`.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -454,6 +460,56 @@ def _digits(config: Any, split: str, seed: int) -> ImageSet:
 
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: The most classes an ``npz`` data set may imply by its largest label alone (without ``class_names``).
+MAX_CLASSES = 65536
+
+
+#: The colour transparent pixels are composited onto (white, as image viewers show them).
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+
+def read_image(im: Any, mode: str, *, where: str) -> tuple[np.ndarray, str | None]:
+    """A PIL image as ``uint8 [H, W, C]`` in ``mode`` (``"L"`` or ``"RGB"``),
+    read faithfully, and a note saying what was converted (None: nothing):
+
+    - 16-bit (and 32-bit integer) grey is scaled to 0..255 (``v / 257``), not
+      clipped (which turns it nearly all white); float images are refused;
+    - palette images are expanded (with their transparency);
+    - transparency is composited onto :data:`ALPHA_BACKGROUND` (white) —
+      an alpha channel that is fully opaque is dropped without a note;
+    - an animated image (GIF, APNG, WebP) gives its first frame.
+    """
+    from PIL import Image
+
+    note = []
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1:
+        im.seek(0)
+        note.append(f"animated ({frames} frames): first frame used")
+    im.load()
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64) if im.mode != "I" else np.asarray(im).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer pixel values outside 0..65535 (range {a.min():.0f}..{a.max():.0f})")
+        grey = np.round(a / 257.0).astype(np.uint8)
+        note.append("16-bit: scaled to 8 bits")
+        arr = grey[..., None] if mode == "L" else np.repeat(grey[..., None], 3, axis=2)
+        return np.ascontiguousarray(arr), "; ".join(note)
+    if im.mode == "F":
+        raise ValueError("floating-point pixels (mode F) are not supported: save the image as 8- or 16-bit")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("LA", "La", "PA", "RGBa") or (im.mode in ("L", "1") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.size and alpha.min() < 255:
+            background = Image.new("RGBA", im.size, (*ALPHA_BACKGROUND, 255))
+            im = Image.alpha_composite(background, im)
+            note.append("with transparency: composited onto white")
+        im = im.convert("RGB")
+    arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1), "; ".join(note) or None
 
 
 def _folder(config: Any, split: str, seed: int) -> ImageSet:
@@ -479,19 +535,24 @@ def _folder(config: Any, split: str, seed: int) -> ImageSet:
         files.extend((p, label) for p in found)
     mode = "L" if config.channels == 1 else "RGB"
     arrays, first = [], None
+    notes: dict[str, list[Path]] = {}
     for p, _ in files:
         try:
             with Image.open(p) as im:
-                im.load()
-                arr = np.asarray(im.convert(mode), dtype=np.uint8)
+                arr, note = read_image(im, mode, where=str(p))
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise InputError(f"folder data set: cannot read image {p}: {exc}") from None
+        if note:
+            notes.setdefault(note, []).append(p)
         if first is None:
             first = (p, arr.shape[:2])
         elif arr.shape[:2] != first[1]:
             raise InputError(f"folder data set: mixed image sizes — {p} is {arr.shape[1]}×{arr.shape[0]} "
                              f"but {first[0]} is {first[1][1]}×{first[1][0]} (resize them to one size)")
         arrays.append(arr.reshape(arr.shape[0], arr.shape[1], -1))
+    for note, paths in notes.items():  # one line per kind of conversion, not one per image
+        print(f"[tokenloom] note: folder data set {root}: {len(paths)} image{'' if len(paths) == 1 else 's'} "
+              f"{note} (e.g. {paths[0].relative_to(root)})", file=sys.stderr, flush=True)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, C, H, W]
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     captions = read_metadata_captions(root, [p for p, _ in files])
@@ -543,14 +604,27 @@ def _npz(config: Any, split: str, seed: int) -> ImageSet:
             raise InputError(f"{path}['labels']: expected integers [N={n}], got {lab.dtype} {lab.shape}")
         if lab.min() < 0:
             raise InputError(f"{path}['labels']: labels must be >= 0, got {int(lab.min())}")
+        top = int(lab.max())
+        n_names = arrays["class_names"].size if "class_names" in arrays else None
+        if n_names is not None and top >= n_names:
+            raise InputError(f"{path}['labels']: label {top} is out of range for the {n_names} class_names "
+                             f"(labels must be 0..{n_names - 1})")
+        if n_names is None and top >= MAX_CLASSES:
+            raise InputError(f"{path}['labels']: label {top} would make {top + 1} classes (at most {MAX_CLASSES} "
+                             "without class_names): relabel the classes 0..K-1, or give 'class_names'")
         labels = torch.from_numpy(lab.astype(np.int64))
-        n_classes = int(labels.max()) + 1
+        n_classes = top + 1
     else:
         labels, n_classes = torch.zeros(n, dtype=torch.long), 1
     if "class_names" in arrays:
-        names = tuple(str(s) for s in arrays["class_names"].reshape(-1))
-        if len(names) < n_classes:
-            raise InputError(f"{path}['class_names']: {len(names)} names for {n_classes} classes")
+        cn = arrays["class_names"]
+        if cn.dtype.kind not in "UiuS" or cn.size == 0:
+            raise InputError(f"{path}['class_names']: expected a non-empty array of strings, got {cn.dtype} "
+                             f"{cn.shape}")
+        if cn.size > max(MAX_CLASSES, n):
+            raise InputError(f"{path}['class_names']: {cn.size} names is more than the {max(MAX_CLASSES, n)} "
+                             "allowed")
+        names = tuple(str(s) for s in cn.reshape(-1))
     else:
         names = tuple(str(i) for i in range(n_classes))
     return _finish(x, labels, names, config, split, seed, f"npz data set {path}")
@@ -583,8 +657,10 @@ def load_dataset(config: Any, *, split: str = "train", seed: int = 0) -> ImageSe
 
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "DATASETS",
     "IMAGE_EXTENSIONS",
+    "MAX_CLASSES",
     "SHAPES_BACKGROUND",
     "SHAPES_CAPTION_TEMPLATES",
     "SHAPES_COLOURS",
@@ -595,6 +671,7 @@ __all__ = [
     "load_dataset",
     "parse_caption",
     "parse_shapes",
+    "read_image",
     "read_metadata_captions",
     "render_shapes",
     "shape_regions",
