@@ -269,6 +269,35 @@ def fit_tokenizer(config: str, out: str | None, no_progress: bool, threads: int 
     click.echo(f"report: {base / 'reconstruction.md'}  ({base / 'reconstruction.json'}, {base / 'reconstruction.png'})")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--prompt", "prompts", multiple=True,
+              help="A prompt to generate from (caption or text-encoder runs); repeat for several, one per column.")
+@click.option("--class", "classes", multiple=True,
+              help="A class name or id to generate (class-conditional runs); repeat for several. Default: all.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to generate.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: the run's seed).")
+@click.option("--sampler", "samplers", multiple=True,
+              help="Replace the run's sampler chain: name or name:key=value,... in order, e.g. "
+                   "--sampler cfg:scale=3 --sampler top-k:k=16.")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="The grid PNG (default: RUN_DIR/samples/sample-<hash>.png).")
+@click.option("--run", "run_id", default=None, help="Which run of RUN_DIR/results.json (default: the last).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def sample(run_dir: str, prompts: tuple[str, ...], classes: tuple[str, ...], n: int, seed: int | None,
+           samplers: tuple[str, ...], out: str | None, run_id: str | None, no_progress: bool) -> None:
+    """Sample from the finished run in RUN_DIR with its cached tokenizer and
+    model (never retrains): tokenloom sample runs/t2i --prompt "two red squares"
+    -n 16 --out grid.png."""
+    from .sample import sample_run
+
+    result = sample_run(run_dir, prompts=prompts, classes=classes, n=n, seed=seed, samplers=samplers, out=out,
+                        run_id=run_id, progress=not no_progress)
+    click.echo(f"{result['run']}: {n} images of {', '.join(map(repr, result['conditions']))} (seed {result['seed']}, "
+               f"NFE {result['nfe']:g}, {result['seconds_per_image'] * 1e3:.1f} ms/image)")
+    click.echo(f"grid: {result['path']}")
+
+
 def main() -> None:
     cli(prog_name="tokenloom")
 
