@@ -56,6 +56,17 @@ def test_real_images_match_their_own_captions_and_not_shuffled_ones(shapes):
     assert abs(own["prompt_alignment"] - one["prompt_alignment"] - 1 / len(caps)) < 1e-9
 
 
+def test_the_ceilings_real_and_reconstructed(shapes):
+    m = tokenloom.create("metric", "prompt-alignment")
+    tok = tokenloom.create("tokenizer", "pixel", bits=1, pool=4, image_shape=(3, 32, 32))
+    rec = tok.decode(tok.encode(shapes.images))
+    ctx = tokenloom.MetricContext(generated=shapes.images, real=shapes.images, reconstructed=rec, data=shapes,
+                                  generated_conditions=conditions(shapes))
+    v = m.compute(ctx).values
+    assert v["prompt_alignment_real"] == v["prompt_alignment"]  # the same images against the same captions
+    assert v["prompt_alignment_reconstructed"] < v["prompt_alignment_real"]  # 4×4 pooling blurs the shapes
+
+
 def test_class_only_prompts_and_unparsed_prompts(shapes):
     by_class = score(shapes, labels=shapes.labels).values
     assert by_class["prompt_class_ok"] == by_class["prompt_alignment"] >= 0.9

@@ -12,7 +12,10 @@ every attribute its prompt names matches:
 
 Values: ``prompt_alignment`` (the fraction of aligned images) and each attribute's rate
 (``prompt_count_ok``, ``prompt_class_ok``, ``prompt_colour_ok``) over the images whose prompt
-names it. A class-conditional run's prompt is its class (only ``class`` is asked). Prompts that
+names it. Two ceilings, when the data set has captions: ``prompt_alignment_real`` (the held-out
+images against their own captions: what the parser can read at this size) and
+``prompt_alignment_reconstructed`` (their tokenizer reconstructions: what the tokenizer lets
+through). A class-conditional run's prompt is its class (only ``class`` is asked). Prompts that
 name no shape class are left out (``n_unparsed`` in the eval card). On other data sets, or
 without prompts or classes, every value is None (the card says why).
 """
@@ -26,7 +29,15 @@ import numpy as np
 
 import tokenloom
 
-_KEYS = ("prompt_alignment", "prompt_count_ok", "prompt_class_ok", "prompt_colour_ok")
+_KEYS = ("prompt_alignment", "prompt_count_ok", "prompt_class_ok", "prompt_colour_ok", "prompt_alignment_real",
+         "prompt_alignment_reconstructed")
+
+
+def parse_caption_of(text: str) -> dict | None:
+    """What a caption asks for (:func:`tokenloom.data.parse_caption`)."""
+    from tokenloom.data import parse_caption
+
+    return parse_caption(text)
 
 
 class PromptAlignment(tokenloom.Metric):
@@ -37,7 +48,7 @@ class PromptAlignment(tokenloom.Metric):
         #: regions smaller than this many pixels are not shapes (the parser's noise floor)
         min_pixels: int = attrs.field(default=3, validator=attrs.validators.ge(1))
 
-    requires = frozenset({"generated", "data"})
+    requires = frozenset({"generated", "data"})  # and, for the ceilings, real / reconstructed when present
     card_name = "prompt-alignment"
 
     def _wanted(self, ctx: tokenloom.MetricContext) -> tuple[list[dict | None] | None, str | None]:
@@ -107,6 +118,14 @@ class PromptAlignment(tokenloom.Metric):
                               ("prompt_colour_ok", "colours")):
                 asked = [v[attr] for v in verdicts if v[attr] is not None]
                 out[key] = float(np.mean(asked)) if asked else None
+        captions = getattr(ctx.data, "captions", None)
+        for key, images in (("prompt_alignment_real", ctx.real), ("prompt_alignment_reconstructed", ctx.reconstructed)):
+            if images is None or captions is None or not len(images) or len(captions) < len(images):
+                continue
+            tokenloom.check_images(images, tuple(images.shape[1:]), where=f"prompt-alignment: ctx.{key.split('_')[-1]}")
+            wants = [parse_caption_of(c) for c in captions[: len(images)]]
+            hits = [self.judge(img, w)["aligned"] for img, w in zip(images, wants) if w is not None]
+            out[key] = float(np.mean(hits)) if hits else None
         return tokenloom.MetricResult(out, card)
 
 
