@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokenloom-installed
 EXAMPLE_PLUGIN := examples/tokenloom-example-plugin
 
-.PHONY: venv demo test test-all bench bench-long lint clean
+.PHONY: venv demo test test-all bench bench-long claims lint clean
 
 $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench-long: venv
 	$(PY) bench/report.py
 	$(PY) bench/tokenizers_compare.py
 	$(PY) bench/speculative.py
+
+# make claims: the seeds' headline claims checked by a compute-matched study run through
+# `tokenloom ablate` (bench/claims.py; nothing installed beyond the venv) -> docs/claims.md with
+# verdicts computed by the script, docs/claims/quality-vs-train-flops.png. Re-runs reuse every
+# finished stage under runs/claims-full/. CLAIMS_BUDGET=smoke checks the pipeline in minutes.
+CLAIMS_BUDGET ?= full
+claims: venv
+	$(PY) bench/claims.py --budget $(CLAIMS_BUDGET)
 
 # the same check as tests/test_lint.py: the whole repository (bench/ and examples/ included)
 lint: venv

@@ -1,0 +1,200 @@
+"""bench/claims.py: the statistics and verdict rules behind docs/claims.md, on synthetic
+figures (each verdict reachable, noise -> inconclusive), the TOML grid writer, the
+FLOP-matched steps and the claims' reading of run records. No training here."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import claims as C
+from claims import FAILS, HOLDS, UNSURE
+
+
+def exact(x: float) -> C.Estimate:
+    """A figure with no noise at all."""
+    return C.Estimate(x, 0.0, C.Z95, (x,))
+
+
+# ---------------------------------------------------------------------------
+# Estimates
+# ---------------------------------------------------------------------------
+
+
+def test_proportion_has_a_width_at_zero_and_one_and_narrows_with_samples():
+    for p in (0.0, 1.0):
+        e = C.proportion([p, p], 64)
+        assert e.hi > e.lo and e.se > 0
+        assert e.mean == p
+    assert C.proportion([0.5], 1000).se < C.proportion([0.5], 10).se
+
+
+def test_proportion_uses_the_seed_spread_when_it_is_larger_than_the_binomial_one():
+    agree, disagree = C.proportion([0.5, 0.5], 1000), C.proportion([0.1, 0.9], 1000)
+    assert disagree.se == pytest.approx(math.sqrt(0.32) / math.sqrt(2))  # sd / √k
+    assert disagree.se > 10 * agree.se
+    assert disagree.sd == pytest.approx(math.sqrt(0.32))
+
+
+def test_proportion_rejects_bad_input():
+    with pytest.raises(ValueError):
+        C.proportion([1.5], 10)
+    with pytest.raises(ValueError):
+        C.proportion([0.5], 0)
+    with pytest.raises(ValueError):
+        C.proportion([None, float("nan")], 10)
+
+
+def test_mean_of_uses_student_t_and_one_noisy_seed_has_no_interval():
+    e = C.mean_of([10.0, 12.0])
+    assert e.q == pytest.approx(12.706)
+    assert e.se == pytest.approx(1.0)
+    assert (e.lo, e.hi) == pytest.approx((11 - 12.706, 11 + 12.706))
+    assert math.isinf(C.mean_of([3.0]).se)
+    assert C.mean_of([64.0], exact=True).se == 0.0
+    assert C.t_quantile(2) == pytest.approx(4.303)
+    assert C.t_quantile(100) == pytest.approx(C.Z95)
+
+
+def test_difference_and_ratio_add_errors_in_quadrature():
+    a, b = C.Estimate(5.0, 3.0, 1.96), C.Estimate(2.0, 4.0, 2.5)
+    d = C.difference(a, b)
+    assert (d.mean, d.se, d.q) == (3.0, 5.0, 2.5)
+    r = C.ratio(C.Estimate(64.0, 0.0, 1.96), C.Estimate(16.0, 1.6, 1.96))
+    assert r.mean == 4.0 and r.se == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        C.ratio(a, C.Estimate(0.0, 1.0, 1.96))
+
+
+def test_estimate_text_shows_mean_sd_interval_and_seeds():
+    text = C.proportion([0.8, 0.9], 100).text()
+    assert text.startswith("0.85 ± 0.07 [") and text.endswith("(2 seeds)")
+
+
+# ---------------------------------------------------------------------------
+# Verdicts: every outcome reachable, noise inconclusive
+# ---------------------------------------------------------------------------
+
+
+def test_at_least_reaches_every_verdict():
+    assert C.verdict_at_least(exact(0.78), exact(0.80), 0.1).verdict == HOLDS
+    assert C.verdict_at_least(exact(0.50), exact(0.80), 0.1).verdict == FAILS
+    noisy = C.proportion([0.7], 16)  # 16 samples: an interval of about ±0.2
+    assert C.verdict_at_least(noisy, exact(0.80), 0.1).verdict == UNSURE
+    with pytest.raises(ValueError):
+        C.verdict_at_least(exact(1), exact(1), -0.1)
+
+
+def test_greater_reaches_every_verdict_and_noise_is_inconclusive():
+    assert C.verdict_greater(exact(0.6), exact(0.5)).verdict == HOLDS
+    assert C.verdict_greater(exact(0.5), exact(0.6)).verdict == FAILS
+    assert C.verdict_greater(exact(0.5), exact(0.5)).verdict == FAILS  # not greater
+    a, b = C.proportion([0.55, 0.45], 32), C.proportion([0.5, 0.5], 32)
+    assert C.verdict_greater(a, b).verdict == UNSURE
+
+
+def test_threshold_reaches_every_verdict():
+    assert C.verdict_threshold(exact(4.0), 2.0).verdict == HOLDS
+    assert C.verdict_threshold(exact(1.5), 2.0).verdict == FAILS
+    assert C.verdict_threshold(C.mean_of([1.8, 2.6]), 2.0).verdict == UNSURE
+
+
+def test_u_shape_reaches_every_verdict():
+    assert C.verdict_u_shape([exact(x) for x in (0.3, 0.6, 0.2)]).verdict == HOLDS
+    assert C.verdict_u_shape([exact(x) for x in (0.2, 0.4, 0.6, 0.8)]).verdict == FAILS  # monotone
+    noise = [C.proportion([x], 16) for x in (0.40, 0.45, 0.42)]
+    assert C.verdict_u_shape(noise).verdict == UNSURE
+    # FID: lower is better, so a valley is the U
+    assert C.verdict_u_shape([exact(x) for x in (30, 10, 40)], higher_is_better=False).verdict == HOLDS
+    assert C.verdict_u_shape([exact(x) for x in (30, 10, 40)]).verdict == FAILS
+    with pytest.raises(ValueError):
+        C.verdict_u_shape([exact(1), exact(2)])
+
+
+def test_saturates_reaches_every_verdict():
+    assert C.verdict_saturates([exact(x) for x in (0.2, 0.5, 0.6, 0.6)], 0.05).verdict == HOLDS
+    assert C.verdict_saturates([exact(x) for x in (0.5, 0.4, 0.3)], 0.05).verdict == FAILS  # never helps
+    assert C.verdict_saturates([exact(x) for x in (0.1, 0.3, 0.6)], 0.05).verdict == FAILS  # still rising
+    noise = [C.proportion([x], 16) for x in (0.40, 0.45, 0.42)]
+    assert C.verdict_saturates(noise, 0.05).verdict == UNSURE
+
+
+def test_combine():
+    h, f, u = C.Verdict(HOLDS, "a"), C.Verdict(FAILS, "b"), C.Verdict(UNSURE, "c")
+    assert C.combine(h, h).verdict == HOLDS
+    assert C.combine(h, u).verdict == UNSURE
+    assert C.combine(u, f, h).verdict == FAILS
+    assert C.combine(h, f).test == "a; b"
+    with pytest.raises(ValueError):
+        C.Verdict("maybe", "x")
+
+
+# ---------------------------------------------------------------------------
+# The study's plumbing (no training)
+# ---------------------------------------------------------------------------
+
+
+def test_grid_toml_round_trips(tmp_path):
+    from tokenloom.config import read_toml
+
+    b = C.BUDGETS["smoke"]
+    steps = {"raster": [15, 30], "masked": [14, 28]}
+    for study in C.top_grids(b, steps):
+        path = tmp_path / f"{study.name}.toml"
+        path.write_text(C.to_toml(study.doc, study.comment), encoding="utf-8")
+        assert read_toml(path) == study.doc
+
+
+def test_steps_at_budgets_equalise_flops():
+    b = C.BUDGETS["full"]
+    steps = C.steps_at_budgets(b, {"raster": 1.0e9, "next-scale": 2.0e9})
+    assert steps["raster"] == [round(f * b.top_steps) for f in b.fractions]
+    assert steps["next-scale"] == [round(f * b.top_steps / 2) for f in b.fractions]
+
+
+def test_order_grids_run_lower_budgets_on_the_first_seed_only():
+    b = C.BUDGETS["smoke"]
+    steps = {o.label: [10, 20] for o in C.orders(b)}
+    grids = {g.name: g.doc["grid"] for g in C.order_grids(b, steps)}
+    raster = grids["orders-raster"]
+    assert raster["sweep"] == {"train.steps": [10, 20]}
+    assert raster["exclude"] == [{"seed": 1, "train.steps": 10}]
+    assert {"name": "zipar", "window": 2} in raster["generator"]
+
+
+def _run(study, label, metrics, *, steps=10, seed=0, n=100, chain=("cfg", "top-k"), cfg=1.0, tokenizer="vq"):
+    return {"study": study, "label": label, "metrics": metrics, "steps": steps, "seed": seed, "n": n,
+            "chain": chain, "cfg": cfg, "tokenizer": tokenizer, "flops": 1e9 * steps}
+
+
+def test_claims_read_the_top_budget_and_report_missing_figures():
+    runs = [_run("orders-raster", "raster", {"shapes_valid": 0.1, "nfe": 64.0}, steps=5),
+            _run("orders-raster", "raster", {"shapes_valid": 0.80, "nfe": 64.0}, steps=10),
+            _run("orders-raster", "raster", {"shapes_valid": 0.82, "nfe": 64.0}, steps=10, seed=1),
+            _run("orders-next-scale", "next-scale", {"shapes_valid": 0.81, "nfe": 6.0}, steps=4),
+            _run("orders-next-scale", "next-scale", {"shapes_valid": 0.83, "nfe": 6.0}, steps=4, seed=1)]
+    figures, verdict = C.var_claim(runs)
+    assert verdict.verdict == HOLDS
+    assert "NFE 6.0 vs 64.0" in figures
+    runs[3]["metrics"]["shapes_valid"] = runs[4]["metrics"]["shapes_valid"] = 0.2
+    assert C.var_claim(runs)[1].verdict == FAILS
+    rows = {r["paper"]: r for r in C.evaluate_claims(runs)}
+    assert rows["VAR"]["verdict"] == FAILS
+    assert rows["PAR"]["verdict"] == UNSURE and rows["PAR"]["figures"].startswith("not measured")
+    assert len(C.evaluate_claims(runs)) == len(C.CLAIMS)
+
+
+def test_curves_group_by_order_and_budget():
+    runs = [_run("orders-raster", "raster", {"shapes_valid": 0.2, "nfe": 64.0, "fid": 50.0}, steps=5),
+            _run("orders-raster", "raster", {"shapes_valid": 0.6, "nfe": 64.0, "fid": 20.0}, steps=10),
+            _run("orders-raster", "raster", {"shapes_valid": 0.7, "nfe": 64.0, "fid": 22.0}, steps=10, seed=1),
+            _run("cfg", "raster", {"shapes_valid": 0.9, "nfe": 64.0})]
+    data = C.curves(runs)
+    assert list(data) == ["raster"]
+    assert [p["steps"] for p in data["raster"]] == [5, 10]
+    assert data["raster"][1]["seeds"] == 2 and data["raster"][1]["valid"].mean == pytest.approx(0.65)
