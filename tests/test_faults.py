@@ -526,3 +526,45 @@ def test_absurd_npz_labels_are_refused_quickly(tmp_path, labels, names, want):
     np.savez(path, **arrays)
     with pytest.raises(InputError, match=want):
         load_dataset(DataConfig(name="npz", path=str(path), size=4, n=3, n_holdout=0), split="train", seed=0)
+
+
+# ---------------------------------------------------------------------------
+# Reproducibility recorded
+# ---------------------------------------------------------------------------
+
+
+def test_the_run_record_carries_what_the_numbers_depend_on(tmp_path):
+    out = tmp_path / "out"
+    rec = run(load_config(config(tmp_path)), out, progress=False)
+    env = json.loads((out / "results.json").read_text())["runs"][0]["environment"]
+    assert env == rec["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["cpu_threads"] == torch.get_num_threads()
+    assert env["deterministic_algorithms"] is torch.are_deterministic_algorithms_enabled()
+    assert {"cudnn_deterministic", "cudnn_benchmark", "numpy", "python"} <= set(env)
+
+
+def test_the_thread_count_is_part_of_the_training_cache_keys(tmp_path):
+    from tokenloom.running.cache import tokenizer_key
+
+    cfg = load_config(config(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tokenizer_key(cfg, "d")
+        torch.set_num_threads(2)
+        two = tokenizer_key(cfg, "d")
+    finally:
+        torch.set_num_threads(before)
+    assert one != two
+    out = tmp_path / "out"
+    try:
+        torch.set_num_threads(1)
+        a = run(cfg, out, progress=False)
+        torch.set_num_threads(2)
+        b = run(cfg, out, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    # another thread count trains again instead of silently reusing (and the record says which)
+    assert not b["cache"]["tokenizer_reused"] and not b["cache"]["model_reused"]
+    assert (a["environment"]["cpu_threads"], b["environment"]["cpu_threads"]) == (1, 2)

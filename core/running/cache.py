@@ -51,11 +51,23 @@ def data_content_key(train: Any, holdout: Any) -> str:
                          "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
 
 
+def threads_key() -> dict:
+    """The part of a training stage's key that is the machine's: torch's CPU
+    thread count. Fitting and training are not bit-identical across thread
+    counts (floating-point reductions are split differently), so a tokenizer
+    or model trained under another thread count is not reused silently: it
+    is trained again (and the run record says which count was used)."""
+    import torch
+
+    return {"cpu_threads": torch.get_num_threads()}
+
+
 def tokenizer_key(cfg: RunConfig, data_id: str) -> str:
     """The tokenizer's cache key (``cache/tokenizer-<key>.safetensors``):
-    known before fitting, so an ablation can plan which tokenizers it fits."""
+    known before fitting, so an ablation can plan which tokenizers it fits;
+    includes :func:`threads_key`."""
     return stable_hash({"tokenizer": component_key(cfg.tokenizer), "data": data_id, "seed": cfg.seed,
-                        "image_shape": image_shape_of(cfg)})
+                        "image_shape": image_shape_of(cfg), **threads_key()})
 
 
 def tokenizer_hash(key: str, weights_sha256: str) -> str:
@@ -70,9 +82,11 @@ def codes_key(tok_hash: str, data: Any) -> str:
 
 
 def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:
-    """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed."""
+    """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed
+    × :func:`threads_key`."""
     return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": attrs.asdict(cfg.model),
-                        "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed})
+                        "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed,
+                        **threads_key()})
 
 
 def samples_key(cfg: RunConfig, model: str, *, n: int, region: str | None, micro_batch: int) -> str:
@@ -113,6 +127,7 @@ __all__ = [
     "model_key",
     "samples_key",
     "stable_hash",
+    "threads_key",
     "tokenizer_hash",
     "tokenizer_key",
 ]

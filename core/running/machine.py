@@ -1,6 +1,6 @@
 """The machine a run uses: the device it computes on, and the peak memory of a stretch of work
 (the GPU's peak allocation, or on the CPU the process's peak resident set size: Linux ``/proc``,
-``getrusage`` elsewhere)."""
+``getrusage`` elsewhere), and :func:`environment`, what a run record says about the machine."""
 
 from __future__ import annotations
 
@@ -30,6 +30,32 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
         raise ConfigError([f"device: {name!r} is not a device tokenloom runs on here ({use})"])
     return dev
+
+
+def environment(device: torch.device) -> dict:
+    """What a run's numbers depend on besides its config, for its record:
+    library versions, the device, the CPU thread count (part of the
+    training caches' keys, see :func:`tokenloom.running.cache.tokenizer_key`)
+    and torch's determinism flags."""
+    import platform
+
+    import numpy as np
+
+    env = {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return env
 
 
 def reset_peak_memory() -> None:
@@ -63,4 +89,4 @@ def peak_memory_bytes(device: torch.device) -> float | None:
         return None
 
 
-__all__ = ["peak_memory_bytes", "reset_peak_memory", "resolve_device"]
+__all__ = ["environment", "peak_memory_bytes", "reset_peak_memory", "resolve_device"]

@@ -86,7 +86,7 @@ from .generation import (
     region_mask,
 )
 from .images import save_grid
-from .machine import resolve_device
+from .machine import environment, resolve_device
 from .pipeline_check import build_tokenizer, preflight
 from .results import inside, results_markdown, safe_name, write_results
 from .tokenizer_fit import fit_seeded
@@ -475,6 +475,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
             "prompts": [conditioner.describe(c) for c in gen_table.conditions][:64],
             "n_prompts": gen_table.n_rows}}),
         "device": str(device),
+        "environment": environment(device),
         "seconds": time.perf_counter() - t_start,
         "artifacts": {"samples": os.path.relpath(grid, out), "results_md": "results.md"},
     }
