@@ -73,14 +73,15 @@ class InstrumentedModel:
 
     @property
     def n_classes(self) -> int:
-        """The number of real classes: ``cond`` ids lie in ``[0, n_classes)``,
-        plus :attr:`null_class`."""
+        """The number of real conditions (classes, or rows of the run's
+        condition table): ``cond`` ids lie in ``[0, n_classes)``, plus
+        :attr:`null_class`."""
         return self.model.n_classes
 
     @property
     def null_class(self) -> int:
-        """The class id of unconditional rows (classifier-free guidance):
-        ``n_classes``. A ``cond`` of None means this class for every row."""
+        """The condition id of unconditional rows (classifier-free guidance):
+        ``n_classes``, the null condition. A ``cond`` of None means it for every row."""
         return self.model.n_classes
 
     @property
@@ -110,9 +111,10 @@ class InstrumentedModel:
         ``inputs``: ``LongTensor[B, T]`` token ids (``[B, T, D]`` stacks for a
         depth-head model, ``FloatTensor[B, T, input_dim]`` for
         ``input_kind = "embeddings"``); index 0 of a sequence is the class
-        slot (its value is ignored). ``cond``: ``LongTensor[B]`` class ids in
-        ``[0, n_classes]`` (``null_class`` = unconditional), None = every row
-        unconditional. Keywords (all optional):
+        slot (its value is ignored). ``cond``: ``LongTensor[B]`` condition ids
+        (class ids for the ``class`` conditioner) in ``[0, n_classes]``
+        (``null_class`` = unconditional), None = every row unconditional.
+        Keywords (all optional):
 
         - ``positions`` / ``target_positions``: ``LongTensor[T]`` or ``[B, T]``
           flat code positions of ``spec.layout`` (``NO_POSITION`` = -1: none);

@@ -566,10 +566,14 @@ class Backbone(Protocol):
     **Sequences.** The model was built from the generator's
     :meth:`Generator.model_spec`. Sequence index 0 of every row is the
     *conditioning prefix*, the class token: whatever input sits there is
-    replaced by the class embedding of ``cond[b]``; rows with ``cond[b] ==``
-    :attr:`null_class` are unconditional (classifier-free guidance runs the
-    conditional rows and as many null-class rows in one batch, conditional
-    first). Position ids are flat code positions of ``spec.layout``;
+    replaced by the embedding of condition ``cond[b]`` — a row of the run's
+    condition table, built by its :class:`Conditioner` (for ``class``, the
+    class id itself); a conditioner with a prefix of P > 1 positions puts the
+    other P − 1 before index 0, invisibly to the generator (they are in the
+    cache after its first call, outside ``cache.length``). Rows with
+    ``cond[b] ==`` :attr:`null_class` are unconditional (classifier-free
+    guidance runs the conditional rows and as many null-class rows in one
+    batch, conditional first). Position ids are flat code positions of ``spec.layout``;
     :data:`NO_POSITION` (-1) is none (the class token).
 
     **Call.** ``model(inputs, cond, **keywords)`` with
@@ -607,12 +611,12 @@ class Backbone(Protocol):
 
     @property
     def n_classes(self) -> int:
-        """Number of real classes; class ids are ``[0, n_classes)``."""
+        """Number of real conditions (classes, or rows of the condition table); ids are ``[0, n_classes)``."""
         ...
 
     @property
     def null_class(self) -> int:
-        """The class id of unconditional rows (``n_classes``), for guidance."""
+        """The condition id of unconditional rows (``n_classes``, the null condition), for guidance."""
         ...
 
     @property
