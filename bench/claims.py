@@ -61,7 +61,9 @@ Verdicts (``margin`` in the figure's own units):
 
 - :func:`verdict_at_least` ``a ≥ b − margin`` ("matches", "near", "loses
   little"): holds when the interval of ``a − b`` lies above ``−margin``,
-  does not hold when it lies below, inconclusive when it straddles;
+  does not hold when it lies below, inconclusive when it straddles — or when
+  the reference ``b`` is below a ``floor`` (two orders that both fail every
+  image "match" vacuously);
 - :func:`verdict_greater` ``a > b`` ("improves"): holds when the interval of
   ``a − b`` lies above 0, does not hold when it lies at or below 0;
 - :func:`verdict_threshold` ``x ≥ t`` (a speed-up of at least 2×);
@@ -114,14 +116,17 @@ class Estimate:
     se: float
     q: float
     values: tuple[float, ...] = ()
+    bounds: tuple[float, float] | None = None  # the figure's range (a proportion: 0..1); the interval is clipped
 
     @property
     def lo(self) -> float:
-        return self.mean - self.q * self.se
+        lo = self.mean - self.q * self.se
+        return max(lo, self.bounds[0]) if self.bounds else lo
 
     @property
     def hi(self) -> float:
-        return self.mean + self.q * self.se
+        hi = self.mean + self.q * self.se
+        return min(hi, self.bounds[1]) if self.bounds else hi
 
     @property
     def sd(self) -> float | None:
@@ -173,19 +178,21 @@ def proportion(values: Sequence[float | None], n_per_seed: int) -> Estimate:
     mean = math.fsum(xs) / k
     p = (mean * n + 1) / (n + 2)
     se = max(math.sqrt(p * (1 - p) / (n + 2)), _seed_se(xs))
-    return Estimate(mean, se, Z95, tuple(xs))
+    return Estimate(mean, se, Z95, tuple(xs), (0.0, 1.0))
 
 
-def mean_of(values: Sequence[float | None], *, exact: bool = False) -> Estimate:
-    """The mean over seeds with a t interval (``exact``: the figure has no noise)."""
+def mean_of(values: Sequence[float | None], *, exact: bool = False,
+            bounds: tuple[float, float] | None = None) -> Estimate:
+    """The mean over seeds with a t interval (``exact``: the figure has no noise;
+    ``bounds``: the figure's range, which clips the interval)."""
     xs = _clean(values)
     k = len(xs)
     mean = math.fsum(xs) / k
     if exact:
-        return Estimate(mean, _seed_se(xs), Z95 if k < 2 else t_quantile(k - 1), tuple(xs))
+        return Estimate(mean, _seed_se(xs), Z95 if k < 2 else t_quantile(k - 1), tuple(xs), bounds)
     if k < 2:
-        return Estimate(mean, math.inf, Z95, tuple(xs))
-    return Estimate(mean, _seed_se(xs), t_quantile(k - 1), tuple(xs))
+        return Estimate(mean, math.inf, Z95, tuple(xs), bounds)
+    return Estimate(mean, _seed_se(xs), t_quantile(k - 1), tuple(xs), bounds)
 
 
 def difference(a: Estimate, b: Estimate) -> Estimate:
@@ -218,12 +225,16 @@ def _interval(d: Estimate) -> str:
     return f"[{d.lo:+.3f}, {d.hi:+.3f}]"
 
 
-def verdict_at_least(a: Estimate, b: Estimate, margin: float) -> Verdict:
-    """``a ≥ b − margin``: the 95 % interval of ``a − b`` against ``−margin``."""
+def verdict_at_least(a: Estimate, b: Estimate, margin: float, *, floor: float | None = None) -> Verdict:
+    """``a ≥ b − margin``: the 95 % interval of ``a − b`` against ``−margin``.
+    ``floor``: when the reference ``b`` scores below it, nothing can fall
+    ``margin`` behind it, so "a keeps up with b" says nothing — inconclusive."""
     if margin < 0:
         raise ValueError(f"verdict_at_least: margin must be non-negative, got {margin}")
     d = difference(a, b)
     test = f"a − b = {d.mean:+.3f} {_interval(d)} vs −{margin:g}"
+    if floor is not None and b.mean < floor:
+        return Verdict(UNSURE, test + f"; the reference ({b.mean:.3f}) is below the floor {floor:g}")
     if d.lo >= -margin:
         return Verdict(HOLDS, test)
     if d.hi < -margin:
@@ -323,6 +334,7 @@ NEAR = 0.10      # "matches", "near", "loses little", "same quality"
 MODEST = 0.15    # "a modest quality loss"
 SMALL = 0.10     # "a small quality cost"
 FAR_FEWER = 0.5  # "far fewer passes": at most half of raster's NFE
+FLOOR = 0.2      # a "keeps up with the reference" test needs the reference's validity at least this high
 
 
 @dataclass(frozen=True)
@@ -600,6 +612,7 @@ def top_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
     masked["grid"] = {"seed": list(b.seeds), "sweep": {"generator.steps": list(b.masked_steps)}}
     toks = tokenizers(b)
     book = base_doc(b, steps=1, metrics=["codebook", "reconstruction"])
+    book["metrics"]["reconstruction"] = {"recipe_steps": b.fid_recipe_steps}  # the extractor FID uses
     book["train"]["warmup"] = 0
     book["metrics"]["n_samples"] = 16
     book["grid"] = {"tokenizer": [toks[k] for k in ("vq", "vq-no-restart", "fsq", "lfq")], "seed": list(b.seeds)}
@@ -732,7 +745,7 @@ def accept(runs: list[dict]) -> Estimate:
 
 
 def utilisation(runs: list[dict]) -> Estimate:
-    return mean_of(_values(runs, "codebook_utilisation"))
+    return mean_of(_values(runs, "codebook_utilisation"), bounds=(0.0, 1.0))
 
 
 def top(runs: list[dict], order: str, label: str | None = None) -> list[dict]:
@@ -770,7 +783,7 @@ def fewer_passes_claim(order: str, label: str | None = None):
         r, o = top(runs, "raster"), top(runs, order, label)
         sp = _speedup(o, r)
         figures = f"{_q(label or order, valid(o))}; {_q('raster', valid(r))}; NFE {nfe(o).mean:.1f} vs {nfe(r).mean:.1f}"
-        return figures, combine(verdict_threshold(sp, 1 / FAR_FEWER), verdict_at_least(valid(o), valid(r), MODEST))
+        return figures, combine(verdict_threshold(sp, 1 / FAR_FEWER), verdict_at_least(valid(o), valid(r), MODEST, floor=FLOOR))
     return check
 
 
@@ -778,13 +791,13 @@ def var_claim(runs):
     r, v = top(runs, "raster"), top(runs, "next-scale")
     sp = _speedup(v, r)
     return (f"{_q('next-scale', valid(v))}; {_q('raster', valid(r))}; NFE {nfe(v).mean:.1f} vs {nfe(r).mean:.1f}",
-            combine(verdict_at_least(valid(v), valid(r), NEAR), verdict_threshold(sp, 2.0)))
+            combine(verdict_at_least(valid(v), valid(r), NEAR, floor=FLOOR), verdict_threshold(sp, 2.0)))
 
 
 def maskgit_near_claim(runs):
     r, m = top(runs, "raster"), top(runs, "masked")
     return (f"{_q('masked (8 steps)', valid(m))}; {_q('raster', valid(r))}; NFE {nfe(m).mean:.0f} vs {nfe(r).mean:.0f}",
-            verdict_at_least(valid(m), valid(r), NEAR))
+            verdict_at_least(valid(m), valid(r), NEAR, floor=FLOOR))
 
 
 def maskgit_steps_claim(runs):
@@ -797,20 +810,20 @@ def maskgit_steps_claim(runs):
 
 def randar_claim(runs):
     r, x = top(runs, "raster"), top(runs, "random")
-    return f"{_q('random', valid(x))}; {_q('raster', valid(r))}", verdict_at_least(valid(x), valid(r), NEAR)
+    return f"{_q('random', valid(x))}; {_q('raster', valid(r))}", verdict_at_least(valid(x), valid(r), NEAR, floor=FLOOR)
 
 
 def randar_parallel_claim(runs):
     x, p = top(runs, "random"), top(runs, "random", "random-parallel")
     return ((f"{_q('random-parallel', valid(p))} at NFE {nfe(p).mean:.0f}; {_q('random', valid(x))} at NFE "
-            f"{nfe(x).mean:.0f}"), combine(verdict_at_least(valid(p), valid(x), NEAR),
+            f"{nfe(x).mean:.0f}"), combine(verdict_at_least(valid(p), valid(x), NEAR, floor=FLOOR),
                                           verdict_threshold(_speedup(p, x), 2.0)))
 
 
 def randar_inpaint_claim(runs):
     x, i = top(runs, "random"), pick(runs, study="inpainting")
     return (f"inpainted (centre regenerated) valid {valid(i).text()}; unconditional {_q('random', valid(x))}",
-            verdict_at_least(valid(i), valid(x), NEAR))
+            verdict_at_least(valid(i), valid(x), NEAR, floor=FLOOR))
 
 
 def rar_claim(runs):
@@ -833,7 +846,7 @@ def sjd_claim(runs):
     r, s = _decoder(runs, "raster", None), _decoder(runs, "sjd", None)
     sp = _speedup(s, r, exact_fast=False)
     return (f"{_q('sjd', valid(s))}; {_q('raster', valid(r))}; NFE speed-up {sp.text()}",
-            combine(verdict_at_least(valid(s), valid(r), NEAR), verdict_threshold(sp, 2.0)))
+            combine(verdict_at_least(valid(s), valid(r), NEAR, floor=FLOOR), verdict_threshold(sp, 2.0)))
 
 
 def relaxed_claim(label: str, rule: str):
@@ -841,7 +854,7 @@ def relaxed_claim(label: str, rule: str):
         e, x = _decoder(runs, label, None), _decoder(runs, label, rule)
         return ((f"{label}+{rule}: acceptance {accept(x).text()}, valid {valid(x).text()}; exact: acceptance "
                 f"{accept(e).text()}, valid {valid(e).text()}"),
-                combine(verdict_greater(accept(x), accept(e)), verdict_at_least(valid(x), valid(e), SMALL)))
+                combine(verdict_greater(accept(x), accept(e)), verdict_at_least(valid(x), valid(e), SMALL, floor=FLOOR)))
     return check
 
 
@@ -874,7 +887,7 @@ def rq_claim(runs):
     r, d = top(runs, "raster"), top(runs, "depth-stack")
     return ((f"{_q('depth-stack', valid(d))} at NFE {nfe(d).mean:.0f}; {_q('raster', valid(r))} at NFE "
             f"{nfe(r).mean:.0f} (same number of codes and vocabulary)"),
-            combine(verdict_at_least(valid(d), valid(r), NEAR), verdict_threshold(_speedup(d, r), 2.0)))
+            combine(verdict_at_least(valid(d), valid(r), NEAR, floor=FLOOR), verdict_threshold(_speedup(d, r), 2.0)))
 
 
 def codebook_claim(name: str):
@@ -1049,7 +1062,9 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
               "and codebook utilisation as mean ± sd with a Student-t interval over seeds; acceptance rates as a "
               "proportion over images (conservative);"),
               (f"- margins: NEAR = {NEAR} (\"matches\", \"near\", \"loses little\", \"same quality\"), "
-              f"MODEST = {MODEST}, SMALL = {SMALL}, \"far fewer passes\" = at most {FAR_FEWER:g}× raster's NFE;"),
+              f"MODEST = {MODEST}, SMALL = {SMALL}, \"far fewer passes\" = at most {FAR_FEWER:g}× raster's NFE; "
+               "a \"keeps up with the reference\" test is inconclusive when the reference's validity is below "
+               f"FLOOR = {FLOOR} (orders that all fail every image would \"match\" vacuously);"),
               ("- verdicts: *holds* when the 95 % interval of the tested difference clears the stated bound, "
               "*does not hold* when it lies on the wrong side, *inconclusive* when it straddles it (the "
               "rules are `verdict_*` in `bench/claims.py`, tested in `tests/test_claims.py`)."), ""]

@@ -90,6 +90,23 @@ def test_at_least_reaches_every_verdict():
         C.verdict_at_least(exact(1), exact(1), -0.1)
 
 
+def test_at_least_is_inconclusive_when_the_reference_is_at_the_floor():
+    # two orders that fail every image "match" vacuously: without a floor the test holds
+    assert C.verdict_at_least(exact(0.0), exact(0.05), 0.1).verdict == HOLDS
+    v = C.verdict_at_least(exact(0.0), exact(0.05), 0.1, floor=0.2)
+    assert v.verdict == UNSURE and "floor" in v.test
+    assert C.verdict_at_least(exact(0.0), exact(0.5), 0.1, floor=0.2).verdict == FAILS
+
+
+def test_proportion_intervals_are_clipped_to_zero_and_one_but_differences_are_not():
+    zero, one = C.proportion([0.0, 0.0], 16), C.proportion([1.0], 16)
+    assert zero.lo == 0.0 and zero.hi > 0.0
+    assert one.hi == 1.0 and one.lo < 1.0
+    d = C.difference(zero, zero)
+    assert d.lo < 0 < d.hi
+    assert C.mean_of([0.9, 1.0], bounds=(0.0, 1.0)).hi == 1.0
+
+
 def test_greater_reaches_every_verdict_and_noise_is_inconclusive():
     assert C.verdict_greater(exact(0.6), exact(0.5)).verdict == HOLDS
     assert C.verdict_greater(exact(0.5), exact(0.6)).verdict == FAILS
