@@ -568,3 +568,64 @@ def test_the_thread_count_is_part_of_the_training_cache_keys(tmp_path):
     # another thread count trains again instead of silently reusing (and the record says which)
     assert not b["cache"]["tokenizer_reused"] and not b["cache"]["model_reused"]
     assert (a["environment"]["cpu_threads"], b["environment"]["cpu_threads"]) == (1, 2)
+
+
+# ---------------------------------------------------------------------------
+# Smaller items: plugin environment variables, the report
+# ---------------------------------------------------------------------------
+
+
+def test_plugin_environment_typos_are_warned_about(capsys, monkeypatch):
+    from tokenloom.registry import Registry, env_flag
+
+    reg = Registry.from_entry_points(disabled=["rastr"], strict=False)
+    err = capsys.readouterr().err
+    assert "TOKENLOOM_DISABLE_PLUGINS names 'rastr'" in err and "did you mean 'raster'?" in err
+    assert "raster" in reg.available("generator")
+    for value, want in (("1", True), ("yes", True), ("ON", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("TOKENLOOM_STRICT_PLUGINS", value)
+        assert env_flag("TOKENLOOM_STRICT_PLUGINS") is want
+        assert capsys.readouterr().err == ""
+    monkeypatch.setenv("TOKENLOOM_STRICT_PLUGINS", "maybe")
+    assert env_flag("TOKENLOOM_STRICT_PLUGINS") is False
+    assert "TOKENLOOM_STRICT_PLUGINS='maybe' is not a yes/no value" in capsys.readouterr().err
+
+
+def test_a_disabled_component_is_reported_as_disabled(tmp_path):
+    from tokenloom.errors import UnknownComponentError
+    from tokenloom.registry import Registry
+
+    reg = Registry.from_entry_points(disabled=["raster"], strict=False)
+    with pytest.raises(UnknownComponentError, match="'raster' is disabled by TOKENLOOM_DISABLE_PLUGINS"):
+        reg.get("generator", "raster")
+    p = cli("check", str(config(tmp_path)), cwd=tmp_path, env={"TOKENLOOM_DISABLE_PLUGINS": "raster"})
+    assert p.returncode == 2 and "is disabled by TOKENLOOM_DISABLE_PLUGINS" in p.stderr, p.stderr
+
+
+def test_overview_takes_the_whole_first_row_of_a_nine_column_grid(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tokenloom.reports import first_row_of_grid
+    from tokenloom.running.images import save_grid
+
+    images = torch.linspace(-1, 1, 18).view(18, 1, 1, 1).expand(18, 3, 8, 8).contiguous()
+    png = tmp_path / "g.png"
+    save_grid(png, images, ncol=9)
+    row = first_row_of_grid(png)
+    with Image.open(png) as im:
+        full = np.asarray(im.convert("RGB"))
+    cell = 64  # 8 px upscaled to at least 64
+    assert row.shape == (cell + 4, full.shape[1], 3)
+    assert (row[-2:] == 255).all()  # ends in the padding under the first row, not inside the second
+    assert not (full[cell + 4: cell + 6] == 255).all()  # the second row starts right after it
+
+
+def test_peak_memory_is_never_bolded_as_best():
+    from tokenloom.reports import best_rows, direction
+
+    rows = [{"id": "a", "metrics": {"peak_memory_bytes": {"mean": 1.0}, "nfe": {"mean": 4.0}}},
+            {"id": "b", "metrics": {"peak_memory_bytes": {"mean": 2.0}, "nfe": {"mean": 8.0}}}]
+    best = best_rows(rows)
+    assert "peak_memory_bytes" not in best and best["nfe"] == ["a"]
+    assert direction("peak_memory_bytes") == "lower"  # still shown with its arrow

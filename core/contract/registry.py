@@ -8,8 +8,11 @@ named plugin modules with :meth:`Registry.from_plugins`.
 Environment:
 
 - ``TOKENLOOM_STRICT_PLUGINS=1``: any load failure raises :class:`PluginError`
-  naming the plugin and its distribution;
-- ``TOKENLOOM_DISABLE_PLUGINS=a,b``: skip the entry points named ``a`` and ``b``.
+  naming the plugin and its distribution (a value other than
+  ``1/true/yes/on/0/false/no/off`` is warned about and counts as off);
+- ``TOKENLOOM_DISABLE_PLUGINS=a,b``: skip the entry points named ``a`` and ``b``
+  (a name that is no installed plugin is warned about, with the closest
+  name; a disabled component asked for is reported as disabled, not unknown).
 """
 
 from __future__ import annotations
@@ -111,6 +114,29 @@ def _validate_component(kind: str, name: Any, cls: Any) -> str | None:
     return None
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"[tokenloom] warning: {message}", file=sys.stderr, flush=True)
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: ``1/true/yes/on`` or ``0/false/no/off``
+    (any case; unset = no). Anything else is warned about on stderr (naming
+    the values it takes) and counts as no."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value not in _FALSE:
+        _warn(f"{name}={os.environ[name]!r} is not a yes/no value (1, true, yes, on / 0, false, no, off): "
+              "taken as off")
+    return False
+
+
 class Registry:
     """Components by kind and name, with the record of what failed to load."""
 
@@ -138,11 +164,12 @@ class Registry:
         if disabled is None:
             disabled = [s.strip() for s in os.environ.get("TOKENLOOM_DISABLE_PLUGINS", "").split(",") if s.strip()]
         if strict is None:
-            strict = os.environ.get("TOKENLOOM_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes", "on")
+            strict = env_flag("TOKENLOOM_STRICT_PLUGINS")
         disabled = set(disabled)
         sources = []
         reg = cls()
-        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+        points = sorted(metadata.entry_points(group=group), key=lambda e: e.name)
+        for ep in points:
             dist = getattr(ep, "dist", None)
             dname = dist.metadata["Name"] if dist is not None else "unknown"
             dver = dist.version if dist is not None else "unknown"
@@ -150,6 +177,12 @@ class Registry:
                 reg.disabled.append(ep.name)
                 continue
             sources.append(PluginSource(ep.name, dname, dver, ep.value, ep.load))
+        names = [ep.name for ep in points]
+        for typo in sorted(disabled - set(names)):  # a typo would otherwise disable nothing, silently
+            close = difflib.get_close_matches(typo, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _warn(f"TOKENLOOM_DISABLE_PLUGINS names '{typo}', which is no installed plugin{hint}; "
+                  "`tokenloom plugins` lists them")
         reg._load(sources, strict=strict)
         return reg
 
@@ -258,6 +291,9 @@ class Registry:
 
     def unknown_message(self, kind: str, name: Any) -> str:
         kind = self.check_kind(kind)
+        if name in self.disabled:
+            return (f"{kind} '{name}' is disabled by TOKENLOOM_DISABLE_PLUGINS (remove '{name}' from it to use "
+                    "this component)")
         names = self.available(kind)
         close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""

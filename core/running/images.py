@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,9 @@ from ..contract.checkpoint import atomic_write
 
 #: The layout of a run's sample grid: columns and padding (pixels) between and around the cells.
 GRID_NCOL, GRID_PAD = 8, 2
+#: The PNG text chunk in which :func:`save_grid` records the grid's layout (JSON: ``ncol``,
+#: ``cell`` [height, width] in pixels, ``pad``, ``rows``) for readers such as the overview.
+GRID_LAYOUT_KEY = "tokenloom-grid"
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -45,10 +49,17 @@ def grid_image(rows: Sequence[torch.Tensor], *, scale: int = 1, pad: int = GRID_
     return Image.fromarray(canvas.numpy())
 
 
-def save_png(path: Path, image: Any) -> None:
-    """Write a PIL image as PNG, atomically."""
+def save_png(path: Path, image: Any, *, text: dict[str, str] | None = None) -> None:
+    """Write a PIL image as PNG, atomically (``text``: PNG text chunks)."""
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
     with atomic_write(path) as fh:
-        image.save(fh, format="PNG")
+        image.save(fh, format="PNG", pnginfo=info)
 
 
 def save_grid(path: Path, images: torch.Tensor, *, ncol: int = GRID_NCOL, context: torch.Tensor | None = None,
@@ -62,7 +73,10 @@ def save_grid(path: Path, images: torch.Tensor, *, ncol: int = GRID_NCOL, contex
             rows.append(context[i : i + ncol])
         rows.append(images[i : i + ncol])
     h, w = images.shape[-2:]
-    save_png(path, grid_image(rows, scale=max(1, math.ceil(min_cell / max(h, w))), ncol=ncol))
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    layout = {"ncol": max([ncol] + [r.shape[0] for r in rows]), "cell": [h * scale, w * scale], "pad": GRID_PAD,
+              "rows": len(rows)}
+    save_png(path, grid_image(rows, scale=scale, ncol=ncol), text={GRID_LAYOUT_KEY: json.dumps(layout)})
 
 
-__all__ = ["GRID_NCOL", "GRID_PAD", "grid_image", "save_grid", "save_png", "to_uint8"]
+__all__ = ["GRID_LAYOUT_KEY", "GRID_NCOL", "GRID_PAD", "grid_image", "save_grid", "save_png", "to_uint8"]

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..contract.checkpoint import atomic_write, write_json, write_text
 from .grid import SEED_AXIS, describe_labels
-from .images import GRID_NCOL, GRID_PAD
+from .images import GRID_LAYOUT_KEY, GRID_NCOL, GRID_PAD
 from .results import format_number
 
 #: Which way a metric key is better, first matching pattern wins: "lower",
@@ -157,12 +157,17 @@ def aggregate_rows(plan: Any, records: dict[str, dict]) -> list[dict]:
     return out
 
 
+#: Keys with a direction that are never marked best: on the CPU ``peak_memory_bytes`` is the
+#: process's peak resident set size, which grows over an ablation whatever the cell does.
+NO_BEST: frozenset[str] = frozenset({"peak_memory_bytes"})
+
+
 def best_rows(rows: list[dict]) -> dict[str, list[str]]:
-    """For each metric key with a direction, the ids of the rows whose mean
-    is best (ties all count); only when at least two rows have a value and
-    not all of them are equal."""
+    """For each metric key with a direction (except :data:`NO_BEST`), the ids
+    of the rows whose mean is best (ties all count); only when at least two
+    rows have a value and not all of them are equal."""
     best: dict[str, list[str]] = {}
-    keys = {k for r in rows for k in r["metrics"]}
+    keys = {k for r in rows for k in r["metrics"] if k not in NO_BEST}
     for k in keys:
         way = direction(k)
         vals = [(r["id"], r["metrics"][k]["mean"]) for r in rows if r["metrics"][k]["mean"] is not None]
@@ -360,10 +365,14 @@ def first_row_of_grid(png: Path) -> Any:
     from PIL import Image
 
     with Image.open(png) as im:
+        layout = im.info.get(GRID_LAYOUT_KEY)
         a = np.asarray(im.convert("RGB"))
-    W = a.shape[1]
-    cell = (W - GRID_PAD) // GRID_NCOL - GRID_PAD
-    return a[: min(a.shape[0], cell + 2 * GRID_PAD)]
+    try:  # the layout save_grid recorded: the first row whatever the number of columns
+        spec = json.loads(layout)
+        height = int(spec["cell"][0]) + 2 * int(spec["pad"])
+    except (TypeError, ValueError, KeyError, IndexError):  # a grid written before the layout was recorded
+        height = (a.shape[1] - GRID_PAD) // GRID_NCOL - GRID_PAD + 2 * GRID_PAD
+    return a[: min(a.shape[0], height)]
 
 
 def overview_image(rows: list[dict], out: Path, path: Path) -> bool:
@@ -456,6 +465,7 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
 __all__ = [
     "COST_KEYS",
     "DIRECTIONS",
+    "NO_BEST",
     "QUALITY_KEYS",
     "TIMING_KEYS",
     "aggregate_rows",
