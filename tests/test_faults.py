@@ -629,3 +629,77 @@ def test_peak_memory_is_never_bolded_as_best():
     best = best_rows(rows)
     assert "peak_memory_bytes" not in best and best["nfe"] == ["a"]
     assert direction("peak_memory_bytes") == "lower"  # still shown with its arrow
+
+
+# ---------------------------------------------------------------------------
+# Concurrent runs into one --out, kill -9 of fit-tokenizer and ablate
+# ---------------------------------------------------------------------------
+
+
+def test_concurrent_result_writes_keep_every_row(tmp_path):
+    import threading
+
+    from tokenloom.running.results import write_results
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(i: int) -> dict:
+        return {"id": f"r{i:03d}", "metrics": {"nfe": i}, "components": {"tokenizer": "pixel",
+                "generator": "raster", "sampler": []}}
+
+    def writer(start: int) -> None:
+        for i in range(start, start + 15):
+            write_results(out, record(i))
+
+    threads = [threading.Thread(target=writer, args=(k * 100,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = {r["id"] for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert ids == {f"r{k * 100 + i:03d}" for k in range(3) for i in range(15)}
+
+
+def _kill_and_resume(args: list[str], tmp_path: Path, delays: tuple[float, ...]) -> subprocess.CompletedProcess:
+    for delay in delays:
+        proc = subprocess.Popen([sys.executable, "-m", "tokenloom", *args], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return cli(*args, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_9_during_fit_tokenizer_then_resume_gives_the_same_report(tmp_path):
+    cfg = tmp_path / "vq.toml"
+    cfg.write_text('seed = 0\n[data]\nname = "shapes"\nsize = 16\nn = 400\nn_holdout = 64\n'
+                   '[tokenizer]\nname = "vq"\ncodebook_size = 32\ncode_dim = 8\ndownsample = 4\nsteps = 300\n')
+    ref = cli("fit-tokenizer", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    done = _kill_and_resume(["fit-tokenizer", str(cfg), "--out", str(tmp_path / "killed"), "--no-progress"],
+                            tmp_path, (3.0, 5.0))
+    assert done.returncode == 0, done.stderr
+    a = json.loads((tmp_path / "ref" / "reconstruction.json").read_text())["holdout"]
+    b = json.loads((tmp_path / "killed" / "reconstruction.json").read_text())["holdout"]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_ablation_then_resume_loses_no_cell(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.replace("steps = 3", "steps = 40"))
+    ref = cli("ablate", str(grid), "--out", str(tmp_path / "ref"), "--no-progress", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    done = _kill_and_resume(["ablate", str(grid), "--out", str(tmp_path / "killed"), "--no-progress"],
+                            tmp_path, (3.0, 4.0, 5.0))
+    assert done.returncode == 0, done.stderr
+    a = json.loads((tmp_path / "ref" / "results.json").read_text())["runs"]
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())["runs"]
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b):
+        for key in DETERMINISTIC:
+            assert x["metrics"][key] == y["metrics"][key]
+        assert x["train"]["final_loss"] == y["train"]["final_loss"]

@@ -12,11 +12,13 @@ aside the same way (its row stays in ``results.json``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +152,31 @@ def write_results(out: Path, record: dict) -> list[dict]:
 
     out = Path(out)
     write_json(record_path(out, record["id"]), record)
-    runs = [r for r in read_runs(out) if r.get("id") != record["id"]] + [record]
-    write_json(out / "results.json", {"tokenloom_version": __version__, "runs": runs})
-    write_text(out / "results.md", "# tokenloom results\n\n" + results_markdown(runs))
+    with results_lock(out):  # concurrent runs into one directory: one read-merge-write at a time
+        runs = [r for r in read_runs(out) if r.get("id") != record["id"]] + [record]
+        write_json(out / "results.json", {"tokenloom_version": __version__, "runs": runs})
+        write_text(out / "results.md", "# tokenloom results\n\n" + results_markdown(runs))
     return runs
 
 
+@contextlib.contextmanager
+def results_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on ``out/.results.lock`` (``flock``; where there is
+    none, no lock) held while ``results.json`` is read, merged and written, so
+    that runs finishing at the same time into one ``--out`` keep every row."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".results.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 __all__ = ["RECORDS_DIR", "format_number", "inside", "move_aside", "read_records", "read_runs", "record_path",
-           "results_markdown", "safe_name", "write_results"]
+           "results_lock", "results_markdown", "safe_name", "write_results"]
