@@ -359,27 +359,25 @@ class Budget:
     cfg_scales: tuple[float, ...]
     masked_steps: tuple[int, ...]
     fid_recipe_steps: int
-    fsq_levels: tuple[int, ...]
-    lfq_bits: int
     top_k: int
-    cfg_scale: float
+    cfg_scale: float | None  # guidance in the base chain (None: the conditional logits, no guidance)
 
 
 BUDGETS = {
     "smoke": Budget("smoke", size=16, n=800, n_holdout=64, downsample=4, codebook=64, tokenizer_steps=30,
                     model=(1, 32, 2), batch_size=16, lr=2e-3, warmup=5, top_steps=30, fractions=(0.5, 1.0),
                     seeds=(0, 1), n_samples=16, cfg_scales=(1.0, 2.0, 4.0), masked_steps=(2, 4, 8),
-                    fid_recipe_steps=20, fsq_levels=(4, 4, 4), lfq_bits=6, top_k=16, cfg_scale=1.0),
+                    fid_recipe_steps=20, top_k=16, cfg_scale=None),
     "small": Budget("small", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=600,
                     model=(2, 64, 4), batch_size=64, lr=2e-3, warmup=50, top_steps=400,
                     fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=64, cfg_scales=(1.0, 1.5, 2.5, 4.0),
-                    masked_steps=(2, 4, 8, 16), fid_recipe_steps=500, fsq_levels=(8, 8, 8), lfq_bits=9,
-                    top_k=16, cfg_scale=1.0),
+                    masked_steps=(2, 4, 8, 16), fid_recipe_steps=500,
+                    top_k=16, cfg_scale=None),
     "full": Budget("full", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=1200,
                    model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=100, top_steps=900,
                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=128, cfg_scales=(1.0, 1.5, 2.5, 4.0),
-                   masked_steps=(2, 4, 8, 16, 32), fid_recipe_steps=500, fsq_levels=(8, 8, 8), lfq_bits=9,
-                   top_k=16, cfg_scale=1.0),
+                   masked_steps=(2, 4, 8, 16, 32), fid_recipe_steps=500,
+                   top_k=16, cfg_scale=None),
 }
 
 
@@ -423,16 +421,34 @@ def grid_side(b: Budget) -> int:
     return b.size // b.downsample
 
 
+def chain(b: Budget, scale: float | None = None) -> list[dict]:
+    """The sampler chain: guidance (``scale``, else the budget's, if any), then top-k."""
+    scale = b.cfg_scale if scale is None else scale
+    return ([] if scale is None else [{"name": "cfg", "scale": scale}]) + [{"name": "top-k", "k": b.top_k}]
+
+
+def same_vocabulary(codebook: int) -> tuple[list[int], int, int]:
+    """FSQ levels and LFQ bits (and LFQ's entropy groups, which must divide
+    them) giving ``codebook`` codes, the vocabulary of ``vq`` (a power of 2)."""
+    bits = round(math.log2(codebook))
+    if 2 ** bits != codebook or bits < 3:
+        raise ValueError(f"the codebook study needs a power-of-2 codebook of at least 8 codes, got {codebook}")
+    levels = [2 ** (bits // 3 + (i < bits % 3)) for i in range(3)]
+    groups = next(g for g in (2, 3, 1) if bits % g == 0)
+    return levels, bits, groups
+
+
 def tokenizers(b: Budget) -> dict[str, dict]:
     """The tokenizer tables of the study, by label."""
     h = grid_side(b)
     scales = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if s <= h]
     common = {"downsample": b.downsample, "steps": b.tokenizer_steps}
+    levels, bits, groups = same_vocabulary(b.codebook)
     return {
         "vq": {"name": "vq", "codebook_size": b.codebook, **common},
         "vq-no-restart": {"name": "vq", "codebook_size": b.codebook, **common, "restart_every": 0},
-        "fsq": {"name": "fsq", "levels": list(b.fsq_levels), **common},
-        "lfq": {"name": "lfq", "bits": b.lfq_bits, **common},
+        "fsq": {"name": "fsq", "levels": levels, **common},
+        "lfq": {"name": "lfq", "bits": bits, "entropy_groups": groups, **common},
         "multiscale": {"name": "multiscale", "codebook_size": b.codebook, **common, "scales": scales},
         # RQ-Transformer at vq's code budget: (h/2)² positions × depth 4 = h² codes, the same vocabulary
         "rq": {"name": "rq", "codebook_size": b.codebook, "depth": 4, "downsample": 2 * b.downsample,
@@ -486,7 +502,7 @@ def base_doc(b: Budget, *, steps: int, metrics: list[str] | None = None) -> dict
         "generator": {"name": "raster"},
         "model": {"n_layer": b.model[0], "d_model": b.model[1], "n_head": b.model[2]},
         "train": {"steps": steps, "batch_size": b.batch_size, "lr": b.lr, "warmup": min(b.warmup, steps)},
-        "sampler": [{"name": "cfg", "scale": b.cfg_scale}, {"name": "top-k", "k": b.top_k}],
+        "sampler": chain(b),
         "metrics": m,
         "device": "cpu",
     }
@@ -598,7 +614,7 @@ def order_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
 def top_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
     """The sweeps and decoders at the top budget."""
     raster_top, masked_top = max(steps["raster"]), max(steps["masked"])
-    base_chain = [{"name": "cfg", "scale": b.cfg_scale}, {"name": "top-k", "k": b.top_k}]
+    base_chain = chain(b)
     spec = {"name": "speculative", "gamma": 4}
     dec = base_doc(b, steps=raster_top)
     dec["grid"] = {"generator": [{"name": "raster"}, {"name": "sjd"}, dict(spec)],
@@ -606,6 +622,7 @@ def top_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
                    "seed": list(b.seeds),
                    "exclude": [{"generator": "raster", "sampler": "lantern"}, {"generator": "raster", "sampler": "gsd"}]}
     cfg = base_doc(b, steps=raster_top)
+    cfg["sampler"] = chain(b, scale=1.0)
     cfg["grid"] = {"seed": list(b.seeds), "sweep": {"sampler.cfg.scale": list(b.cfg_scales)}}
     masked = base_doc(b, steps=masked_top)
     masked["generator"] = {"name": "masked", "steps": 8}
@@ -1049,8 +1066,8 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
               (f"- recipe: {recipe}; `shapes` {b.size} px, {b.n} training and {b.n_holdout} held-out images; "
               f"`vq` {b.codebook} codes, downsample {b.downsample} ({grid_side(b)}×{grid_side(b)} codes), "
               f"tokenizers fitted {b.tokenizer_steps} steps; backbone {b.model[0]} layers × width {b.model[1]}, "
-              f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}; sampler chain cfg {b.cfg_scale:g} → "
-              f"top-k {b.top_k}; {b.n_samples} samples per cell; seeds {', '.join(map(str, b.seeds))} at the top "
+              f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}; sampler chain "
+              f"{' → '.join(t['name'] + ' ' + str(t.get('scale', t.get('k'))) for t in chain(b))}; {b.n_samples} samples per cell; seeds {', '.join(map(str, b.seeds))} at the top "
               f"budget, the first seed at lower budgets;"),
               f"- training budgets: {', '.join(str(round(f * b.top_steps)) for f in b.fractions)} `raster` steps; "
               "every order gets the steps that spend the same training FLOPs (the trainer's count, "
@@ -1098,6 +1115,97 @@ def _cores() -> int:
 
 
 # ---------------------------------------------------------------------------
+# How long a budget takes (measured now, extrapolated over the plan)
+# ---------------------------------------------------------------------------
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3) -> dict[str, float]:
+    """The budget's wall time on this machine, now: seconds per training step of
+    every order (fresh weights, random codes), per tokenizer-fitting step and per
+    generated image, each measured over a few repeats and multiplied by what the
+    plan computes. Excludes the one-off FID extractor, the data sets, the
+    metrics and the speculative draft's training (small next to the rest), and
+    assumes adaptive decoders (SJD, speculative) cost what raster does per image."""
+    import torch
+
+    from tokenloom.config import build_component, parse_config
+    from tokenloom.interfaces import SamplerContext
+    from tokenloom.model import InstrumentedModel, build_model
+    from tokenloom.registry import get_registry
+    from tokenloom.rng import RowRNG
+    from tokenloom.sampling import build_chain
+    from tokenloom.train import configure_optimizer, make_batch, train_step
+
+    registry = get_registry()
+    toks = tokenizers(b)
+    out: dict[str, float] = {"train": 0.0, "tokenizers": 0.0, "generate": 0.0}
+    n_lower, n_top = len(b.fractions) - 1, len(b.seeds)
+    per_image: dict[str, float] = {}
+    for o in orders(b):
+        raw = base_doc(b, steps=max(steps[o.label]))
+        raw["tokenizer"], raw["generator"] = toks[o.tokenizer], dict(o.table)
+        cfg = parse_config(raw, registry=registry, source="bench/claims.py (estimate)")
+        tok = build_component(registry, "tokenizer", cfg.tokenizer.name,
+                              {**cfg.tokenizer.options, "image_shape": (3, b.size, b.size)}, path="tokenizer")
+        gen = build_component(registry, "generator", cfg.generator.name,
+                              {**cfg.generator.options, "tokenizer": tok}, path="generator")
+        model = build_model(gen.model_spec(), cfg.model, n_classes=N_CLASSES, seed=0)
+        opt = configure_optimizer(model, cfg.train)
+        g = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, tok.vocab_size, (4 * b.batch_size, tok.layout.length), generator=g)
+        labels = torch.randint(0, N_CLASSES, (4 * b.batch_size,), generator=g)
+        idx = torch.arange(b.batch_size)
+
+        def step(gen=gen, codes=codes, labels=labels, idx=idx, model=model, opt=opt) -> None:
+            batch = make_batch(gen, codes, labels, idx, seed=0, step=1, n_steps=10, label_dropout=0.1,
+                               null_class=N_CLASSES)
+            train_step(model, opt, batch, lr=1e-4, grad_clip=1.0)
+
+        per_step = _timed(step, repeats)
+        # models: lower budgets on the first seed, the top budget on every seed; RAR trains a second raster
+        trained = sum(steps[o.label][:-1]) * (n_lower > 0) + steps[o.label][-1] * n_top
+        out["train"] += per_step * trained * (2 if o.label == "raster" else 1)
+        model.eval()
+        wrapped = InstrumentedModel(model)
+        chain = build_chain(cfg.sampler, registry=registry)
+        emb = wrapped.token_embeddings()
+        chain.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
+                                  token_embeddings=None if emb is None else emb.detach()))
+        lab = torch.arange(16) % N_CLASSES
+
+        def generate(gen=gen, wrapped=wrapped, chain=chain, lab=lab) -> None:
+            with torch.inference_mode():
+                gen.generate(wrapped, chain, lab, rng=RowRNG(0, torch.arange(16)))
+
+        per_image[o.label] = _timed(generate, 1) / 16
+        cells = (n_lower + n_top) * (1 + len(o.extra))
+        out["generate"] += per_image[o.label] * cells * b.n_samples
+    # the top-budget decoders and sweeps (the speculative draft's training, a 1-layer model, is left out)
+    top_cells = (7 + len(b.cfg_scales)) * n_top
+    out["generate"] += per_image["raster"] * top_cells * b.n_samples
+    out["generate"] += per_image["masked"] * len(b.masked_steps) * n_top * b.n_samples
+    images = torch.rand(256, 3, b.size, b.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for name in ("vq", "vq-no-restart", "fsq", "lfq", "multiscale", "rq"):
+        table = {k: v for k, v in toks[name].items() if k not in ("name", "steps")}
+        tok = build_component(registry, "tokenizer", toks[name]["name"], {**table, "steps": 2,
+                              "image_shape": (3, b.size, b.size)}, path="tokenizer")
+        t = time.perf_counter()
+        tok.fit(images, steps=2 + repeats, progress=False)
+        per = (time.perf_counter() - t) / (2 + repeats)
+        out["tokenizers"] += per * b.tokenizer_steps * len(b.seeds)
+    out["total"] = out["train"] + out["tokenizers"] + out["generate"]
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
@@ -1110,6 +1218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default=str(RECIPE), help="recipe TOML (used when it exists; not for smoke)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--estimate", action="store_true",
+                    help="measure a few steps of every stage now and print how long the budget would take")
     args = ap.parse_args(argv)
     import torch
 
@@ -1117,12 +1227,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     budget, recipe = apply_recipe(BUDGETS[args.budget], Path(args.recipe))
     out = Path(args.out or ROOT / "runs" / f"claims-{budget.name}")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"claims: budget {budget.name}, recipe {recipe}, output {out}", flush=True)
     per_step = {o.label: flops_per_step(budget, o) for o in orders(budget)}
     steps = steps_at_budgets(budget, per_step)
     print("steps at equal FLOPs: " + "; ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
+    if args.estimate:
+        est = estimate_seconds(budget, steps)
+        print(f"estimated wall time of the {budget.name} budget from scratch on this machine now: "
+              f"{est['total'] / 60:.0f} min (backbones {est['train'] / 60:.0f}, tokenizers {est['tokenizers'] / 60:.0f}, "
+              f"generation {est['generate'] / 60:.0f}; excludes metrics and one-off set-up, about a minute)")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
 
     runs: list[dict] = []
     timings: dict[str, float] = {}

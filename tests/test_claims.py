@@ -215,3 +215,21 @@ def test_curves_group_by_order_and_budget():
     assert list(data) == ["raster"]
     assert [p["steps"] for p in data["raster"]] == [5, 10]
     assert data["raster"][1]["seeds"] == 2 and data["raster"][1]["valid"].mean == pytest.approx(0.65)
+
+
+def test_codebook_study_compares_the_same_vocabulary():
+    for codebook in (64, 128, 512):
+        levels, bits, groups = C.same_vocabulary(codebook)
+        assert math.prod(levels) == 2 ** bits == codebook
+        assert bits % groups == 0
+    with pytest.raises(ValueError):
+        C.same_vocabulary(100)
+    toks = C.tokenizers(C.BUDGETS["full"])
+    assert toks["vq-no-restart"]["restart_every"] == 0
+    assert math.prod(toks["fsq"]["levels"]) == toks["vq"]["codebook_size"] == 2 ** toks["lfq"]["bits"]
+
+
+def test_base_chain_guidance_only_when_asked():
+    b = C.BUDGETS["smoke"]
+    assert [t["name"] for t in C.chain(b)] == ["top-k"]
+    assert C.chain(b, scale=2.0)[0] == {"name": "cfg", "scale": 2.0}
