@@ -368,9 +368,10 @@ BUDGETS = {
                     model=(1, 32, 2), batch_size=16, lr=2e-3, warmup=5, top_steps=30, fractions=(0.5, 1.0),
                     seeds=(0, 1), n_samples=16, cfg_scales=(1.0, 2.0, 4.0), masked_steps=(2, 4, 8),
                     fid_recipe_steps=20, top_k=16, cfg_scale=None),
-    "small": Budget("small", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=600,
-                    model=(2, 64, 4), batch_size=64, lr=2e-3, warmup=50, top_steps=400,
-                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=64, cfg_scales=(1.0, 1.5, 2.5, 4.0),
+    # small: the recipe's tokenizer and backbone at a quarter of full's training budget
+    "small": Budget("small", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=1200,
+                    model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=50, top_steps=250,
+                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=128, cfg_scales=(1.0, 1.5, 2.5, 4.0),
                     masked_steps=(2, 4, 8, 16), fid_recipe_steps=500,
                     top_k=16, cfg_scale=None),
     "full": Budget("full", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=1200,
@@ -383,8 +384,9 @@ BUDGETS = {
 
 def apply_recipe(budget: Budget, path: Path) -> tuple[Budget, str]:
     """The budget with the recipe file's data, tokenizer, backbone, training and
-    sampler settings (those it names; never for ``smoke``). Returns the budget
-    and a line saying where the recipe came from."""
+    sampler settings (those it names; never for ``smoke``; its training steps
+    become the top budget of ``full`` only). Returns the budget and a line
+    saying where the recipe came from."""
     if budget.name == "smoke" or not path.is_file():
         return budget, "built-in recipe (bench/claims.py BUDGETS)"
     from tokenloom.config import read_toml
@@ -400,14 +402,14 @@ def apply_recipe(budget: Budget, path: Path) -> tuple[Budget, str]:
             changes["downsample"] = tok["downsample"]
         if isinstance(tok.get("codebook_size"), int):
             changes["codebook"] = tok["codebook_size"]
-        if isinstance(tok.get("steps"), int) and budget.name == "full":
+        if isinstance(tok.get("steps"), int):
             changes["tokenizer_steps"] = tok["steps"]
-    if all(isinstance(model.get(k), int) for k in ("n_layer", "d_model", "n_head")) and budget.name == "full":
+    if all(isinstance(model.get(k), int) for k in ("n_layer", "d_model", "n_head")):
         changes["model"] = (model["n_layer"], model["d_model"], model["n_head"])
     for key, field in (("batch_size", "batch_size"), ("lr", "lr"), ("warmup", "warmup")):
-        if isinstance(train.get(key), (int, float)) and budget.name == "full":
+        if isinstance(train.get(key), (int, float)):
             changes[field] = train[key]
-    if isinstance(train.get("steps"), int) and budget.name == "full":
+    if isinstance(train.get("steps"), int) and budget.name == "full":  # small keeps its shorter budget
         changes["top_steps"] = train["steps"]
     for s in raw.get("sampler", []):
         if s.get("name") == "top-k" and isinstance(s.get("k"), int):
@@ -1170,6 +1172,7 @@ def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3
             train_step(model, opt, batch, lr=1e-4, grad_clip=1.0)
 
         per_step = _timed(step, repeats)
+        out[f"step:{o.label}"] = per_step
         # models: lower budgets on the first seed, the top budget on every seed; RAR trains a second raster
         trained = sum(steps[o.label][:-1]) * (n_lower > 0) + steps[o.label][-1] * n_top
         out["train"] += per_step * trained * (2 if o.label == "raster" else 1)
@@ -1202,6 +1205,9 @@ def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3
         per = (time.perf_counter() - t) / (2 + repeats)
         out["tokenizers"] += per * b.tokenizer_steps * len(b.seeds)
     out["total"] = out["train"] + out["tokenizers"] + out["generate"]
+    import os
+
+    out["load_average"] = os.getloadavg()[0]
     return out
 
 
@@ -1236,7 +1242,9 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate_seconds(budget, steps)
         print(f"estimated wall time of the {budget.name} budget from scratch on this machine now: "
               f"{est['total'] / 60:.0f} min (backbones {est['train'] / 60:.0f}, tokenizers {est['tokenizers'] / 60:.0f}, "
-              f"generation {est['generate'] / 60:.0f}; excludes metrics and one-off set-up, about a minute)")
+              f"generation {est['generate'] / 60:.0f}; excludes metrics and one-off set-up, about a minute); "
+              f"one raster training step {est['step:raster']:.3f} s; load average {est['load_average']:.1f} "
+              f"on {_cores()} cores (a loaded machine inflates every figure)")
         return 0
     out.mkdir(parents=True, exist_ok=True)
 
