@@ -1060,7 +1060,9 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
         lines += ["", ("> **Smoke budget: these verdicts say nothing about the methods.** The smoke budget trains "
                   "tiny tokenizers and backbones for a few dozen steps and scores 16 samples per cell, only to "
                   "exercise every claim's code path; its intervals are wide and most verdicts are *inconclusive* "
-                  "by design. Run `make claims` (the full budget) for the study.")]
+                  "by design. Run `make claims` (the full budget) for the study; "
+                  "`bench/claims.py --budget full --estimate` measures a few steps of every stage and prints how "
+                  "long it would take on the machine at hand.")]
     lines += ["", (f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[UNSURE]} inconclusive. "
               "Every verdict below is computed by the script from the stated test; none is written by hand "
               "(this file is generated — edit `bench/claims.py`, not this file)."), ""]
