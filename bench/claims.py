@@ -1050,12 +1050,13 @@ def _cell(text: str) -> str:
 
 
 def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], steps: dict[str, list[int]],
-                    *, recipe: str, seconds: float, command: str, plot: str | None) -> str:
+                    *, recipe: str, seconds: float, command: str, plot: str | None, fresh: bool = True) -> str:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# The seeds' claims, measured", ""]
     lines += [(f"**Produced by the `{b.name}` budget** of `bench/claims.py` (`{command}`), {when}, "
-              f"{seconds / 60:.1f} min on {platform.machine()} with {_cores()} cores.")]
+              f"{seconds / 60:.1f} min on {platform.machine()} with {_cores()} cores "
+              + ("from scratch." if fresh else "(this invocation, reusing the finished stages of an earlier one)."))]
     if b.name == "smoke":
         lines += ["", ("> **Smoke budget: these verdicts say nothing about the methods.** The smoke budget trains "
                   "tiny tokenizers and backbones for a few dozen steps and scores 16 samples per cell, only to "
@@ -1248,6 +1249,7 @@ def main(argv: list[str] | None = None) -> int:
               f"one raster training step {est['step:raster']:.3f} s; load average {est['load_average']:.1f} "
               f"on {_cores()} cores (a loaded machine inflates every figure)")
         return 0
+    fresh = not (out / "cells").exists()
     out.mkdir(parents=True, exist_ok=True)
 
     runs: list[dict] = []
@@ -1270,7 +1272,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_rel = "claims/quality-vs-train-flops.png"
     seconds = time.perf_counter() - t0
     command = " ".join(["bench/claims.py"] + (argv if argv is not None else sys.argv[1:]))
-    md = claims_markdown(budget, rows, data, steps, recipe=recipe, seconds=seconds, command=command, plot=plot_rel)
+    md = claims_markdown(budget, rows, data, steps, recipe=recipe, seconds=seconds, command=command, plot=plot_rel,
+                          fresh=fresh)
     (docs / "claims.md").write_text(md, encoding="utf-8")
     record = {"budget": asdict(budget), "recipe": recipe, "seconds": seconds, "timings": timings, "steps": steps,
               "claims": rows, "runs": runs}
