@@ -84,7 +84,9 @@ class ImageSet:
       docstring), else None;
     - ``captions``: one caption per image (``shapes``: written from its
       attributes by :func:`shapes_caption`; ``folder``: ``metadata.jsonl``),
-      else None.
+      else None;
+    - ``holdout_combos``: the ``[data] holdout_combos`` left out of the
+      training split (``shapes``), for metrics that score them apart.
     """
 
     images: torch.Tensor
@@ -93,6 +95,7 @@ class ImageSet:
     class_names: tuple[str, ...]
     attributes: list[dict] | None = None
     captions: tuple[str, ...] | None = None
+    holdout_combos: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -281,13 +284,20 @@ def _shapes(config: Any, split: str, seed: int) -> ImageSet:
         raise ConfigError([f"data.channels: shapes are coloured and need channels = 3, got {config.channels}"])
     start, count = (0, config.n) if split == "train" else (config.n, config.n_holdout)
     attributes = shapes_attributes(seed, range(start, start + count))
+    combos = [parse_combo(c, where=f"data.holdout_combos[{i}]")
+              for i, c in enumerate(getattr(config, "holdout_combos", ()) or ())]
+    if combos and split == "train":  # compositional generalisation: these combinations are never trained on
+        attributes = [a for a in attributes if not any(combo_matches(c, a) for c in combos)]
+        if not attributes:
+            raise ConfigError(["data.holdout_combos: every training image matches a held-out combination"])
     for a in attributes:
         for p in a["shapes"]:
             p["bbox"] = _shape_bbox(p, size)
     images = torch.stack([render_shapes(a, size) for a in attributes]) if attributes else torch.empty(0, 3, size, size)
     labels = torch.tensor([a["label"] for a in attributes], dtype=torch.long)
     captions = tuple(shapes_caption(a) for a in attributes)
-    return ImageSet(images.float().contiguous(), labels, len(SHAPE_CLASSES), SHAPE_CLASSES, attributes, captions)
+    return ImageSet(images.float().contiguous(), labels, len(SHAPE_CLASSES), SHAPE_CLASSES, attributes, captions,
+                    tuple(getattr(config, "holdout_combos", ()) or ()))
 
 
 # ---------------------------------------------------------------------------
@@ -327,6 +337,42 @@ def shapes_caption(attributes: dict, template: int | None = None) -> str:
     if t == 1:
         return f"{_NUMBERS[n]} {noun} in {colours[0] if same else _listing(colours)}"
     return f"{n} {colours[0] if same else _listing(colours)} {noun}"
+
+
+def parse_combo(text: str, *, where: str = "holdout_combos") -> dict:
+    """A combination of attributes, ``"red square"``, ``"3 triangles"``, ``"two blue circles"``,
+    ``"magenta"``: any of a count, a colour and a class (``{"count", "colour", "class"}``, the
+    keys named). Unknown words are a :class:`ConfigError` naming ``where``."""
+    import re
+
+    if not isinstance(text, str):
+        raise ConfigError([f"{where}: expected a string such as 'red square', got {text!r}"])
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    classes = {c: c for c in SHAPE_CLASSES} | {_plural(c): c for c in SHAPE_CLASSES}
+    out: dict[str, Any] = {}
+    for w in words:
+        if w in classes:
+            out["class"] = classes[w]
+        elif w in SHAPES_COLOURS:
+            out["colour"] = w
+        elif w in _COUNT_WORDS and w not in ("a", "an"):
+            out["count"] = _COUNT_WORDS[w]
+        elif w not in ("a", "an", "and"):
+            raise ConfigError([(f"{where}: {w!r} in {text!r} is not a count, colour ({', '.join(SHAPES_COLOURS)}) "
+                               f"or class ({', '.join(SHAPE_CLASSES)})")])
+    if not out:
+        raise ConfigError([f"{where}: {text!r} names no count, colour or class"])
+    return out
+
+
+def combo_matches(combo: dict, attributes: dict) -> bool:
+    """Whether a ``shapes`` scene (:func:`shapes_attributes`) has the combination
+    :func:`parse_combo` read: its class, its count, a shape of its colour."""
+    if "class" in combo and attributes["class"] != combo["class"]:
+        return False
+    if "count" in combo and attributes["count"] != combo["count"]:
+        return False
+    return "colour" not in combo or combo["colour"] in attributes["colours"]
 
 
 def parse_caption(text: str) -> dict | None:
@@ -653,6 +699,9 @@ def load_dataset(config: Any, *, split: str = "train", seed: int = 0) -> ImageSe
         raise ConfigError([f"data.name: unknown data set {config.name!r} ({hint}available: {', '.join(DATASETS)})"])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError([f"seed: expected a non-negative int, got {seed!r}"])
+    if getattr(config, "holdout_combos", ()) and config.name != "shapes":
+        raise ConfigError([(f"data.holdout_combos: only the shapes data set knows its images' attributes, not "
+                           f"{config.name!r}")])
     return loader(config, split, seed)
 
 
@@ -668,8 +717,10 @@ __all__ = [
     "SHAPE_CLASSES",
     "SHAPE_FILL_RATIO",
     "ImageSet",
+    "combo_matches",
     "load_dataset",
     "parse_caption",
+    "parse_combo",
     "parse_shapes",
     "read_image",
     "read_metadata_captions",

@@ -82,6 +82,9 @@ class DataConfig:
     n_holdout: int = attrs.field(default=500, validator=_non_negative)
     path: str | None = None
     channels: int = attrs.field(default=3, validator=_positive)
+    #: ``shapes``: combinations ("red square", "3 triangles", "blue circle") whose images are left out of
+    #: the training split (the held-out split keeps them): compositional generalisation
+    holdout_combos: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen
@@ -320,6 +323,10 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     }
     if out["data"]["path"] is None:
         del out["data"]["path"]
+    if not out["data"]["holdout_combos"]:  # absent unless used: run ids as before
+        del out["data"]["holdout_combos"]
+    else:
+        out["data"]["holdout_combos"] = list(out["data"]["holdout_combos"])
     if cfg.generator is not None:
         out["generator"] = cfg.generator.table()
     if cfg.conditioner is not None:  # absent = class labels (the dict, and so every run id, as before)

@@ -42,7 +42,10 @@ def component_key(c: Any) -> dict:
 
 def data_key(cfg: RunConfig) -> str:
     """The ``data_id`` of caches when the run loads ``cfg.data`` itself."""
-    return stable_hash(attrs.asdict(cfg.data))
+    data = attrs.asdict(cfg.data)
+    if not data.get("holdout_combos"):  # absent unless used: the keys of every other config as before
+        data.pop("holdout_combos", None)
+    return stable_hash(data)
 
 
 def data_content_key(train: Any, holdout: Any) -> str:

@@ -15,7 +15,9 @@ Values: ``prompt_alignment`` (the fraction of aligned images) and each attribute
 names it. Two ceilings, when the data set has captions: ``prompt_alignment_real`` (the held-out
 images against their own captions: what the parser can read at this size) and
 ``prompt_alignment_reconstructed`` (their tokenizer reconstructions: what the tokenizer lets
-through). A class-conditional run's prompt is its class (only ``class`` is asked). Prompts that
+through). With ``[data] holdout_combos`` (combinations never trained on),
+``prompt_alignment_unseen`` scores the prompts that ask for one of them and
+``prompt_alignment_seen`` the others: compositional generalisation. A class-conditional run's prompt is its class (only ``class`` is asked). Prompts that
 name no shape class are left out (``n_unparsed`` in the eval card). On other data sets, or
 without prompts or classes, every value is None (the card says why).
 """
@@ -30,7 +32,7 @@ import numpy as np
 import tokenloom
 
 _KEYS = ("prompt_alignment", "prompt_count_ok", "prompt_class_ok", "prompt_colour_ok", "prompt_alignment_real",
-         "prompt_alignment_reconstructed")
+         "prompt_alignment_reconstructed", "prompt_alignment_seen", "prompt_alignment_unseen")
 
 
 def parse_caption_of(text: str) -> dict | None:
@@ -109,6 +111,7 @@ class PromptAlignment(tokenloom.Metric):
             card["not_applicable"] = reason
             return tokenloom.MetricResult(dict.fromkeys(_KEYS), card)
         verdicts = [self.judge(img, w) for img, w in zip(ctx.generated, wanted) if w is not None]
+        combos = tuple(getattr(ctx.data, "holdout_combos", ()) or ())
         card["n_generated"] = len(ctx.generated)
         card["n_unparsed"] = sum(w is None for w in wanted)
         out: dict[str, Any] = dict.fromkeys(_KEYS)
@@ -118,6 +121,18 @@ class PromptAlignment(tokenloom.Metric):
                               ("prompt_colour_ok", "colours")):
                 asked = [v[attr] for v in verdicts if v[attr] is not None]
                 out[key] = float(np.mean(asked)) if asked else None
+        if combos and verdicts:
+            from tokenloom.data import combo_matches, parse_combo
+
+            parsed = [parse_combo(c) for c in combos]
+            asks = [w for w in wanted if w is not None]
+            unseen = [all(k in w for k in ("class", "count", "colours"))
+                      and any(combo_matches(c, w) for c in parsed) for w in asks]
+            for key, pick in (("prompt_alignment_unseen", True), ("prompt_alignment_seen", False)):
+                hits = [v["aligned"] for v, u in zip(verdicts, unseen) if u == pick]
+                out[key] = float(np.mean(hits)) if hits else None
+            card["holdout_combos"] = list(combos)
+            card["n_unseen"] = int(sum(unseen))
         captions = getattr(ctx.data, "captions", None)
         for key, images in (("prompt_alignment_real", ctx.real), ("prompt_alignment_reconstructed", ctx.reconstructed)):
             if images is None or captions is None or not len(images) or len(captions) < len(images):
