@@ -233,3 +233,20 @@ def test_base_chain_guidance_only_when_asked():
     b = C.BUDGETS["smoke"]
     assert [t["name"] for t in C.chain(b)] == ["top-k"]
     assert C.chain(b, scale=2.0)[0] == {"name": "cfg", "scale": 2.0}
+
+
+def test_ablation_reports_draw_quality_against_training_flops(tmp_path):
+    from tokenloom.reports import plot_vs_train_flops
+
+    def row(gen, steps, flops, valid):
+        return {"labels": {"generator": gen, "train.steps": str(steps)},
+                "metrics": {"train_flops": {"mean": flops, "std": None, "n": 1},
+                            "shapes_valid": {"mean": valid, "std": 0.01, "n": 2}}}
+
+    one_budget = [row("raster", 10, 1e9, 0.2), row("masked", 10, 1e9, 0.1)]
+    assert not plot_vs_train_flops(one_budget, "shapes_valid", tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+    curves = one_budget + [row("raster", 20, 2e9, 0.4), row("masked", 20, 2e9, 0.3)]
+    assert plot_vs_train_flops(curves, "shapes_valid", tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_vs_train_flops(curves, "fid", tmp_path / "c.png")  # no such metric

@@ -13,6 +13,9 @@
   wherever the metrics' eval cards differ between rows, the skipped cells;
 - ``plots/<quality>-vs-<cost>.png`` — each quality metric against NFE and
   against seconds per image, the Pareto front highlighted;
+- ``plots/<quality>-vs-train-flops.png`` — when a grid sweeps
+  ``train.steps`` (and the ``cost`` metric reports ``train_flops``): each
+  quality metric against training FLOPs, one line per composition;
 - ``overview.png`` — a row of samples per table row, labelled.
 
 Which way is better is decided in one place, :data:`DIRECTIONS`.
@@ -359,6 +362,40 @@ def plot_pareto(rows: list[dict], quality: str, cost: str, path: Path) -> bool:
     return True
 
 
+def plot_vs_train_flops(rows: list[dict], quality: str, path: Path, *, axis: str = "train.steps") -> bool:
+    """``quality`` against the backbone's training FLOPs (``train_flops``), one
+    line per composition that differs only in the grid label ``axis`` (a
+    ``train.steps`` sweep: each composition's quality-against-compute curve),
+    error bars the standard deviation over seeds. Returns False (and draws
+    nothing) unless some composition has two or more training budgets."""
+    groups: dict[str, list[tuple[float, dict]]] = {}
+    for r in rows:
+        f, q = r["metrics"].get("train_flops", {}), r["metrics"].get(quality, {})
+        if f.get("mean") is None or q.get("mean") is None:
+            continue
+        name = " · ".join(v for k, v in r["labels"].items() if k != axis) or "base"
+        groups.setdefault(name, []).append((f["mean"], q))
+    if not any(len({x for x, _ in pts}) > 1 for pts in groups.values()):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    for name, pts in groups.items():
+        pts.sort(key=lambda p: p[0])
+        ax.errorbar([x for x, _ in pts], [q["mean"] for _, q in pts], yerr=[q["std"] or 0.0 for _, q in pts],
+                    marker="o", markersize=4, capsize=2, lw=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs of the backbone (train_flops)")
+    better = {"lower": "lower is better", "higher": "higher is better"}.get(direction(quality) or "", "")
+    ax.set_ylabel(f"{quality} ({better})" if better else quality)
+    ax.set_title(f"{quality} against training compute, one line per composition", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def first_row_of_grid(png: Path) -> Any:
     """The first row of a pipeline sample grid (``numpy`` ``[h, W, 3]``)."""
     import numpy as np
@@ -455,6 +492,9 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
                 rel = f"plots/{_slug(q)}-vs-{_slug(c)}.png"
                 if plot_pareto(rows, q, c, out / rel):
                     drawn.append(rel)
+            rel = f"plots/{_slug(q)}-vs-train-flops.png"
+            if plot_vs_train_flops(rows, q, out / rel):
+                drawn.append(rel)
         report["plots"] = drawn
         report["overview"] = "overview.png" if overview_image(rows, out, out / "overview.png") else None
     write_json(out / "results.json", report)
@@ -476,6 +516,7 @@ __all__ = [
     "overview_image",
     "pareto_front",
     "plot_pareto",
+    "plot_vs_train_flops",
     "results_markdown",
     "write_ablation_report",
 ]
