@@ -684,7 +684,8 @@ def test_kill_9_during_fit_tokenizer_then_resume_gives_the_same_report(tmp_path)
     assert done.returncode == 0, done.stderr
     a = json.loads((tmp_path / "ref" / "reconstruction.json").read_text())["holdout"]
     b = json.loads((tmp_path / "killed" / "reconstruction.json").read_text())["holdout"]
-    assert a == b
+    untimed = [k for k in a if not k.endswith("seconds")]
+    assert "mse" in untimed and {k: a[k] for k in untimed} == {k: b[k] for k in untimed}
 
 
 @pytest.mark.slow
