@@ -503,7 +503,7 @@ def base_doc(b: Budget, *, steps: int, metrics: list[str] | None = None) -> dict
         "tokenizer": tokenizers(b)["vq"],
         "generator": {"name": "raster"},
         "model": {"n_layer": b.model[0], "d_model": b.model[1], "n_head": b.model[2]},
-        "train": {"steps": steps, "batch_size": b.batch_size, "lr": b.lr, "warmup": min(b.warmup, steps)},
+        "train": {"steps": steps, "batch_size": b.batch_size, "lr": b.lr, "warmup": b.warmup},
         "sampler": chain(b),
         "metrics": m,
         "device": "cpu",
@@ -527,6 +527,14 @@ def flops_per_step(b: Budget, order: Order) -> float:
     spec = gen.model_spec()
     model = build_model(spec, cfg.model, n_classes=N_CLASSES, seed=0)
     return float(b.batch_size * spec.seq_len * model.flops_per_token(spec.seq_len))
+
+
+def with_study_warmup(b: Budget, steps: dict[str, list[int]]) -> Budget:
+    """The budget with one warm-up for every model of the study: the recipe's,
+    or the smallest step count when that is shorter. One value, so that the
+    sweeps at the top budget reuse the models the orders grids trained (the
+    warm-up is part of a model's cache key)."""
+    return replace(b, warmup=min([b.warmup] + [min(v) for v in steps.values()]))
 
 
 def steps_at_budgets(b: Budget, per_step: dict[str, float]) -> dict[str, list[int]]:
@@ -605,7 +613,6 @@ def order_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
             grid["exclude"] = exclude
         grid["sweep"] = {"train.steps": values}
         doc["grid"] = grid
-        doc["train"]["warmup"] = min(b.warmup, min(values))
         labels = {o.label: o.table, **{k: t for k, t in o.extra}}
         out.append(Study(f"orders-{o.label}", doc, labels,
                          f"{o.label} at equal training FLOPs: {', '.join(map(str, values))} steps "
@@ -698,6 +705,13 @@ def run_study(study: Study, out: Path, *, progress: bool) -> list[dict]:
     return [run_record(study.name, r, study.gen_labels) for r in report.get("runs", [])]
 
 
+def inpainting_doc(b: Budget, steps: dict[str, list[int]], seed: int) -> dict:
+    """The run config of the inpainting check: the top-budget ``random`` model of the orders grid."""
+    raw = base_doc(b, steps=max(steps["random"]), metrics=["shapes-oracle", "cost"])
+    raw["generator"], raw["seed"] = {"name": "random"}, seed
+    return raw
+
+
 def run_inpainting(b: Budget, steps: dict[str, list[int]], out: Path, *, progress: bool) -> list[dict]:
     """RandAR's zero-shot inpainting: the top-budget ``random`` model regenerates
     the centre of held-out images (one run per seed, same shared cache)."""
@@ -706,9 +720,7 @@ def run_inpainting(b: Budget, steps: dict[str, list[int]], out: Path, *, progres
 
     runs = []
     for seed in b.seeds:
-        raw = base_doc(b, steps=max(steps["random"]), metrics=["shapes-oracle", "cost"])
-        raw["generator"], raw["seed"] = {"name": "random"}, seed
-        cfg = parse_config(raw, source="bench/claims.py (inpainting)")
+        cfg = parse_config(inpainting_doc(b, steps, seed), source="bench/claims.py (inpainting)")
         print(f"[inpainting] random, region center, seed {seed}", flush=True)
         rec = run(cfg, out, region="center", progress=progress, write_report=False)
         runs.append(run_record("inpainting", rec, {"random": {"name": "random"}}))
@@ -1240,6 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"claims: budget {budget.name}, recipe {recipe}, output {out}", flush=True)
     per_step = {o.label: flops_per_step(budget, o) for o in orders(budget)}
     steps = steps_at_budgets(budget, per_step)
+    budget = with_study_warmup(budget, steps)
     print("steps at equal FLOPs: " + "; ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
     if args.estimate:
         est = estimate_seconds(budget, steps)

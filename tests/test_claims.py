@@ -300,3 +300,23 @@ def test_claims_do_not_hold_on_bad_figures():
                           "next-scale-markov": 0.05, "depth-stack": 0.2, "sjd": 0.5, "inpainting": 0.1}))}
     for paper in ("VAR", "RAR", "SJD", "PAR", "HMAR", "RQ-Transformer"):
         assert rows[paper] == FAILS, paper
+
+
+def test_top_budget_sweeps_reuse_the_models_of_the_orders_grids():
+    from tokenloom.ablation import plan_grid
+
+    b = C.BUDGETS["smoke"]
+    steps = {o.label: [10, 20] for o in C.orders(b)}
+    steps["next-frequency"] = [3, 7]
+    b = C.with_study_warmup(b, steps)
+    assert b.warmup == 3
+    grids = {g.name: g.doc for g in C.order_grids(b, steps) + C.top_grids(b, steps)}
+
+    def models(doc):
+        return {k for pc in plan_grid(doc).cells for k in pc.models}
+
+    trained = models(grids["orders-raster"]) | models(grids["orders-masked"]) | models(grids["orders-random"])
+    assert models(grids["cfg"]) <= trained
+    assert models(grids["masked-steps"]) <= trained
+    assert len(models(grids["decoders"]) - trained) == len(b.seeds)  # only the speculative drafts are new
+    assert models(C.inpainting_doc(b, steps, seed=1)) <= trained
