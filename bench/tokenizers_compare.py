@@ -90,7 +90,7 @@ def main() -> None:
     done = {} if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
     rows: list[dict] = done.get("rows", [])
     recs_path = ROOT / "runs" / "bench-tokenizers-recons.pt"  # cache of reconstructions for the grids (git-ignored)
-    recs: dict = torch.load(recs_path) if recs_path.exists() and not args.fresh else {}
+    recs: dict = torch.load(recs_path, weights_only=True) if recs_path.exists() and not args.fresh else {}
     key = lambda r: (r["data"], r["label"], json.dumps(r["options"], sort_keys=True))
     have = {key(r): r for r in rows}
 
