@@ -369,6 +369,8 @@ REFUSED = {
     "missing-folder": (TOML.format(k=3, steps=2).replace('name = "shapes"', 'name = "folder"\npath = "/nonexistent/x"'),
                        "no such directory"),
     "grid-file-to-run": (GRID, None),
+    "digits-holdout": (TOML.format(k=3, steps=2).replace('name = "shapes"', 'name = "digits"')
+                       .replace("n_holdout = 16", "n_holdout = 1797"), "has 1797 images"),
 }
 
 
@@ -392,6 +394,29 @@ def test_check_refuses_what_run_refuses(tmp_path, case):
     assert checked.exit_code == 2, checked.output
     assert words in checked.output and words in ran.output
     assert "Traceback" not in checked.output + ran.output
+
+
+def test_check_counts_the_images_of_an_npz_and_a_folder_without_decoding_them(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tokenloom.cli import cli as tl
+
+    npz = tmp_path / "d.npz"
+    np.savez_compressed(npz, images=np.zeros((5, 8, 8, 3), np.uint8))
+    folder = tmp_path / "f" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    for name, path, total in (("npz", npz, 5), ("folder", tmp_path / "f", 3)):
+        text = TOML.format(k=3, steps=2).replace('name = "shapes"', f'name = "{name}"\npath = "{path}"')
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(text.replace("n_holdout = 16", f"n_holdout = {total}"))
+        res = CliRunner().invoke(tl, ["check", str(cfg)])
+        assert res.exit_code == 2 and f"has {total} images" in res.output, res.output
+        cfg.write_text(text.replace("n_holdout = 16", f"n_holdout = {total - 1}"))
+        assert CliRunner().invoke(tl, ["check", str(cfg)]).exit_code == 0
 
 
 def test_check_lists_the_skipped_cells_of_a_grid_and_refuses_a_grid_with_none(tmp_path):
@@ -704,3 +729,31 @@ def test_kill_9_during_an_ablation_then_resume_loses_no_cell(tmp_path):
         for key in DETERMINISTIC:
             assert x["metrics"][key] == y["metrics"][key]
         assert x["train"]["final_loss"] == y["train"]["final_loss"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_tokenizer_fit_of_a_run_resumes_the_fit(tmp_path):
+    cfg = tmp_path / "vq-run.toml"
+    cfg.write_text(TOML.format(k=3, steps=4).replace(
+        '[tokenizer]\nname = "pixel"\nbits = 1\npool = 2\n',
+        '[tokenizer]\nname = "vq"\ncodebook_size = 16\ncode_dim = 4\ndownsample = 2\nsteps = 400\n'))
+    ref = cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    for delay in (3.0, 4.0, 5.0, 6.0, 8.0):  # until the kill lands inside the fit, after a checkpoint
+        proc = subprocess.Popen([sys.executable, "-m", "tokenloom", "run", str(cfg), "--out", str(out),
+                                 "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if list((out / "cache").glob("tokenizer-*.train.safetensors")):
+            break
+    else:
+        pytest.skip("no kill landed inside the tokenizer fit on this machine")
+    done = cli("run", str(cfg), "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (a,) = json.loads((tmp_path / "ref" / "results.json").read_text())["runs"]
+    (b,) = json.loads((out / "results.json").read_text())["runs"]
+    same_numbers(a, b)
+    assert not list((out / "cache").glob("tokenizer-*.train.safetensors"))  # the fit finished and cleaned up

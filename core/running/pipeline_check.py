@@ -91,7 +91,45 @@ def data_problems(cfg: RunConfig) -> list[str]:
                 problems.append(f"data.path: no such {'directory' if data.name == 'folder' else 'file'}: {path}")
     if data.n_holdout == 0:
         problems.append("data.n_holdout: the run needs held-out images (for NLL and metrics); set it > 0")
+    elif not problems:
+        total = _count_images(data)
+        if total is not None and data.n_holdout >= total:
+            problems.append(f"data.n_holdout: the {data.name} data set has {total} images, so n_holdout = "
+                            f"{data.n_holdout} leaves none to train on")
     return problems
+
+
+def _count_images(data: Any) -> int | None:
+    """How many images the data set holds, when that is cheap to know
+    without decoding any (``digits``: 1797; ``folder``: the image files of its
+    class folders; ``npz``: the shape in the ``images`` array's header);
+    None when unknown (``shapes`` is unlimited, an unreadable file is left to
+    the loader's own message)."""
+    import zipfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..blocks.data import IMAGE_EXTENSIONS
+
+    if data.name == "digits":
+        return 1797
+    path = Path(data.path).expanduser() if data.path else None
+    try:
+        if data.name == "folder" and path is not None:
+            return sum(1 for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")
+                       for f in d.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if data.name == "npz" and path is not None:
+            with zipfile.ZipFile(path) as z, z.open("images.npy") as fh:
+                major, _minor = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape = read_header(fh)[0]  # the header only: no pickle, no data
+                return int(shape[0]) if shape else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 def preflight(cfg: RunConfig, *, source: str | None = None, registry: Any = None,
