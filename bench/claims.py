@@ -766,7 +766,7 @@ def nfe(runs: list[dict], *, exact: bool = True) -> Estimate:
 
 
 def fid(runs: list[dict]) -> Estimate:
-    return mean_of(_values(runs, "fid"))
+    return mean_of(_values(runs, "fid"), bounds=(0.0, math.inf))
 
 
 def accept(runs: list[dict]) -> Estimate:
@@ -1082,8 +1082,10 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
     lines += ["## Setup", "",
               (f"- recipe: {recipe}; `shapes` {b.size} px, {b.n} training and {b.n_holdout} held-out images; "
               f"`vq` {b.codebook} codes, downsample {b.downsample} ({grid_side(b)}×{grid_side(b)} codes), "
-              f"tokenizers fitted {b.tokenizer_steps} steps; backbone {b.model[0]} layers × width {b.model[1]}, "
-              f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}; sampler chain "
+              f"tokenizers fitted {b.tokenizer_steps} steps; backbone {b.model[0]} layer{'s' if b.model[0] > 1 else ''} "
+               f"× width {b.model[1]}, "
+              f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup} steps (one value for every "
+               "model, so the sweeps reuse the orders' models); sampler chain "
               f"{' → '.join(t['name'] + ' ' + str(t.get('scale', t.get('k'))) for t in chain(b))}; {b.n_samples} samples per cell; seeds {', '.join(map(str, b.seeds))} at the top "
               f"budget, the first seed at lower budgets;"),
               f"- training budgets: {', '.join(str(round(f * b.top_steps)) for f in b.fractions)} `raster` steps; "
@@ -1094,7 +1096,9 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
               "the data set) as mean ± seed standard deviation, then its 95 % interval: Agresti–Caffo over the "
               "pooled samples, or the seeds' spread when larger; FID (offline `tokenloom-cnn` extractor), NFE "
               "and codebook utilisation as mean ± sd with a Student-t interval over seeds; acceptance rates as a "
-              "proportion over images (conservative);"),
+              "proportion over images (conservative)"
+              + ("; FID from fewer than 65 images (the extractor's feature dimension + 1) is unreliable: a singular "
+                 "covariance" if b.n_samples < 65 else "") + ";"),
               (f"- margins: NEAR = {NEAR} (\"matches\", \"near\", \"loses little\", \"same quality\"), "
               f"MODEST = {MODEST}, SMALL = {SMALL}, \"far fewer passes\" = at most {FAR_FEWER:g}× raster's NFE; "
                "a \"keeps up with the reference\" test is inconclusive when the reference's validity is below "
