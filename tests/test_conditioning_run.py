@@ -71,3 +71,15 @@ def test_caption_conditioner_on_a_data_set_without_captions_is_a_config_error(tm
                                                          "channels": 3})
     with pytest.raises(ConfigError, match="reads captions, but the data set has none"):
         run(cfg, tmp_path / "d", progress=False)
+
+
+def test_prompts_on_a_class_conditioned_run_are_a_config_error(tmp_path):
+    from tokenloom.errors import ConfigError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("two red squares\n")
+    with pytest.raises(ConfigError, match="prompts need a conditioner that reads captions"):
+        run(config(metrics={"prompts": str(prompts)}), tmp_path / "e", progress=False)
+    with pytest.raises(ConfigError, match="no such file"):
+        run(config(conditioner={"name": "caption"}, metrics={"prompts": str(tmp_path / "none.txt")}),
+            tmp_path / "f", progress=False)

@@ -48,11 +48,17 @@ def build_conditioner(cfg: Any, registry: Any, data: Any) -> Any:
     ``[conditioner]`` (class labels through the backbone's own identity table)."""
     from ..contract.registry import build_component
 
-    if cfg.conditioner is None:
-        return None
-    return build_component(registry, "conditioner", cfg.conditioner.name,
-                           {**cfg.conditioner.options, "n_classes": int(data.n_classes),
-                            "class_names": tuple(data.class_names)}, path="conditioner")
+    conditioner = None
+    if cfg.conditioner is not None:
+        conditioner = build_component(registry, "conditioner", cfg.conditioner.name,
+                                      {**cfg.conditioner.options, "n_classes": int(data.n_classes),
+                                       "class_names": tuple(data.class_names)}, path="conditioner")
+    if getattr(cfg, "prompts", None) is not None and reads_labels(conditioner):
+        raise ConfigError([("metrics.prompts: prompts need a conditioner that reads captions ([conditioner] "
+                            "name = \"caption\" or \"text-encoder\"); this run is conditioned on class labels")])
+    if getattr(cfg, "prompts", None) is not None:
+        read_prompts(cfg.prompts)  # a missing or empty prompts file is said before anything trains
+    return conditioner
 
 
 def conditions_of(data: Any) -> list[Condition]:
