@@ -41,7 +41,11 @@ What is checked besides shapes, types, determinism and clear errors:
   context missing a required field is an :class:`~tokenloom.errors.InputError`;
   for keys with a direction (better lower or higher) computed from real
   images against generated or reconstructed ones, identical sets score best
-  and a growing distortion moves the score monotonically the wrong way.
+  and a growing distortion moves the score monotonically the wrong way;
+- conditioners: a prefix of the declared kind and length, the same for a
+  condition whatever its batch (order, neighbours, size), a null condition
+  unlike every real one that a backbone built with the conditioner answers
+  differently, and ``state``/``load_state`` restoring the encoding.
 
 Keyword arguments besides the component's config:
 
