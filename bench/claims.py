@@ -572,7 +572,7 @@ def to_toml(doc: dict, comment: str = "") -> str:
     """A grid document as TOML: top-level scalars, then one table per section
     (nested tables and tables of tables as inline tables, the sampler chain as
     ``[[sampler]]``)."""
-    lines = [f"# {c}" for c in comment.splitlines()] + ([""] if comment else [])
+    lines = [f"# {c}".rstrip() for c in comment.splitlines()] + ([""] if comment else [])
     lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, (dict, list))]
     for k, v in doc.items():
         if isinstance(v, dict):
@@ -1243,6 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default=str(RECIPE), help="recipe TOML (used when it exists; not for smoke)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--write-grids", metavar="DIR", default=None,
+                    help="write the budget's grid files into DIR (e.g. examples/claims) and stop")
     ap.add_argument("--estimate", action="store_true",
                     help="measure a few steps of every stage now and print how long the budget would take")
     args = ap.parse_args(argv)
@@ -1258,6 +1260,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = steps_at_budgets(budget, per_step)
     budget = with_study_warmup(budget, steps)
     print("steps at equal FLOPs: " + "; ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
+    if args.write_grids:
+        target = Path(args.write_grids)
+        target.mkdir(parents=True, exist_ok=True)
+        for study in order_grids(budget, steps) + top_grids(budget, steps):
+            head = (f"{study.comment}\n\nWritten by `bench/claims.py --budget {budget.name} --write-grids {target}` "
+                    f"(recipe: {recipe}); bench/claims.py runs these\ngrids into one directory, so every cell "
+                    f"shares one cache:\n  tokenloom ablate {target / (study.name + '.toml')} --out "
+                    f"runs/claims-{budget.name}\n(RandAR's inpainting check is a run option, region = center, "
+                    "not a grid: see bench/claims.py.)")
+            (target / f"{study.name}.toml").write_text(to_toml(study.doc, head), encoding="utf-8")
+        print(f"wrote {len(order_grids(budget, steps)) + 4} grid files to {target}")
+        return 0
     if args.estimate:
         est = estimate_seconds(budget, steps)
         print(f"estimated wall time of the {budget.name} budget from scratch on this machine now: "
