@@ -3,9 +3,12 @@ compute-matched study through ``tokenloom ablate`` and writes
 ``docs/claims.md`` with one row per claim and a verdict computed here.
 
     .venv/bin/python bench/claims.py [--budget smoke|small|full] [--out runs/claims-<budget>]
-        [--docs docs] [--recipe examples/shapes-recipe.toml] [--estimate]
+        [--docs docs] [--recipe examples/shapes-recipe.toml] [--estimate] [--write-grids DIR]
 
-(``make claims`` runs the full budget.) What it runs, every study into one
+(``make claims`` runs the full budget; ``--estimate`` times a few steps of
+every stage and prints how long the budget would take here; the full
+budget's grid files are also in ``examples/claims/``, written by
+``--write-grids``.) What it runs, every study into one
 output directory with one shared ``<out>/cache`` (each tokenizer fitted and
 each backbone trained once; a re-run reuses every finished stage and cell):
 
