@@ -196,3 +196,22 @@ def test_a_corrupt_feature_cache_is_reported_moved_aside_and_recomputed(tiny_wei
     path.write_bytes(b"")  # truncated to nothing
     assert _fid(tiny_weights, cache, real, gen) == clean
     assert "moved aside" in capsys.readouterr().err
+
+
+def test_a_corrupt_cached_extractor_is_reported_moved_aside_and_retrained(tmp_path, capsys):
+    from tokenloom.evaluation.extractor import (
+        ExtractorRecipe,
+        default_extractor_path,
+        load_extractor,
+    )
+
+    recipe = ExtractorRecipe(steps=3)
+    path = default_extractor_path(recipe, tmp_path)
+    digest = load_extractor(path)[2]
+    path.write_bytes(pickle.dumps({"weights": _Evil(tmp_path / "PWNED")}))  # corrupt, and a pickle at that
+    capsys.readouterr()
+    again = default_extractor_path(recipe, tmp_path)
+    err = capsys.readouterr().err
+    assert again == path and "moved aside" in err and path.name in err
+    assert path.with_name(path.name + ".corrupt").is_file() and not (tmp_path / "PWNED").exists()
+    assert load_extractor(path)[2] == digest  # retrained from the same seeded recipe: the same weights

@@ -333,8 +333,13 @@ def default_extractor_path(recipe: ExtractorRecipe | None = None, root: str | Pa
         try:
             load_extractor(path)
             return path
-        except CheckpointError:
-            pass  # corrupt cache entry: retrain and replace atomically
+        except CheckpointError as exc:  # corrupt cache entry: reported, moved aside, retrained (issue 14)
+            import sys
+
+            bad = path.with_name(path.name + ".corrupt")
+            os.replace(path, bad)
+            print(f"[tokenloom] warning: {exc} — moved aside to {bad.name}; training the extractor again",
+                  file=sys.stderr, flush=True)
     data = _builtin_training_data(recipe)
     net, stats = train_extractor(
         data["images"], data["labels"], data["n_classes"], aux=data["aux"], width=recipe.width, size=recipe.size,
