@@ -760,3 +760,22 @@ def test_kill_9_during_the_tokenizer_fit_of_a_run_resumes_the_fit(tmp_path):
     (b,) = json.loads((out / "results.json").read_text())["runs"]
     same_numbers(a, b)
     assert not list((out / "cache").glob("tokenizer-*.train.safetensors"))  # the fit finished and cleaned up
+
+
+def test_a_corrupt_tokenizer_training_state_is_moved_aside_and_the_fit_restarts(tmp_path, capsys):
+    from tokenloom.config import parse_config
+    from tokenloom.running.tokenizer_fit import fit_tokenizer_run
+
+    cfg = parse_config({"seed": 0, "data": {"name": "shapes", "size": 8, "n": 64, "n_holdout": 16},
+                        "tokenizer": {"name": "vq", "codebook_size": 8, "code_dim": 4, "downsample": 2,
+                                      "steps": 12}})
+    ref = fit_tokenizer_run(cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "train_state.safetensors").write_bytes(b"\x00" * 64)
+    capsys.readouterr()
+    got = fit_tokenizer_run(cfg, out, progress=False)
+    err = capsys.readouterr().err
+    assert "train_state.safetensors" in err and "moved aside" in err
+    assert (out / "train_state.safetensors.corrupt").is_file()
+    assert got["holdout"]["mse"] == ref["holdout"]["mse"]

@@ -41,7 +41,12 @@ def fit_seeded(tok: Any, images: torch.Tensor, *, seed: int, device: torch.devic
     """Fit ``tok`` (already on ``device``) on ``images`` with the global torch RNG seeded from
     ``seed`` (and restored afterwards), keeping a resumable training state in ``checkpoint``
     (:meth:`~tokenloom.Tokenizer.fit_resumable`); leaves it in eval mode. Returns the fit's
-    statistics."""
+    statistics. A training state that is corrupt (unreadable, content hash wrong) is reported,
+    moved aside and the fit starts over."""
+    if checkpoint is not None:
+        from .cache import cache_ok
+
+        cache_ok(Path(checkpoint))
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         tok.train()
