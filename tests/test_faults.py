@@ -779,3 +779,17 @@ def test_a_corrupt_tokenizer_training_state_is_moved_aside_and_the_fit_restarts(
     assert "train_state.safetensors" in err and "moved aside" in err
     assert (out / "train_state.safetensors.corrupt").is_file()
     assert got["holdout"]["mse"] == ref["holdout"]["mse"]
+
+
+def test_a_metadata_file_that_is_not_utf8_is_named(tmp_path):
+    from PIL import Image
+
+    from tokenloom.config import DataConfig
+    from tokenloom.data import load_dataset
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "a" / "x.png")
+    (root / "metadata.jsonl").write_bytes('{"file_name": "a/x.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"metadata.jsonl: not UTF-8 text"):
+        load_dataset(DataConfig(name="folder", path=str(root), size=4, n=1, n_holdout=0), split="train", seed=0)

@@ -471,21 +471,25 @@ def read_metadata_captions(root: Path, files: list[Path]) -> list[str] | None:
     if not meta.is_file():
         return None
     texts: dict[Path, str] = {}
-    with meta.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{meta}:{n}: not a JSON object ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
-                    or not isinstance(row.get("text"), str):
-                raise InputError(f"{meta}:{n}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}")
-            path = (root / row["file_name"]).resolve()
-            if not path.is_file():
-                raise InputError(f"{meta}:{n}: file_name {row['file_name']!r} names no file under {root}")
-            texts[path] = row["text"]
+    try:
+        lines = meta.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{meta}: not UTF-8 text (byte 0x{exc.object[exc.start:exc.start + 1].hex()} at "
+                         f"position {exc.start}); save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{meta}:{n}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
+                or not isinstance(row.get("text"), str):
+            raise InputError(f"{meta}:{n}: expected {{\"file_name\": \"...\", \"text\": \"...\"}}")
+        path = (root / row["file_name"]).resolve()
+        if not path.is_file():
+            raise InputError(f"{meta}:{n}: file_name {row['file_name']!r} names no file under {root}")
+        texts[path] = row["text"]
     missing = [p for p in files if p.resolve() not in texts]
     if missing:
         raise InputError(f"{meta}: no caption for {len(missing)} image(s), e.g. {missing[0]} "
