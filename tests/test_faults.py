@@ -793,3 +793,19 @@ def test_a_metadata_file_that_is_not_utf8_is_named(tmp_path):
     (root / "metadata.jsonl").write_bytes('{"file_name": "a/x.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(InputError, match=r"metadata.jsonl: not UTF-8 text"):
         load_dataset(DataConfig(name="folder", path=str(root), size=4, n=1, n_holdout=0), split="train", seed=0)
+
+
+def test_npz_files_holding_pickles_or_not_zip_are_refused_without_advice_to_unpickle(tmp_path):
+    import numpy as np
+
+    from tokenloom.config import DataConfig
+    from tokenloom.data import load_dataset
+
+    objs = tmp_path / "objs.npz"
+    np.savez(objs, images=np.zeros((3, 4, 4, 3), np.uint8), labels=np.array([{"a": 1}, 2, 3], dtype=object))
+    text = tmp_path / "text.npz"
+    text.write_text("root:x:0:0\n")
+    for path, want in ((objs, "pickled Python objects, which tokenloom never loads"), (text, "not an .npz file")):
+        with pytest.raises(InputError, match=want) as exc:
+            load_dataset(DataConfig(name="npz", path=str(path), size=4, n=2, n_holdout=1), split="train", seed=0)
+        assert "allow_pickle" not in str(exc.value)

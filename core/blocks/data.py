@@ -615,9 +615,20 @@ def _npz(config: Any, split: str, seed: int) -> ImageSet:
     path = Path(config.path).expanduser()
     if not path.is_file():
         raise InputError(f"npz data set: no such file: {path}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load would take any other file for a pickle
+        raise InputError(f"npz data set: cannot read {path}: not an .npz file (not a zip archive of arrays; "
+                         "write one with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise InputError(f"npz data set: cannot read {path}: {exc}") from None
+        raise InputError(f"npz data set: {path} holds pickled Python objects, which tokenloom never loads "
+                         "(they can run code): store plain arrays (uint8/float images, integer labels, "
+                         "string class_names)") from None
     except Exception as exc:  # noqa: BLE001 - numpy raises many kinds for a bad archive
         raise InputError(f"npz data set: cannot read {path}: {exc}") from None
     where = f"{path}['images']"
