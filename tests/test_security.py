@@ -215,3 +215,16 @@ def test_a_corrupt_cached_extractor_is_reported_moved_aside_and_retrained(tmp_pa
     assert again == path and "moved aside" in err and path.name in err
     assert path.with_name(path.name + ".corrupt").is_file() and not (tmp_path / "PWNED").exists()
     assert load_extractor(path)[2] == digest  # retrained from the same seeded recipe: the same weights
+
+
+def test_reference_stats_holding_a_pickle_are_refused_unread(tiny_weights, tmp_path):
+    from tokenloom.errors import InputError
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "stats.npz"
+    path.write_bytes(pickle.dumps({"mu": _Evil(marker)}))  # not a zip: np.load would unpickle it if allowed
+    metric = tokenloom.create("metric", "fid", weights=tiny_weights, cache_dir=str(tmp_path / "c"),
+                              reference_stats=str(path))
+    with pytest.raises(InputError, match="never loads") as exc:
+        metric.compute(MetricContext(generated=_shapes(8, seed=5)))
+    assert not marker.exists() and "allow_pickle" not in str(exc.value)

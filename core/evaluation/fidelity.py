@@ -639,7 +639,9 @@ def _read_reference_stats(path_str: str, ext: Extractor, layer: str) -> tuple[di
     except KeyError as exc:
         raise InputError(f"reference_stats {path}: missing array {exc} (expected 'mu' and 'sigma')") from None
     except Exception as exc:  # noqa: BLE001 - numpy raises several kinds
-        raise InputError(f"reference_stats {path}: unreadable .npz ({exc})") from None
+        why = ("it holds pickled Python objects, which tokenloom never loads; store plain float arrays 'mu' and "
+               "'sigma'" if "pickle" in str(exc) else str(exc))
+        raise InputError(f"reference_stats {path}: unreadable .npz ({why})") from None
     dim = ext.dims[layer]
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise InputError(f"reference_stats {path}: mu {mu.shape} / sigma {sigma.shape} do not match layer "
