@@ -809,3 +809,17 @@ def test_npz_files_holding_pickles_or_not_zip_are_refused_without_advice_to_unpi
         with pytest.raises(InputError, match=want) as exc:
             load_dataset(DataConfig(name="npz", path=str(path), size=4, n=2, n_holdout=1), split="train", seed=0)
         assert "allow_pickle" not in str(exc.value)
+
+
+def test_an_os_error_from_an_atomic_write_names_the_target_file(tmp_path):
+    from click.testing import CliRunner
+
+    from tokenloom.cli import cli as tl
+
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)  # the atomic replace of results.json fails
+    res = CliRunner().invoke(tl, ["run", str(config(tmp_path)), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 3
+    (line,) = res.output.strip().splitlines()
+    assert line.endswith(f"{out / 'results.json'} — give a file") and ".tmp" not in line, line
+    assert (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) == 1  # the run is kept

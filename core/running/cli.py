@@ -42,7 +42,9 @@ def os_error_message(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else exc.filename2
     where = Path(os.fsdecode(name)) if name is not None else None
     if where is not None and where.name.startswith(".") and where.name.endswith(".tmp"):
-        where = where.parent  # a temporary file of an atomic write: the directory is what matters
+        # a temporary file of an atomic write: the file it was to replace (os.replace's second name),
+        # else its directory
+        where = Path(os.fsdecode(exc.filename2)) if exc.filename2 is not None else where.parent
     what, fix = _OS_FIXES.get(exc.errno, (exc.strerror or type(exc).__name__, "check the path and try again"))
     target = f"{where}" if where is not None else "(no file named)"
     folder = where.parent if where is not None and where.parent != Path() else where or Path(".")
