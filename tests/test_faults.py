@@ -823,3 +823,18 @@ def test_an_os_error_from_an_atomic_write_names_the_target_file(tmp_path):
     (line,) = res.output.strip().splitlines()
     assert line.endswith(f"{out / 'results.json'} — give a file") and ".tmp" not in line, line
     assert (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) == 1  # the run is kept
+
+
+def test_a_corrupt_ablation_results_json_is_moved_aside_and_rebuilt_from_the_cells(tmp_path, capsys):
+    out = tmp_path / "abl"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    first = run_ablation(grid, out, progress=False, echo=lambda _m: None, plots=False)
+    plan = plan_grid(__import__("tomllib").loads(GRID))
+    cell_path(out, plan.cells[1]).unlink()  # one cell to run again, so the report is rewritten per cell
+    (out / "results.json").write_text('{"runs": [')
+    capsys.readouterr()
+    again = run_ablation(grid, out, progress=False, echo=lambda _m: None, plots=False)
+    err = capsys.readouterr().err
+    assert "results.json" in err and "moved aside" in err and (out / "results.json.corrupt").is_file()
+    assert [r["id"] for r in again["runs"]] == [r["id"] for r in first["runs"]]

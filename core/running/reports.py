@@ -34,7 +34,7 @@ from typing import Any
 from ..contract.checkpoint import atomic_write, write_json, write_text
 from .grid import SEED_AXIS, describe_labels
 from .images import GRID_LAYOUT_KEY, GRID_NCOL, GRID_PAD
-from .results import format_number
+from .results import format_number, move_aside
 
 #: Which way a metric key is better, first matching pattern wins: "lower",
 #: "higher", or None (no "best" mark: spreads, baselines, properties of the
@@ -478,12 +478,12 @@ def write_ablation_report(out: str | Path, plan: Any, records: dict[str, dict], 
     previous = out / "results.json"
     if not plots and previous.is_file():  # keep the figures of an earlier invocation listed until redrawn
         try:
-            old = json.loads(previous.read_text())
+            old = json.loads(previous.read_text(encoding="utf-8"))
             report["plots"] = [p for p in old.get("plots", []) if (out / p).is_file()]
             report["overview"] = old.get("overview") if old.get("overview") and (out / old["overview"]).is_file() \
                 else None
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
+            move_aside(previous, str(exc) or type(exc).__name__, "rebuilding it from the cell records in cells/")
     if plots and rows:
         drawn = []
         keys = [k for k in QUALITY_KEYS if any(r["metrics"].get(k, {}).get("mean") is not None for r in rows)]
