@@ -838,3 +838,19 @@ def test_a_corrupt_ablation_results_json_is_moved_aside_and_rebuilt_from_the_cel
     err = capsys.readouterr().err
     assert "results.json" in err and "moved aside" in err and (out / "results.json.corrupt").is_file()
     assert [r["id"] for r in again["runs"]] == [r["id"] for r in first["runs"]]
+
+
+def test_sample_finds_a_run_trained_under_another_thread_count(tmp_path):
+    from tokenloom.running.sample import sample_run
+
+    before = torch.get_num_threads()
+    out = tmp_path / "out"
+    try:
+        torch.set_num_threads(1)
+        run(load_config(config(tmp_path)), out, progress=False)
+        torch.set_num_threads(2)
+        got = sample_run(out, n=4, progress=False)
+        assert torch.get_num_threads() == 1  # the run's thread count: its cache keys and numerics
+    finally:
+        torch.set_num_threads(before)
+    assert Path(got["path"]).is_file()

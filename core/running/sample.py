@@ -116,6 +116,9 @@ def sample_run(run_dir: str | Path, *, prompts: tuple[str, ...] = (), classes: t
         raise ConfigError([f"-n: expected a positive number of images, got {n}"])
     registry = registry or get_registry()
     record = pick_run(run_dir, run_id)
+    threads = (record.get("environment") or {}).get("cpu_threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)  # the run's: part of its cache keys, and its numerics (issue 14)
     raw = dict(record["config"])
     if samplers:
         raw["sampler"] = [parse_sampler(s) for s in samplers]
