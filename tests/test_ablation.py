@@ -300,3 +300,16 @@ def test_the_grid_labels_live_in_grid_and_ablation_reexports_them():
     assert ablation.describe_labels is grid.describe_labels
     assert grid.describe_labels({"tokenizer": "vq", "seed": "1"}, skip=(grid.SEED_AXIS,)) == "tokenizer=vq"
     assert grid.describe_labels({}) == "base"
+
+
+def test_prompt_alignment_columns_have_a_direction():
+    """prompt-alignment's rates are results (higher is better) and get best-marks; its ceilings on real
+    images and on the tokenizer's reconstructions describe the data and the tokenizer, and never do."""
+    from tokenloom.reports import QUALITY_KEYS, direction
+
+    for key in ("prompt_alignment", "prompt_count_ok", "prompt_class_ok", "prompt_colour_ok",
+                "prompt_alignment_seen", "prompt_alignment_unseen"):
+        assert direction(key) == "higher", key
+    assert direction("prompt_alignment_real") is None
+    assert direction("prompt_alignment_reconstructed") is None
+    assert "prompt_alignment" in QUALITY_KEYS

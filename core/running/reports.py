@@ -43,6 +43,7 @@ DIRECTIONS: tuple[tuple[str, str | None], ...] = (
     ("*_std", None),
     ("*_real", None),
     ("shapes_oracle_accuracy", None),
+    ("prompt_alignment_reconstructed", None),  # the tokenizer's ceiling, not the composition's result
     ("uniform_bits_*", None),
     ("train_tokens", None),
     ("drafted_per_image", None),
@@ -60,6 +61,7 @@ DIRECTIONS: tuple[tuple[str, str | None], ...] = (
     ("f_score", "higher"),
     ("*oracle*", "higher"),
     ("shapes_*", "higher"),
+    ("prompt_*", "higher"),
     ("psnr*", "higher"),
     ("tokens_per_second", "higher"),
     ("codebook_*", "higher"),
@@ -74,7 +76,8 @@ TIMING_KEYS: tuple[str, ...] = ("seconds_per_image", "tokens_per_second", "peak_
                                 "baseline_seconds_per_image", "speculative_seconds_per_image", "speedup_wallclock")
 
 #: Quality metrics plotted against the cost axes (when present in the table).
-QUALITY_KEYS: tuple[str, ...] = ("fid", "kid", "isc", "precision", "recall", "shapes_valid", "nll_bits_per_image")
+QUALITY_KEYS: tuple[str, ...] = ("fid", "kid", "isc", "precision", "recall", "shapes_valid", "prompt_alignment",
+                                  "nll_bits_per_image")
 #: Cost axes of the Pareto plots, with their axis labels.
 COST_KEYS: dict[str, str] = {"nfe": "NFE (backbone forward passes per batch)",
                              "seconds_per_image": "seconds per image (generation)"}
