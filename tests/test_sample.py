@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import tokenloom
 from tokenloom.checkpoint import load_tensors
 from tokenloom.cli import cli
 from tokenloom.config import parse_config
 from tokenloom.pipeline import run
+from tokenloom.running.images import GRID_LAYOUT_KEY
 from tokenloom.running.sample import parse_sampler, sample_run
 
 pytest.importorskip("tokenizers", reason="the caption conditioner needs tokenizers (pip install 'tokenloom[text]')")
@@ -46,6 +48,10 @@ def test_sampling_the_runs_prompts_gives_the_runs_codes(caption_run):
     run_codes = load_tensors(next((out / "cache").glob("samples-*.safetensors")))[0]["codes"]
     assert torch.equal(got["codes"], run_codes)
     assert (out / "samples").is_dir() and got["path"].endswith(".png")
+    # image i is prompt i mod k: k columns (a multiple of k, 8 or more wide), one prompt per column
+    for asked, ncol in (((prompts[0],), 8), (("a red circle", "two blue squares", "a green triangle"), 9)):
+        got = sample_run(out, prompts=asked, n=18, progress=False)
+        assert json.loads(Image.open(got["path"]).text[GRID_LAYOUT_KEY])["ncol"] == ncol, asked
 
 
 def test_a_typed_prompt_seed_and_sampler(caption_run, tmp_path):

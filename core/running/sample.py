@@ -10,6 +10,7 @@ given) and writes an image grid, one prompt per column.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,9 @@ def sample_run(run_dir: str | Path, *, prompts: tuple[str, ...] = (), classes: t
     seed = cfg.seed if seed is None else int(seed)
     codes, stats = generate_codes(generator, wrapped, chain, gen_table.index, seed=seed, progress=progress)
     images = decode_all(tok, codes, device)
-    ncol = len(asked) if len(asked) <= 16 else 8
+    # image i is condition i mod k: a multiple of k columns puts one condition per column (8 or more wide)
+    k = len(asked)
+    ncol = min(n, k * max(1, math.ceil(8 / k)) if k <= 8 else (k if k <= 16 else 8))
     names = describe_conditions(conditioner, gen_table)
     if out is None:
         out = run_dir / "samples" / f"sample-{stable_hash({'run': record['id'], 'c': names, 'n': n, 's': seed}, 8)}.png"
