@@ -65,7 +65,7 @@ from .contract.registry import available, create, get_registry, plugin_report
 #: ``tokenloom.<layer>.<module>``, imported on first use (see :class:`_ModuleAlias`).
 LAYOUT = {
     "contract": ("errors", "hookspecs", "interfaces", "registry", "config", "checkpoint"),
-    "blocks": ("rng", "data", "orders", "sampling", "speculative", "quantize", "convnet", "autoencoder",
+    "blocks": ("rng", "data", "shapes", "orders", "sampling", "speculative", "quantize", "convnet", "autoencoder",
                "tokenizer_train"),
     "backbone": ("model", "train", "dist"),
     "evaluation": ("extractor", "fidelity", "frechet", "evalcard"),
