@@ -55,6 +55,7 @@ from .contract.interfaces import (
     TrainBatch,
     check_codes,
     check_images,
+    check_latents,
     check_logits,
     read_stat,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "available",
     "check_codes",
     "check_images",
+    "check_latents",
     "check_logits",
     "create",
     "get_registry",

@@ -367,6 +367,25 @@ def check_codes(codes: Any, length: int, vocab_size: int, *, where: str = "codes
     return codes.long()
 
 
+def check_latents(latents: Any, length: int, dim: int, *, where: str = "latents") -> torch.Tensor:
+    """Validate continuous tokens: a floating tensor ``[B, L, D]`` with
+    ``L = length``, ``D = dim`` and finite values. Returns it as float32.
+    Raises :class:`InputError` naming the problem (an integer tensor here is
+    discrete codes handed to a continuous component)."""
+    if not isinstance(latents, torch.Tensor):
+        raise InputError(f"{where}: expected a torch.Tensor, got {type(latents).__name__}")
+    if not latents.dtype.is_floating_point:
+        raise InputError(f"{where}: expected continuous tokens (a float tensor [B, {length}, {dim}]), "
+                         f"got {latents.dtype} — discrete codes given to a continuous tokenizer or head?")
+    if latents.dim() != 3 or latents.shape[1] != length or latents.shape[2] != dim:
+        raise InputError(f"{where}: expected shape [B, {length}, {dim}] (L tokens of width D), "
+                         f"got {tuple(latents.shape)}")
+    if latents.numel() and not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents)).flatten(1).any(-1).nonzero().flatten().tolist()
+        raise InputError(f"{where}: NaN or infinite values in rows {bad[:8]}")
+    return latents.float()
+
+
 def check_logits(logits: torch.Tensor, info: StepInfo | None = None, *, where: str = "logits") -> None:
     """Raise :class:`InputError` for rows containing NaN or entirely ``-inf``
     (nothing left to sample), naming the decoding step."""
@@ -408,7 +427,9 @@ def read_stat(stats: Mapping[str, Any] | None, key: str, *, metric: str, upper: 
 
 
 class Tokenizer(nn.Module):
-    """Images ``[B, C, H, W]`` in [-1, 1]  <->  codes ``LongTensor[B, L]``.
+    """Images ``[B, C, H, W]`` in [-1, 1]  <->  codes ``LongTensor[B, L]``
+    (discrete tokens), or <-> latents ``FloatTensor[B, L, D]`` (continuous
+    tokens: ``continuous = True``).
 
     Subclasses set ``self.layout`` (:class:`TokenLayout`) and
     ``self.vocab_size`` in ``__init__`` and implement :meth:`encode`,
@@ -418,11 +439,26 @@ class Tokenizer(nn.Module):
     config beside it). ``encode`` and ``decode`` must validate their inputs with
     :func:`check_images` / :func:`check_codes` (the conformance kit checks that
     bad inputs raise :class:`~tokenloom.errors.InputError`).
+
+    **Continuous tokens** (MAR's KL tokenizer, raw patches): a tokenizer with
+    ``continuous = True`` sets ``self.token_dim`` (D) and ``self.vocab_size =
+    0``; ``encode`` returns ``FloatTensor[B, L, D]`` (deterministic: a
+    posterior's mean, never a draw), ``decode`` takes it; it validates with
+    :func:`check_latents` (:meth:`check_tokens` picks the right check);
+    ``code_embeddings`` has no meaning and raises. The layout is the same
+    :class:`TokenLayout` (one grid, or several scales coarse to fine).
+    Generators and heads read :attr:`continuous` to refuse a token kind
+    they cannot model (a :class:`~tokenloom.errors.ConfigError` at build time).
     """
 
     Config: ClassVar[type]
     layout: TokenLayout
     vocab_size: int
+    #: Token kind: False for integer codes in ``[0, vocab_size)``, True for
+    #: float vectors of width ``token_dim``.
+    continuous: ClassVar[bool] = False
+    #: Width D of a continuous token (0 for discrete tokenizers).
+    token_dim: int = 0
     #: Capability: True when the layout is one grid (one scale) whose cell (i, j) covers the image
     #: patch ``[i*H/h : (i+1)*H/h, j*W/w : (j+1)*W/w]`` and nothing mixes cells — the codes of a cell
     #: are computed from its patch alone and decode to it alone (pixel-like tokenizers; not
@@ -476,6 +512,17 @@ class Tokenizer(nn.Module):
 
     def check_codes(self, codes: Any) -> torch.Tensor:
         return check_codes(codes, self.layout.length, self.vocab_size, where=f"{type(self).__name__}.decode: codes")
+
+    def check_latents(self, latents: Any) -> torch.Tensor:
+        return check_latents(latents, self.layout.length, self.token_dim,
+                             where=f"{type(self).__name__}.decode: latents")
+
+    def check_tokens(self, tokens: Any, *, where: str | None = None) -> torch.Tensor:
+        """Validate what :meth:`decode` takes: latents for a continuous tokenizer, codes otherwise."""
+        here = where or f"{type(self).__name__}.decode"
+        if self.continuous:
+            return check_latents(tokens, self.layout.length, self.token_dim, where=f"{here}: latents")
+        return check_codes(tokens, self.layout.length, self.vocab_size, where=f"{here}: codes")
 
 
 @runtime_checkable
@@ -1214,6 +1261,7 @@ __all__ = [
     "TrainBatch",
     "check_codes",
     "check_images",
+    "check_latents",
     "check_logits",
     "read_stat",
 ]
