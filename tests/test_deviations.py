@@ -326,3 +326,136 @@ def test_random_progress_is_t_over_L_as_randar():
     assert [p for _, p in seen] == [t / gen.L for t in range(gen.L)]
     _, by_pass = _randar("random", progress="pass")
     assert [p for _, p in by_pass] == [t / (gen.L - 1) for t in range(gen.L)]
+
+
+# -- VAR: AdaLN conditioning and learned absolute + level positions ([model] options) --------
+
+
+def _var_reference_logits(m, ids, cond, positions):
+    """VAR's forward (models/var.py, basic_var.py AdaLNSelfAttn / AdaLNBeforeHead) written out
+    for a one-layer tokenloom backbone's weights: cond_BD = the class embedding, every block
+    x += γ₁·attn(LN(x)(1+s₁)+β₁), x += γ₂·ffn(LN(x)(1+s₂)+β₂), head(LN(x)(1+s)+β)."""
+    import torch.nn.functional as F
+
+    C, H = m.config.d_model, m.config.n_head
+    cond_BD = m.cls_emb.weight[cond]  # (B, C)
+    x = m.tok_emb.weight[ids].clone()
+    x[:, 0] = cond_BD  # the start token
+    x = x + m.pos_emb.weight[torch.where(positions < 0, m.n_pos, positions)]
+    blk, lin = m.blocks[0], m.adaln.blocks[0]
+    g1, g2, s1, s2, b1, b2 = lin(F.silu(cond_BD)).view(-1, 1, 6, C).unbind(2)
+    B, T, _ = x.shape
+    h = F.layer_norm(x, (C,)) * (1 + s1) + b1
+    q, k, v = blk.attn.qkv(h).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    x = x + blk.attn.proj(a) * g1
+    h = F.layer_norm(x, (C,)) * (1 + s2) + b2
+    x = x + blk.mlp.proj(F.gelu(blk.mlp.fc(h), approximate="tanh")) * g2
+    s, b = m.adaln.head(F.silu(cond_BD)).view(-1, 1, 2, C).unbind(2)
+    return m.heads[0](F.layer_norm(x, (C,)) * (1 + s) + b)
+
+
+def _adaln_model(cond="adaln", pos="learned", n_layer=1, seed=0):
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    gen = tokenloom.create("generator", "raster", tokenizer=tok(3, 4))
+    cfg = ModelConfig(n_layer=n_layer, d_model=32, n_head=4, pos=pos, cond=cond)
+    return gen, build_model(gen.model_spec(), cfg, n_classes=3, seed=seed).eval()
+
+
+def test_adaln_backbone_is_var_adaln_self_attn():
+    _, m = _adaln_model()
+    with torch.no_grad():
+        for p in m.adaln.parameters():  # off the near-identity init, so every term matters
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    T = m.spec.seq_len
+    ids = torch.randint(0, m.spec.vocab_size, (3, T), generator=torch.Generator().manual_seed(1))
+    cond, positions = torch.tensor([0, 2, 3]), torch.arange(-1, T - 1)
+    with torch.no_grad():
+        ours = m(ids, cond, positions=positions)
+        ref = _var_reference_logits(m, ids, cond, positions)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # the condition reaches every position through the blocks, not only through index 0's token
+    with torch.no_grad():
+        other = m(ids, torch.tensor([1, 2, 3]), positions=positions)
+    assert (other[0] - ours[0]).abs().amax(-1).min() > 1e-4
+
+
+def test_adaln_init_is_var_init_weights_and_layernorms_lose_affine_weights():
+    _, m = _adaln_model(n_layer=2)
+    C = m.config.d_model
+    names = {n for n, _ in m.named_parameters()}
+    assert not any(".ln_1." in n or ".ln_2." in n or n.startswith("ln_f.") for n in names)  # ln_wo_grad
+    for lin in m.adaln.blocks:
+        assert lin.weight[: 2 * C].abs().max() < 1e-5 * 0.2  # gates: × init_adaln_gamma = 1e-5
+        assert 0.5 * 0.02 * 0.5 < lin.weight[2 * C:].std() < 0.5 * 0.02 * 2  # scale/shift: × 0.5
+        assert not lin.bias.any()
+    assert not m.adaln.head.bias.any()
+
+
+def test_adaln_cached_decoding_equals_full_recomputation():
+    _, m = _adaln_model(pos="rope2d", n_layer=2, seed=3)
+    with torch.no_grad():
+        for p in m.adaln.parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    T = m.spec.seq_len
+    ids = torch.randint(0, m.spec.vocab_size, (2, T), generator=torch.Generator().manual_seed(2))
+    cond = torch.tensor([1, 3])
+    with torch.no_grad():
+        full = m(ids, cond)
+        cache = m.new_cache(2, T)
+        inc = torch.cat([m(ids[:, s: s + 3], cond, cache=cache) for s in range(0, T, 3)], 1)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+def test_adaln_with_a_prefix_of_several_positions_conditions_on_its_last_position():
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import PrefixFormat, Transformer
+
+    gen = tokenloom.create("generator", "raster", tokenizer=tok(2, 2))
+    cfg = ModelConfig(n_layer=1, d_model=16, n_head=2, cond="adaln")
+    m = Transformer(gen.model_spec(), cfg, n_classes=2, prefix=PrefixFormat("embeddings", 3, dim=5)).eval()
+    g = torch.Generator().manual_seed(0)
+    table = tokenloom.Prefix(mask=torch.ones(2, 3, dtype=torch.bool), embeddings=torch.randn(2, 3, 5, generator=g))
+    null = tokenloom.Prefix(mask=torch.tensor([[False, False, True]]), embeddings=torch.zeros(1, 3, 5))
+    m.set_conditions(table, null)
+    seen = []
+    m.adaln.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    ids = torch.zeros(3, gen.model_spec().seq_len, dtype=torch.long)
+    with torch.no_grad():
+        m(ids, torch.tensor([0, 1, 2]))
+    expected = m._prefix(torch.tensor([0, 1, 2]))[0][:, -1]
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_adaln_counts_its_linears_once_per_sequence_and_keeps_default_keys():
+    from tokenloom.config import ModelConfig
+
+    _, m = _adaln_model(n_layer=2)
+    _, plain = _adaln_model(cond="prefix", n_layer=2)
+    T, d, n_ada = m.spec.seq_len, m.config.d_model, m.adaln.n_params()
+    assert n_ada == 2 * (d * 6 * d + 6 * d) + d * 2 * d + 2 * d
+    assert m.flops_per_token() == 6 * (m.n_params() - n_ada) + (6 * n_ada) // T + 12 * 2 * d * T
+    assert m.n_params() == plain.n_params() + n_ada - (2 * 2 * 2 * d + 2 * d)  # LayerNorms lose their affine
+    assert "cond" not in ModelConfig().key() and ModelConfig().key() == {
+        k: v for k, v in __import__("attrs").asdict(ModelConfig()).items() if k != "cond"}
+    assert ModelConfig(cond="adaln").key()["cond"] == "adaln"
+    assert not any(n.startswith("adaln") for n in plain.state_dict())
+    with pytest.raises(ValueError):
+        ModelConfig(cond="film")
+
+
+def test_learned_positions_on_a_multiscale_layout_are_var_pos_1lc_plus_lvl_embed():
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    gen = tokenloom.create("generator", "next-scale", tokenizer=ms_tok())
+    spec = gen.model_spec()
+    m = build_model(spec, ModelConfig(n_layer=1, d_model=16, n_head=2, pos="learned", cond="adaln"), n_classes=2)
+    L = spec.layout.length
+    level = torch.cat([torch.full((h * w,), k) for k, (h, w) in enumerate(spec.layout.scales)])
+    x = torch.zeros(1, L, 16)
+    got, rope = m._add_positions(x, torch.arange(L), None)
+    assert rope is None
+    torch.testing.assert_close(got[0], m.pos_emb.weight[:L] + m.scale_emb.weight[level])  # pos_1LC + lvl_embed

@@ -56,6 +56,7 @@ from torch import nn
 from ..contract.config import ModelConfig
 from ..contract.errors import ConfigError, InputError
 from ..contract.interfaces import NO_POSITION, ModelSpec, Prefix, TokenLayout
+from .adaln import AdaLN, adaln_block_forward
 from .instrumented import InstrumentedModel
 from .kernels import BMM_ATTENTION_PAIRS, PLAIN_LINEAR, CPULinear, PlainLinear, attend
 from .kvcache import KVCache
@@ -353,16 +354,23 @@ class Transformer(nn.Module):
         # a prefix of P > 1 positions: a learned embedding per prefix position (created last, so a
         # P = 1 model draws its initial weights exactly as before)
         self.prefix_pos = nn.Embedding(prefix.length, d) if prefix.length > 1 else None
+        # cond = "adaln": VAR's adaptive LayerNorm (tokenloom.backbone.adaln; created last, as above)
+        self.adaln = AdaLN(d, config.n_layer) if config.cond == "adaln" else None
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled residual projections
             if name.endswith("proj.weight") and not name.startswith("cond_proj"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.adaln is not None:  # VAR's init multipliers; its LayerNorms without affine weights
+            self.adaln.reset_parameters()
+            for block in self.blocks:
+                block.ln_1, block.ln_2 = (nn.LayerNorm(d, elementwise_affine=False) for _ in range(2))
+            self.ln_f = nn.LayerNorm(d, elementwise_affine=False)
 
     # -- the condition table -------------------------------------------------
 
     def _set_table(self, values: torch.Tensor, mask: torch.Tensor) -> None:
-        device = self.ln_f.weight.device if hasattr(self, "ln_f") else None
+        device = next(self.parameters()).device  # (ln_f has no weight under cond = "adaln")
         name = "cond_ids" if values.dtype == torch.long else "cond_emb"
         self.register_buffer(name, values.to(device), persistent=False)
         self.register_buffer("cond_mask", mask.to(device), persistent=False)
@@ -442,6 +450,9 @@ class Transformer(nn.Module):
         T = seq_len or self.spec.seq_len
         d = self.config.d_model
         flops = 6 * self.n_params() + 12 * self.config.n_layer * d * T
+        if self.adaln is not None:  # AdaLN's linears run once per sequence, not per token
+            n_ada = self.adaln.n_params()
+            flops -= 6 * n_ada - (6 * n_ada) // T
         if self.depth_layers:
             D = len(self.heads)
             n_depth = sum(p.numel() for m in (*self.depth_blocks, self.depth_ln) for p in m.parameters())
@@ -592,8 +603,16 @@ class Transformer(nn.Module):
         # one row (batch 1, one token): MKL's matrix-vector product, called without CPULinear's checks
         cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and B * T > 1
         linear = self._cpu_linear if cpu_inference else PLAIN_LINEAR
-        for i, params in enumerate(self._layer_params()):
-            x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)  # (B, T, C)
+        if self.adaln is None:
+            for i, params in enumerate(self._layer_params()):
+                x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)  # (B, T, C)
+        else:  # VAR's AdaLN: every block modulated by the condition vector (the index-0 embedding)
+            if cond is None:
+                cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
+            c_vec = self._class_embedding(cond) if pre is None else pre[0][:, -1]  # (B, C)
+            mods = self.adaln(c_vec)
+            for i, params in enumerate(self._layer_params()):
+                x = adaln_block_forward(x, params, mods[i], n_head, rope, mask, cache, i, dropout, linear)
         if write_memory:
             x = x[:, M:]  # the prefix positions predict nothing
             if cache is not None:  # from now on the cache holds the prefix before index 0
@@ -602,6 +621,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         x = torch.layer_norm(x[:, -1:] if last_only else x, self.ln_f.normalized_shape, self.ln_f.weight,
                              self.ln_f.bias, self.ln_f.eps)  # (B, T or 1, C)
+        if self.adaln is not None:  # VAR's AdaLNBeforeHead (ln_f has no affine weights then)
+            x = self.adaln.modulate_head(x, c_vec)
         if return_hidden:
             return x
         if self.depth_layers:

@@ -95,11 +95,31 @@ class ModelConfig:
     d_model: int = attrs.field(default=256, validator=_positive)
     n_head: int = attrs.field(default=4, validator=_positive)
     dropout: float = attrs.field(default=0.0, validator=_non_negative)
+    #: positions: LlamaGen's 2-D RoPE, or ``"learned"`` (an embedding per flat code position; on a
+    #: multi-scale layout, with the per-scale embedding every layout gets, VAR's ``pos_1LC`` +
+    #: ``lvl_embed``, the class token's no-position row its ``pos_start``)
     pos: str = attrs.field(default="rope2d", validator=_one_of("rope2d", "learned"))
+    #: how the condition reaches the blocks: ``"prefix"`` (the conditioner's prefix in front of the
+    #: sequence only) or ``"adaln"`` (the prefix, and VAR's adaptive LayerNorm in every block and
+    #: before the heads from the condition vector: tokenloom.backbone.adaln)
+    cond: str = attrs.field(default="prefix", validator=_one_of("prefix", "adaln"))
+
+    def key(self) -> dict:
+        """The config as cache keys read it: every field, except options added
+        later while they have their default (so existing runs keep their keys)."""
+        out = attrs.asdict(self)
+        for name, default in _MODEL_LATER_DEFAULTS.items():
+            if out.get(name) == default:
+                del out[name]
+        return out
 
     def __attrs_post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+
+
+#: ``[model]`` options added after cache keys were first written, with the default that leaves them out
+_MODEL_LATER_DEFAULTS = {"cond": "prefix"}
 
 
 @attrs.frozen
@@ -315,7 +335,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "device": cfg.device,
         "data": attrs.asdict(cfg.data),
-        "model": attrs.asdict(cfg.model),
+        "model": cfg.model.key(),  # options added later: absent at their defaults (run ids as before)
         "train": attrs.asdict(cfg.train),
         "tokenizer": cfg.tokenizer.table(),
         "sampler": [s.table() for s in cfg.sampler],

@@ -87,7 +87,7 @@ def codes_key(tok_hash: str, data: Any) -> str:
 def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:
     """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed
     × :func:`threads_key`."""
-    return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": attrs.asdict(cfg.model),
+    return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": cfg.model.key(),
                         "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed,
                         **threads_key()})
 
