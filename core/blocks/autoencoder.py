@@ -11,6 +11,14 @@ inheriting it) and implements only its quantiser:
 - ``dequantize(codes)``: ``LongTensor[B, L]`` → the decoder's input;
 - ``code_embeddings()``.
 
+A **continuous** tokenizer (MAR's KL autoencoder) derives from
+:class:`ContinuousAutoencoderTokenizer` instead and reuses the same skeleton:
+its ``quantize(z)`` returns the decoder's input (a posterior draw in training,
+the mean in eval mode) as ``QuantOut.latent`` and the deterministic tokens
+``FloatTensor[B, L, D]`` as ``QuantOut.codes`` (its KL term as ``loss``);
+``dequantize(latents)`` maps tokens back to the decoder's input. The base
+class then validates latents with :func:`tokenloom.check_latents` in ``decode``.
+
 The base class builds the :mod:`tokenloom.convnet` encoder and decoder,
 validates inputs, clamps decoded images to [-1, 1], and trains with
 :func:`tokenloom.tokenizer_train.train_tokenizer` (AdamW on the MSE
@@ -185,10 +193,35 @@ class AutoencoderTokenizer(Tokenizer):
         return self.fit(images, progress=progress, checkpoint=checkpoint)
 
 
+class ContinuousAutoencoderTokenizer(AutoencoderTokenizer):
+    """Base of the learned *continuous* tokenizers: the skeleton of
+    :class:`AutoencoderTokenizer` (encoder, decoder, chunked batch-independent
+    encode/decode, :func:`~tokenloom.tokenizer_train.train_tokenizer`) with
+    float tokens ``[B, L, token_dim]`` instead of codes (see the module
+    docstring). ``vocab_size`` is 0 and ``code_embeddings()`` raises."""
+
+    continuous = True
+
+    def __init__(self, config: Any, *, image_shape: tuple[int, int, int], latent_channels: int,
+                 token_dim: int, decoder_channels: int | None = None):
+        super().__init__(config, image_shape=image_shape, latent_channels=latent_channels,
+                         decoder_channels=decoder_channels)
+        self.token_dim = int(token_dim)
+        self.vocab_size = 0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.check_latents(latents)
+        return self._per_image(lambda c: self.decoder(self.dequantize(c)).clamp(-1.0, 1.0).float(), latents)
+
+    def code_embeddings(self) -> torch.Tensor:
+        raise ConfigError(f"{type(self).__name__} has continuous tokens: there is no codebook "
+                          "(code_embeddings() applies to discrete tokenizers only)")
+
+
 def grid_to_codes(idx: torch.Tensor) -> torch.Tensor:
     """``(B, h, w)`` or ``(B, h, w, D)`` indices -> ``LongTensor[B, L]``
     row-major, depth-minor (the layout's flat order)."""
     return idx.reshape(idx.shape[0], -1).long()
 
 
-__all__ = ["AutoencoderConfig", "AutoencoderTokenizer", "QuantOut", "grid_to_codes"]
+__all__ = ["AutoencoderConfig", "AutoencoderTokenizer", "ContinuousAutoencoderTokenizer", "QuantOut", "grid_to_codes"]

@@ -5,7 +5,10 @@
 :class:`tokenloom.autoencoder.AutoencoderTokenizer`): AdamW (β = 0.9, 0.95),
 linear warm-up over the first 5 % of steps then cosine decay to 10 % of the
 learning rate, gradient clipping at 1.0, batches drawn from an explicit
-``torch.Generator(seed)``. With ``checkpoint=PATH`` the whole training state
+``torch.Generator(seed)``. Streamed images (:mod:`tokenloom.blocks.streaming`)
+are never held in memory: each step's batch (indices a pure function of
+``(seed, step)``, :func:`stream_batches`) is decoded by DataLoader workers a
+few steps ahead. With ``checkpoint=PATH`` the whole training state
 (weights, optimiser moments, step, batch generator) is written atomically as
 safetensors every ``checkpoint_every`` steps with a key of the run's
 configuration; a run started again with the same configuration resumes where
@@ -16,7 +19,8 @@ file for another configuration is a :class:`~tokenloom.errors.CheckpointError`.
 in [-1, 1], from the mean squared error over all pixels), codebook
 utilisation (fraction of the ``V`` codes used at least once on the evaluated
 images) and perplexity (``exp`` of the entropy of the code histogram, over
-all positions, scales and depths together).
+all positions, scales and depths together); for continuous tokens (no
+vocabulary) those two are None and the tokens' mean and spread are reported.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from ..contract.checkpoint import load_tensors, save_tensors
 from ..contract.errors import CheckpointError, InputError
 from ..contract.interfaces import check_images
+from .streaming import is_lazy
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -59,8 +64,24 @@ def run_key(tokenizer: torch.nn.Module, images: torch.Tensor, **options: Any) ->
                          "config": cfg, "image_shape": list(tokenizer.image_shape), **options},
                         sort_keys=True, default=str).encode())
     h.update(str(tuple(images.shape)).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if is_lazy(images):  # streamed: what identifies its files, not the pixels (never all in memory)
+        h.update(json.dumps(images.identity(), sort_keys=True, default=str).encode())
+    else:
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def stream_batches(n: int, batch_size: int, *, seed: int, start: int, steps: int,
+                   flip: bool = False) -> Iterator[list[int]]:
+    """The image indices of steps ``start..steps-1`` of a streamed fit (with replacement), each
+    step's a pure function of ``(seed, step)`` so a resumed fit draws what an uninterrupted one
+    would; with ``flip``, about half are ``~i`` (image ``i`` flipped horizontally)."""
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + step * 7_919 + 0x5EED) % (2**63))
+        idx = torch.randint(n, (batch_size,), generator=g)
+        if flip:
+            idx = torch.where(torch.rand(batch_size, generator=g) < 0.5, ~idx, idx)
+        yield idx.tolist()
 
 
 def _save_state(path: Path, tok: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -105,11 +126,18 @@ def train_tokenizer(tokenizer: Any, images: torch.Tensor, *, steps: int, batch_s
                     weight_decay: float = 0.0, seed: int = 0, progress: bool = True, checkpoint: Any = None,
                     checkpoint_every: int = 100, grad_clip: float = 1.0) -> dict[str, float]:
     """Train ``tokenizer`` on ``images`` (``[N, C, H, W]`` float32 in
-    [-1, 1]); returns the last step's statistics (running means) plus
-    ``steps`` and ``seconds``. See the module docstring."""
+    [-1, 1]: a tensor, or a streamed :class:`~tokenloom.blocks.streaming.LazyImages`);
+    returns the last step's statistics (running means) plus ``steps`` and
+    ``seconds``. See the module docstring."""
     from tqdm.auto import tqdm
 
-    images = check_images(images, tokenizer.image_shape, where=f"{type(tokenizer).__name__}.fit: images")
+    streamed = is_lazy(images)
+    if streamed:
+        if tuple(images.shape[1:]) != tuple(tokenizer.image_shape):
+            raise InputError(f"{type(tokenizer).__name__}.fit: images are {tuple(images.shape[1:])}, the tokenizer "
+                             f"expects {tuple(tokenizer.image_shape)}")
+    else:
+        images = check_images(images, tokenizer.image_shape, where=f"{type(tokenizer).__name__}.fit: images")
     if images.shape[0] == 0:
         raise InputError(f"{type(tokenizer).__name__}.fit: no training images")
     if steps <= 0:
@@ -128,14 +156,22 @@ def train_tokenizer(tokenizer: Any, images: torch.Tensor, *, steps: int, batch_s
     bs = min(batch_size, n)
     tokenizer.train()
     running: dict[str, float] = {}
+    batches = None
+    if streamed:  # decoded by DataLoader workers, a few batches ahead; never all images at once
+        device = next(iter(tokenizer.parameters()), torch.empty(0)).device
+        batches = images.to(device).batches(stream_batches(n, bs, seed=seed, start=start, steps=steps,
+                                                           flip=images.flip))
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), total=steps, initial=start, disable=not progress, file=sys.stderr,
                desc=f"fit {type(tokenizer).__name__}", leave=False, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
-        idx = torch.randint(n, (bs,), generator=gen)
-        loss, stats = tokenizer.training_loss(images[idx])
+        if batches is not None:
+            x = next(batches)
+        else:
+            x = images[torch.randint(n, (bs,), generator=gen)]
+        loss, stats = tokenizer.training_loss(x)
         if not torch.isfinite(loss):
             raise InputError(f"{type(tokenizer).__name__}.fit: loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -152,6 +188,8 @@ def train_tokenizer(tokenizer: Any, images: torch.Tensor, *, steps: int, batch_s
         if path is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
             _save_state(path, tokenizer, opt, gen, step + 1, key)
     bar.close()
+    if batches is not None:
+        batches.close()  # the DataLoader's workers end here
     tokenizer.eval()
     return {**running, "steps": float(steps), "resumed_from": float(start), "seconds": time.perf_counter() - t0}
 
@@ -172,6 +210,15 @@ def code_statistics(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
     return {"utilisation": float((counts > 0).sum() / vocab_size), "perplexity": float(torch.exp(-(p * p.log()).sum()))}
 
 
+def latent_statistics(tokens: torch.Tensor) -> dict[str, float | None]:
+    """Mean and standard deviation of continuous tokens (``[N, L, D]``, over all
+    values) — the spread a diffusion or flow head has to model (None when empty)."""
+    if tokens.numel() == 0:
+        return {"latent_mean": None, "latent_std": None}
+    t = tokens.double()
+    return {"latent_mean": float(t.mean()), "latent_std": float(t.std()) if t.numel() > 1 else 0.0}
+
+
 def psnr(mse: float) -> float:
     """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
     return float("inf") if mse <= 0 else 10.0 * math.log10(4.0 / mse)
@@ -180,7 +227,8 @@ def psnr(mse: float) -> float:
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer: Any, images: torch.Tensor, *, batch_size: int = 100) -> dict[str, Any]:
     """Encode and decode ``images``; returns ``mse``, ``psnr``,
-    ``utilisation``, ``perplexity``, ``tokens_per_image``, ``vocab_size``,
+    ``utilisation``, ``perplexity`` (None for continuous tokens, which report
+    ``token_dim``, ``latent_mean`` and ``latent_std`` instead), ``tokens_per_image``, ``vocab_size``,
     ``n_scales``, ``depth``, ``n_images``, ``encode_seconds`` and
     ``decode_seconds`` (wall clock for the whole set)."""
     was_training = tokenizer.training
@@ -200,11 +248,17 @@ def evaluate_reconstruction(tokenizer: Any, images: torch.Tensor, *, batch_size:
     tokenizer.train(was_training)
     n = images.shape[0]
     mse = sq / max(1, images.numel())
-    all_codes = torch.cat(codes) if codes else torch.zeros(0, tokenizer.layout.length, dtype=torch.long)
+    if getattr(tokenizer, "continuous", False):  # float tokens: no code histogram, their spread instead
+        tokens = torch.cat(codes) if codes else torch.zeros(0, tokenizer.layout.length, tokenizer.token_dim)
+        usage: dict[str, Any] = {"utilisation": None, "perplexity": None, "token_dim": int(tokenizer.token_dim),
+                                 **latent_statistics(tokens)}
+    else:
+        all_codes = torch.cat(codes) if codes else torch.zeros(0, tokenizer.layout.length, dtype=torch.long)
+        usage = code_statistics(all_codes, tokenizer.vocab_size)
     return {
         "mse": mse,
         "psnr": psnr(mse),
-        **code_statistics(all_codes, tokenizer.vocab_size),
+        **usage,
         "tokens_per_image": tokenizer.layout.length,
         "vocab_size": tokenizer.vocab_size,
         "n_scales": tokenizer.layout.n_scales,
@@ -215,4 +269,4 @@ def evaluate_reconstruction(tokenizer: Any, images: torch.Tensor, *, batch_size:
     }
 
 
-__all__ = ["code_statistics", "evaluate_reconstruction", "psnr", "run_key", "train_tokenizer"]
+__all__ = ["code_statistics", "evaluate_reconstruction", "latent_statistics", "psnr", "run_key", "train_tokenizer"]

@@ -1,5 +1,9 @@
 """Tokenizer properties: shapes, determinism, the reconstruction bound on
-blocky images, non-square sizes, cell locality, save -> load, clear errors."""
+blocky images, non-square sizes, cell locality, save -> load, clear errors —
+for discrete tokenizers (codes ``LongTensor[B, L]`` in ``[0, V)``) and for
+continuous ones (``continuous = True``: latents ``FloatTensor[B, L, D]``, the
+posterior mean, deterministic even in training mode; bad latents — NaN, inf,
+the wrong width or length, integer codes — are an ``InputError``)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..contract.errors import TokenloomError
 from .common import _expect_error, _given, _hypothesis, _settings, random_images
 
 
@@ -88,6 +93,67 @@ def _shape_contract(tok: Any, name: str, image_shape: tuple[int, int, int], max_
     decode_any_codes()
 
 
+def _continuous_contract(tok: Any, name: str, image_shape: tuple[int, int, int], max_examples: int) -> None:
+    """A continuous tokenizer: float32 latents ``[n, L, D]``, finite; encode deterministic (in eval
+    and in training mode: the posterior mean, never a draw) and batch independent; decode of its
+    latents and of arbitrary finite latents gives float32 images in [-1, 1], batch independent."""
+    _, st = _hypothesis()
+    L, D = tok.layout.length, tok.token_dim
+    c, h, w = image_shape
+    where = f"{name} at {c}×{h}×{w}"
+
+    @_settings(max_examples)
+    @_given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
+    def encode_decode(n: int, seed: int) -> None:
+        x = random_images(n, image_shape, seed)
+        with torch.no_grad():
+            z = tok.encode(x)
+            assert isinstance(z, torch.Tensor) and z.dtype == torch.float32, (
+                f"{where}: a continuous tokenizer's encode must return float32 latents, got "
+                f"{getattr(z, 'dtype', type(z).__name__)}")
+            assert tuple(z.shape) == (n, L, D), (
+                f"{where}: encode shape {tuple(z.shape)} != {(n, L, D)} from the layout and token_dim")
+            assert torch.isfinite(z).all(), f"{where}: encode returned NaN or infinite latents"
+            assert torch.equal(z, tok.encode(x)), f"{where}: encode is not deterministic in eval mode"
+            singles = torch.cat([tok.encode(x[i : i + 1]) for i in range(n)])
+            assert torch.equal(z, singles), f"{where}: a batch encodes differently from its images one by one"
+            y = tok.decode(z)
+            assert y.dtype == torch.float32 and tuple(y.shape) == (n, c, h, w), (
+                f"{where}: decode must return float32 {(n, c, h, w)}, got {y.dtype} {tuple(y.shape)}")
+            assert torch.isfinite(y).all() and y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, (
+                f"{where}: decoded images outside [-1, 1]")
+
+    @_settings(max_examples)
+    @_given(n=st.integers(1, 3), seed=st.integers(0, 2**16), spread=st.sampled_from([0.1, 1.0, 10.0]))
+    def decode_any_latents(n: int, seed: int, spread: float) -> None:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((n, L, D), generator=g) * spread  # what a head may sample, far outside the data too
+        with torch.no_grad():
+            y = tok.decode(z)
+            assert tuple(y.shape) == (n, c, h, w) and torch.isfinite(y).all(), (
+                f"{where}: decode of finite latents (spread {spread}) failed")
+            assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5, f"{where}: decoded images outside [-1, 1]"
+            assert torch.equal(tok.decode(z[:1]), y[:1]), f"{where}: decode of a batch differs from one by one"
+
+    encode_decode()
+    decode_any_latents()
+    # the tokens are the posterior's mean, not a draw: training mode (where a VAE samples) encodes the same
+    x = random_images(2, image_shape, seed=11)
+    was = tok.training
+    try:
+        tok.train()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(1)
+            a = tok.encode(x)
+            torch.manual_seed(2)
+            b = tok.encode(x)
+    finally:
+        tok.train(was)
+    assert torch.equal(a, b), (
+        f"{where}: encode in training mode depends on the random state — a continuous tokenizer's tokens "
+        "must be deterministic (the posterior mean), the draw belongs to its training loss")
+
+
 def _reconstruction(tok: Any, name: str, image_shape: tuple[int, int, int], steps: int, bound: float) -> float:
     """Fit briefly on blocky images, then the error of decode(encode(x)) on
     other blocky images must be at most ``bound`` times that of the best
@@ -132,7 +198,10 @@ def _locality(tok: Any, name: str, image_shape: tuple[int, int, int]) -> None:
         y[:, :, r * ph : (r + 1) * ph, col * pw : (col + 1) * pw] *= -1  # every value changes sign
         with torch.no_grad():
             other = tok.encode(y)
-        changed = (other != codes).reshape(2, gh, gw, D).any(-1).any(0)
+        differs = other != codes
+        if differs.dim() == 3:  # continuous tokens [B, L, width]: a token changed when any value did
+            differs = differs.any(-1)
+        changed = differs.reshape(2, gh, gw, D).any(-1).any(0)
         outside = changed.clone()
         outside[r, col] = False
         assert not outside.any(), (
@@ -159,7 +228,11 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
     H×W/2 and H/2×W (skipped for a shape the config rejects with a
     ConfigError): shapes and ranges of encode/decode, determinism, batch
     independence, the reconstruction bound, locality for ``cell_local``
-    tokenizers, ``code_embeddings()``, save -> load, and clear errors."""
+    tokenizers, ``code_embeddings()``, save -> load, and clear errors.
+    A continuous tokenizer (``continuous = True``) is held to the same with
+    latents ``[B, L, token_dim]`` (see :func:`_continuous_contract`):
+    ``vocab_size`` 0, ``code_embeddings()`` raising, and bad latents (NaN,
+    inf, the wrong width or length, integer codes) an ``InputError``."""
     from ..contract.checkpoint import load_component, save_tokenizer
     from ..contract.errors import ConfigError
     from ..contract.registry import build_component, get_registry
@@ -172,19 +245,37 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
 
     tok = build(image_shape)
     layout, V = tok.layout, tok.vocab_size
-    assert isinstance(V, int) and V >= 1, f"{name}: vocab_size must be a positive int, got {V!r}"
+    continuous = bool(getattr(tok, "continuous", False))
+    if continuous:
+        D = tok.token_dim
+        assert isinstance(D, int) and D >= 1, f"{name}: a continuous tokenizer sets token_dim >= 1, got {D!r}"
+        assert V == 0, f"{name}: a continuous tokenizer has vocab_size 0 (no vocabulary), got {V!r}"
+    else:
+        assert isinstance(V, int) and V >= 1, f"{name}: vocab_size must be a positive int, got {V!r}"
     L = layout.length
     _fit_quietly(tok, random_images(32, image_shape, seed=1234), fit_steps, name)
     c, h, w = image_shape
     cell_local = bool(getattr(tok, "cell_local", False))
+    contract = _continuous_contract if continuous else _shape_contract
 
-    emb = tok.code_embeddings()
-    assert isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == V, (
-        f"{name}: code_embeddings() must be [V={V}, D], got {tuple(getattr(emb, 'shape', ()))}"
-    )
-    assert emb.dtype.is_floating_point and torch.isfinite(emb).all(), f"{name}: code_embeddings() not finite floats"
+    if continuous:  # no codebook: code_embeddings() must say so, not return something made up
+        try:
+            emb = tok.code_embeddings()
+        except (TokenloomError, NotImplementedError):
+            pass
+        else:
+            raise AssertionError(f"{name}: a continuous tokenizer has no codebook, but code_embeddings() returned "
+                                 f"{type(emb).__name__} {tuple(getattr(emb, 'shape', ()))} — it must raise "
+                                 "(ConfigError or NotImplementedError)")
+    else:
+        emb = tok.code_embeddings()
+        assert isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == V, (
+            f"{name}: code_embeddings() must be [V={V}, D], got {tuple(getattr(emb, 'shape', ()))}"
+        )
+        assert emb.dtype.is_floating_point and torch.isfinite(emb).all(), (
+            f"{name}: code_embeddings() not finite floats")
 
-    _shape_contract(tok, name, image_shape, max_examples)
+    contract(tok, name, image_shape, max_examples)
     if cell_local:
         _locality(tok, name, image_shape)
 
@@ -206,7 +297,7 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
                 f"{shape[0]}×{shape[1]}×{shape[2]} its grid is {other.layout.grid}, not {expect} — the layout "
                 "does not follow H and W")
         _fit_quietly(other, random_images(32, shape, seed=1234), fit_steps, name)
-        _shape_contract(other, name, shape, max(2, max_examples // 4))
+        contract(other, name, shape, max(2, max_examples // 4))
         if cell_local:
             _locality(other, name, shape)
         again = build(shape)
@@ -242,6 +333,25 @@ def check_tokenizer(name: str, *, registry: Any = None, image_shape=(3, 16, 16),
     _expect_error(f"{name}.encode(values in [0, 255])", lambda: tok.encode((good + 1) * 127.5))
     _expect_error(f"{name}.encode(a 3-D tensor)", lambda: tok.encode(good[0]))
     _expect_error(f"{name}.encode(a numpy array)", lambda: tok.encode(good.numpy()))
+    if continuous:
+        D = tok.token_dim
+        with torch.no_grad():
+            z = tok.encode(good)
+        for bad, what in ((float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf")):
+            zb = z.clone()
+            zb[-1, L // 2, D - 1] = bad
+            _expect_error(f"{name}.decode(latents with {what})", lambda zb=zb: tok.decode(zb))
+        _expect_error(f"{name}.decode(wrong latent width D + 1)",
+                      lambda: tok.decode(torch.zeros(1, L, D + 1)))
+        if D > 1:
+            _expect_error(f"{name}.decode(wrong latent width D - 1)", lambda: tok.decode(torch.zeros(1, L, D - 1)))
+        _expect_error(f"{name}.decode(wrong length)", lambda: tok.decode(torch.zeros(1, L + 1, D)))
+        _expect_error(f"{name}.decode(integer codes)", lambda: tok.decode(torch.zeros(1, L, dtype=torch.long)))
+        _expect_error(f"{name}.decode(integer latents [1, L, D])",
+                      lambda: tok.decode(torch.zeros(1, L, D, dtype=torch.long)))
+        _expect_error(f"{name}.decode(flat latents [1, L·D])", lambda: tok.decode(torch.zeros(1, L * D)))
+        _expect_error(f"{name}.decode(a numpy array)", lambda: tok.decode(z.numpy()))
+        return
     _expect_error(f"{name}.decode(code = vocab_size)", lambda: tok.decode(torch.full((1, L), V)))
     _expect_error(f"{name}.decode(code = -1)", lambda: tok.decode(torch.full((1, L), -1)))
     _expect_error(f"{name}.decode(wrong length)", lambda: tok.decode(torch.zeros(1, L + 1, dtype=torch.long)))
