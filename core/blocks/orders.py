@@ -47,6 +47,7 @@ from ..contract.interfaces import (
     TokenLayout,
     TrainBatch,
     check_codes,
+    check_latents,
 )
 
 # ---------------------------------------------------------------------------
@@ -121,6 +122,32 @@ def sample_codes(chain: Chain, logits: torch.Tensor, rng: RNG, *, B: int, guided
     return chain.sample(logits[:B], info, rng)
 
 
+def draw_tokens(model: Backbone, chain: Chain, out: torch.Tensor, rng: RNG, *, B: int, guided: bool,
+                info: StepInfo) -> torch.Tensor:
+    """The one draw of a decoding loop for either token kind. ``out`` is what
+    the pass returned for the ``k`` positions being decoded, the conditional
+    rows first, then (``guided``) as many unconditional ones: logits
+    ``[R, k, V]`` for a discrete model — processed by the chain and drawn,
+    ``LongTensor[B, k]`` — or hidden states ``[R, k, C]`` for a continuous
+    one (``model.spec.token_dim > 0``, from ``return_hidden=True``) — the
+    run's head draws ``FloatTensor[B, k, D]`` with the chain's guidance and
+    temperature (:func:`tokenloom.sampling.draw_continuous`). ``info``
+    describes the step (its ``fraction``, when set, drives the guidance
+    schedules, as MAR ramps its guidance over the decoded tokens)."""
+    if not model.spec.continuous:
+        info.uncond_logits = out[B:] if guided else None
+        return chain.sample(out[:B], info, rng)
+    return _draw_continuous(model, chain, out[:B], out[B:] if guided else None, rng, info)
+
+
+def _draw_continuous(model: Backbone, chain: Chain, hidden: torch.Tensor, uncond: torch.Tensor | None, rng: RNG,
+                     info: StepInfo) -> torch.Tensor:
+    # the heads' draw (guidance, temperature, head steps counted)
+    from .sampling import draw_continuous
+
+    return draw_continuous(model, chain, hidden, rng, info=info, uncond_hidden=uncond)
+
+
 def refuse_known(name: str, known: Known | None, *, instead: str = "'random' or 'masked' to inpaint") -> None:
     """The :class:`~tokenloom.errors.InputError` of an order without
     ``supports_known`` that was given ``known=`` (``instead``: what to use)."""
@@ -138,6 +165,19 @@ def check_known(known: Known, B: int, L: int, V: int, device: Any) -> tuple[torc
     if codes.shape[0] != B:
         raise InputError(f"known.codes: expected {B} rows (one per image), got {codes.shape[0]}")
     return codes, mask.to(device)
+
+
+def check_known_latents(known: Known, B: int, L: int, D: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``(latents [B, L, D], mask [B, L])`` of a :class:`Known`
+    holding continuous tokens (``known.codes`` is then a float tensor)."""
+    latents = check_latents(known.codes, L, D, where="known.codes").to(device)
+    mask = known.mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, L):
+        raise InputError(f"known.mask: expected a BoolTensor [{B}, {L}], got "
+                         f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+    if latents.shape[0] != B:
+        raise InputError(f"known.codes: expected {B} rows (one per image), got {latents.shape[0]}")
+    return latents, mask.to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +205,8 @@ class GroupOrder:
     inside — so decoding takes ``G`` forward passes with a KV cache.
     """
 
-    def __init__(self, order: torch.Tensor, group: int, *, vocab_size: int, layout: Any, train_order: str):
+    def __init__(self, order: torch.Tensor, group: int, *, vocab_size: int, layout: Any, train_order: str,
+                 token_dim: int = 0):
         L = order.numel()
         if group < 1 or L % group:
             raise ConfigError(f"group size {group} does not divide the {L} codes")
@@ -173,15 +214,30 @@ class GroupOrder:
         self.n = group
         self.G = L // group
         self.L = L
-        self.V = vocab_size
+        self.V = 0 if token_dim else vocab_size
         self.start_id = vocab_size
         self.layout = layout
         self.train_order = train_order
+        self.D = int(token_dim)  # 0: discrete codes; D: continuous tokens of width D
 
     def block_sizes(self) -> tuple[int, ...]:
         return (1,) + (self.n,) * self.G
 
     def model_spec(self, **extra: Any) -> ModelSpec:
+        if self.D:  # continuous: inputs are the tokens plus a START flag channel, a head reads the output
+            return ModelSpec(
+                seq_len=self.L + 1,
+                vocab_size=0,
+                heads=(),
+                train_order=self.train_order,
+                input_kind="embeddings",
+                input_dim=self.D + 1,
+                attention="block-causal",
+                cache_ops=frozenset({"append"}),
+                extra=tuple(sorted({"block_sizes": self.block_sizes(), **extra}.items())),
+                layout=self.layout,
+                token_dim=self.D,
+            )
         return ModelSpec(
             seq_len=self.L + 1,
             vocab_size=self.V + 1,
@@ -200,7 +256,29 @@ class GroupOrder:
         none = torch.full((1,), NO_POSITION, dtype=torch.long, device=device)
         return torch.cat([none, order[: self.n], order[: self.L - self.n]])
 
-    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
+    def start_block(self, rows: int, device: Any) -> torch.Tensor:
+        """The inputs of the START block, which predicts group 0: ``LongTensor[rows, n]`` of the START
+        id, or for continuous tokens ``FloatTensor[rows, n, D + 1]`` — zeros with the START flag (the
+        last channel) set, so the input projection learns the START token."""
+        if not self.D:
+            return torch.full((rows, self.n), self.start_id, dtype=torch.long, device=device)
+        start = torch.zeros(rows, self.n, self.D + 1, device=device)
+        start[..., self.D] = 1.0
+        return start
+
+    def token_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Continuous tokens ``[B, k, D]`` as inputs ``[B, k, D + 1]`` (the START flag clear)."""
+        return torch.cat([tokens.float(), torch.zeros_like(tokens[..., :1], dtype=torch.float32)], -1)
+
+    def training_batch(self, codes: torch.Tensor, cond: torch.Tensor, *,
+                       context_noise: bool = False) -> TrainBatch:
+        """Teacher forcing over the groups (see the class docstring). For continuous tokens
+        (``FloatTensor[B, L, D]``) the targets are the tokens and ``context_noise`` is xAR's
+        *noisy context learning*: every group fed as context is replaced by ``t·x + (1 − t)·ε``
+        with its own ``t ~ U(0, 1)`` per image and group (torch's global generator, seeded by the
+        trainer), so the model learns to continue from imperfect context."""
+        if self.D:
+            return self._continuous_batch(codes, cond, context_noise)
         B = codes.shape[0]
         dev = codes.device
         x = codes.gather(1, self.order.to(dev).expand(B, self.L))  # (B, L) codes in decoding order
@@ -212,7 +290,30 @@ class GroupOrder:
         return TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
                           positions=self.positions(dev))
 
+    def _continuous_batch(self, tokens: torch.Tensor, cond: torch.Tensor, context_noise: bool) -> TrainBatch:
+        B = tokens.shape[0]
+        dev = tokens.device
+        idx = self.order.to(dev)
+        x = tokens.float()[:, idx]  # (B, L, D) tokens in decoding order
+        context = x[:, : self.L - self.n]
+        if context_noise and self.G > 1:  # xAR: each context group at its own noise level
+            t = torch.rand(B, self.G - 1, 1, 1).to(dev)
+            eps = torch.randn(B, self.G - 1, self.n, self.D).to(dev)
+            ctx = context.reshape(B, self.G - 1, self.n, self.D)
+            context = (t * ctx + (1.0 - t) * eps).reshape(B, self.L - self.n, self.D)
+        inputs = torch.cat([torch.zeros(B, 1, self.D + 1, device=dev), self.start_block(B, dev),
+                            self.token_inputs(context)], 1)  # (B, L + 1, D + 1)
+        targets = torch.cat([torch.zeros_like(x[:, :1]), x], 1)  # (B, L + 1, D)
+        loss_mask = torch.ones(B, self.L + 1, dtype=torch.bool, device=dev)
+        loss_mask[:, 0] = False
+        return TrainBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, cond=cond.long(),
+                          positions=self.positions(dev))
+
     def generate(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG) -> torch.Tensor:
+        """``G`` passes with a KV cache: ``LongTensor[B, L]`` codes, or ``FloatTensor[B, L, D]``
+        continuous tokens drawn by the run's head from each group's hidden states."""
+        if self.D:
+            return self._generate_continuous(model, chain, cond, rng)
         B, dev = cond.shape[0], model.device
         cond = cond.to(dev).long()
         rows, guided = guidance_rows(cond, chain, model)
@@ -234,6 +335,29 @@ class GroupOrder:
             at += T
             inputs = new.repeat(2, 1) if guided else new
         return codes
+
+    def _generate_continuous(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG) -> torch.Tensor:
+        B, dev = cond.shape[0], model.device
+        cond = cond.to(dev).long()
+        rows, guided = guidance_rows(cond, chain, model)
+        R = rows.shape[0]
+        order = self.order.to(dev)
+        pos = self.positions(dev)
+        cache = model.new_cache(R, self.L + 1)
+        tokens = torch.zeros(B, self.L, self.D, device=dev)
+        inputs = torch.cat([torch.zeros(R, 1, self.D + 1, device=dev), self.start_block(R, dev)], 1)
+        at = 0
+        for g in range(self.G):
+            T = inputs.shape[1]
+            hidden = model(inputs, rows, positions=pos[at : at + T], cache=cache, return_hidden=True)
+            where = order[g * self.n : (g + 1) * self.n]
+            info = StepInfo(step=g, n_steps=self.G, positions=where.expand(B, -1))
+            new = draw_tokens(model, chain, hidden[:, -self.n:], rng, B=B, guided=guided, info=info)
+            tokens[:, where] = new
+            at += T
+            nxt = self.token_inputs(new)
+            inputs = nxt.repeat(2, 1, 1) if guided else nxt
+        return tokens
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +383,7 @@ class ScaleOrder:
     """
 
     def __init__(self, layout: Any, vocab_size: int, dim: int, inputs_fn: Any, *, train_order: str,
-                 who: str, scale_fn: Any = None):
+                 who: str, scale_fn: Any = None, token_dim: int = 0):
         if layout.n_scales < 2:
             raise ConfigError(f"{who} needs a multi-scale tokenizer (several scales in its layout), got one "
                               f"scale {list(layout.scales)} (e.g. tokenizer 'multiscale')")
@@ -270,8 +394,9 @@ class ScaleOrder:
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
         self.K = len(self.sizes)
         self.L = layout.length
-        self.V = vocab_size
+        self.V = 0 if token_dim else vocab_size
         self.D = dim
+        self.token_dim = int(token_dim)  # 0: codes; D': continuous tokens (FlowAR), drawn by the run's head
         self.inputs_fn = inputs_fn
         self.scale_fn = scale_fn  # optional (codes, k) -> [B, n_k, D]: one scale's inputs alone, for decoding
         self.train_order = train_order
@@ -280,7 +405,7 @@ class ScaleOrder:
         return ModelSpec(
             seq_len=self.L,
             vocab_size=self.V,
-            heads=(self.V,),
+            heads=() if self.token_dim else (self.V,),
             train_order=self.train_order,
             input_kind="embeddings",
             input_dim=self.D,
@@ -288,10 +413,12 @@ class ScaleOrder:
             cache_ops=frozenset({"append"}),
             extra=tuple(sorted({"block_sizes": self.sizes, **extra}.items())),
             layout=self.layout,
+            token_dim=self.token_dim,
         )
 
     def inputs(self, codes: torch.Tensor) -> torch.Tensor:
-        """``FloatTensor[B, L, D]``: the teacher-forcing inputs of ``codes``."""
+        """``FloatTensor[B, L, D]``: the teacher-forcing inputs of ``codes``
+        (``LongTensor[B, L]``, or continuous tokens ``FloatTensor[B, L, D']``)."""
         with torch.no_grad():
             later = self.inputs_fn(codes).detach().float()  # (B, L - n0, D)
         if tuple(later.shape) != (codes.shape[0], self.L - self.sizes[0], self.D):
@@ -301,10 +428,15 @@ class ScaleOrder:
         return torch.cat([start, later.to(start.device)], 1)
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> TrainBatch:
-        return TrainBatch(inputs=self.inputs(codes), targets=codes, loss_mask=torch.ones_like(codes, dtype=torch.bool),
+        """Codes or continuous tokens (then float targets ``[B, L, D']`` for the head)."""
+        mask = torch.ones(codes.shape[:2], dtype=torch.bool, device=codes.device)
+        targets = codes.float() if self.token_dim else codes
+        return TrainBatch(inputs=self.inputs(codes), targets=targets, loss_mask=mask,
                           cond=cond.long(), positions=torch.arange(self.L, device=codes.device))
 
     def log_likelihood(self, model: Backbone, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.token_dim:
+            raise ConfigError(f"{self.train_order}: continuous tokens have no exact likelihood here")
         dev = model.device
         codes = codes.to(dev)
         logits = model(self.inputs(codes).to(dev), cond.to(dev).long(), positions=torch.arange(self.L, device=dev))
@@ -319,6 +451,8 @@ class ScaleOrder:
         rows, guided = guidance_rows(cond, chain, model)
         R = rows.shape[0]
         cache = model.new_cache(R, self.L)
+        if self.token_dim:
+            return self._generate_continuous(model, chain, cond, rng, rows, guided, cache, known)
         codes = torch.zeros(B, self.L, dtype=torch.long, device=dev)
         for k in range(self.K):
             a, n = self.offsets[k], self.sizes[k]
@@ -339,6 +473,30 @@ class ScaleOrder:
                 new = torch.where(known[1][:, a : a + n], known[0][:, a : a + n], new)
             codes[:, a : a + n] = new
         return codes
+
+    def _generate_continuous(self, model: Backbone, chain: Chain, cond: torch.Tensor, rng: RNG,
+                             rows: torch.Tensor, guided: bool, cache: Any,
+                             known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """FlowAR: one pass per scale; the head draws every token of scale k
+        from its hidden state; the next scale's inputs come from the tokens
+        so far through ``inputs_fn`` (the tokenizer's ``scale_inputs``)."""
+        B, dev = cond.shape[0], model.device
+        tokens = torch.zeros(B, self.L, self.token_dim, device=dev)
+        for k in range(self.K):
+            a, n = self.offsets[k], self.sizes[k]
+            if k == 0:
+                x = torch.zeros(rows.shape[0], n, self.D, device=dev)
+            else:
+                x = self.inputs(tokens)[:, a : a + n].to(dev)
+                x = x.repeat(2, 1, 1) if guided else x
+            where = torch.arange(a, a + n, device=dev)
+            hidden = model(x, rows, positions=where, cache=cache, return_hidden=True)  # (R, n, C)
+            info = StepInfo(step=k, n_steps=self.K, positions=where.expand(B, -1), scale=k, n_scales=self.K)
+            new = draw_tokens(model, chain, hidden, rng, B=B, guided=guided, info=info)  # (B, n, D')
+            if known is not None:
+                new = torch.where(known[1][:, a : a + n, None], known[0][:, a : a + n].to(new.dtype), new)
+            tokens[:, a : a + n] = new
+        return tokens
 
 
 # ---------------------------------------------------------------------------
@@ -496,6 +654,8 @@ __all__ = [
     "MaskedCache",
     "ScaleOrder",
     "check_known",
+    "check_known_latents",
+    "draw_tokens",
     "flat_index",
     "grid_of",
     "guidance_rows",
