@@ -459,3 +459,72 @@ def test_learned_positions_on_a_multiscale_layout_are_var_pos_1lc_plus_lvl_embed
     got, rope = m._add_positions(x, torch.arange(L), None)
     assert rope is None
     torch.testing.assert_close(got[0], m.pos_emb.weight[:L] + m.scale_emb.weight[level])  # pos_1LC + lvl_embed
+
+
+# -- NAR: the down head has its own block, norm and output layer ---------------------------
+
+
+def _nar_model(down_blocks=1, n_layer=2, seed=0):
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    gen = tokenloom.create("generator", "neighboring", tokenizer=tok(3, 4), down_blocks=down_blocks)
+    cfg = ModelConfig(n_layer=n_layer, d_model=32, n_head=4, pos="learned")
+    return gen, build_model(gen.model_spec(), cfg, n_classes=3, seed=seed).eval()
+
+
+def test_nar_down_head_reads_its_own_block_norm_and_output_as_the_reference():
+    import torch.nn.functional as F
+
+    gen, m = _nar_model()
+    assert gen.model_spec().option("head_blocks") == (0, 1)  # medusa_attention_num = 1
+    assert len(m.blocks) == 3 and len(m.head_lns) == 1
+    codes = torch.randint(0, gen.V, (2, gen.L), generator=torch.Generator().manual_seed(0))
+    batch = gen.training_batch(codes, torch.tensor([0, 1]))
+    with torch.no_grad():
+        right, down = m(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask)
+        # gpt.py Transformer.forward: layers 0..n_layer-1 -> h (norm, output); one more -> medusa_h
+        x = m._embed(batch.inputs, batch.cond, 0, None)
+        x, _ = m._add_positions(x, batch.positions, None)
+        for b in m.blocks[:2]:
+            x = b(x, None, batch.attn_mask, None, 0)
+        medusa = m.blocks[2](x, None, batch.attn_mask, None, 0)
+        ref_right = m.heads[0](F.layer_norm(x, (32,), m.ln_f.weight, m.ln_f.bias))
+        ref_down = m.heads[1](m.head_lns[0](medusa))
+    torch.testing.assert_close(right, ref_right, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(down, ref_down, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(down, m.heads[1](F.layer_norm(x, (32,), m.ln_f.weight, m.ln_f.bias)), atol=1e-3)
+
+
+def test_nar_down_blocks_zero_is_the_old_two_linear_heads_and_generation_runs_cached():
+    from tokenloom.model import InstrumentedModel
+
+    old, m0 = _nar_model(down_blocks=0)
+    assert old.model_spec().extra == () and m0.head_blocks is None and len(m0.blocks) == 2
+    gen, m = _nar_model()
+    model = InstrumentedModel(m)
+    with torch.no_grad():
+        codes = gen.generate(model, SamplerChain([]), torch.tensor([0, 2]), rng=RowRNG(0, [0, 1]))
+    assert codes.shape == (2, gen.L) and model.nfe == gen.expected_nfe()
+    T, d = m.spec.seq_len, 32
+    assert m.flops_per_token() == 6 * m.n_params() + 12 * 3 * d * T  # the extra block's attention counted
+
+
+def test_head_blocks_keep_cached_decoding_equal_to_recomputation():
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    spec = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5, 6), train_order="t",
+                               extra=(("head_blocks", (0, 2, 1)),))
+    for cond in ("prefix", "adaln"):
+        m = build_model(spec, ModelConfig(n_layer=1, d_model=16, n_head=2, cond=cond), n_classes=2, seed=1).eval()
+        ids = torch.randint(0, 7, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            full = m(ids, torch.tensor([0, 2]))
+            cache = m.new_cache(2, 9)
+            parts = [m(ids[:, s: s + 4], torch.tensor([0, 2]), cache=cache) for s in range(0, 9, 4)]
+        for k in range(3):
+            torch.testing.assert_close(torch.cat([p[k] for p in parts], 1), full[k], atol=1e-5, rtol=0)
+    bad = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5), train_order="t", extra=(("head_blocks", (0,)),))
+    with pytest.raises(tokenloom.ConfigError, match="head_blocks"):
+        build_model(bad, ModelConfig(n_layer=1, d_model=16, n_head=2), n_classes=2)

@@ -28,18 +28,21 @@ down head of the token above, and every other token from the average of
 both (as in the reference code). NFE = h + w − 1.
 
 **Reference** (ThisisBillhe/NAR, ``NAR-images/autoregressive/models/gpt.py``,
-``Transformer.forward``). Kept: the proximity mask, the class token's two
-predictions averaged for ``x_(0,0)``, the first row from the right head, the
-first column from the down head, the rest from the average of both. Differs
-(not done): in the reference the two heads are not two linear layers on one
-hidden state — the *right* head (``norm``, ``output``) reads the hidden state
-after the ``n_layer`` blocks, and the *down* head has its own extra
-transformer block (``medusa_attention_num = 1``, run after the others), its
-own RMSNorm (``medusa_norm``) and output layer (``medusa_output``). Here both
-heads are linear layers on the backbone's final (shared-norm) hidden state:
-an extra per-head block is a backbone feature tokenloom's transformer does
-not offer, so the down head has one block less of its own capacity than
-NAR's.
+``Transformer.__init__`` / ``forward``). Kept: the proximity mask, the class
+token's two predictions averaged for ``x_(0,0)``, the first row from the right
+head, the first column from the down head, the rest from the average of both;
+and (since issue 18) the heads' structure: the *right* head (``norm``,
+``output``) reads the hidden state after the ``n_layer`` blocks, the *down*
+head has its own extra transformer block (``medusa_attention_num = 1``, run
+after the others, KV-cached like them), its own norm (``medusa_norm``) and
+output layer (``medusa_output``) — the backbone's spec option
+``("head_blocks", (0, down_blocks))``, ``down_blocks = 1`` by default.
+``down_blocks = 0`` restores the structure before the fix (both heads linear
+layers on the backbone's one final hidden state and norm; it changes NAR's
+numbers, see CHANGELOG). Differs: the reference's norms are RMSNorm and its
+right output layer starts at zero (LlamaGen's init), tokenloom's LayerNorm
+and normal(0.02); the reference trains one cross-entropy of the two heads'
+averaged logits, tokenloom each head on its own target (above).
 
 Needs one code per grid position (a layout of depth 1). No exact
 likelihood is reported (LITERATURE: neighbour orders report none).
@@ -61,7 +64,9 @@ class NeighboringGenerator(tokenloom.Generator):
 
     @attrs.frozen
     class Config:
-        pass
+        #: extra transformer blocks the down head has to itself (the reference's
+        #: ``medusa_attention_num``); 0: both heads on one hidden state (before issue 18)
+        down_blocks: int = attrs.field(default=1, validator=attrs.validators.ge(0))
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
@@ -79,6 +84,7 @@ class NeighboringGenerator(tokenloom.Generator):
             attention="custom",
             cache_ops=frozenset({"append"}),
             layout=self.tokenizer.layout,
+            extra=(("head_blocks", (0, self.config.down_blocks)),) if self.config.down_blocks else (),
         )
 
     def expected_nfe(self) -> int:
