@@ -30,6 +30,10 @@ recomputed).
 
 Several processes: under ``torchrun`` every rank walks the same plan; rank 0
 decides which cells are finished, prints, and alone writes files.
+
+A scheduler: with ``--executor local|slurm`` (or an ``[executor]`` table in the grid file) the
+tokenizer stages and the cells run as submitit jobs, in the order the stage graph allows, with the
+same table as a serial run (:mod:`tokenloom.running.executor`).
 """
 
 from __future__ import annotations
@@ -127,8 +131,12 @@ def _problems(exc: ConfigError) -> str:
 def plan_grid(raw: dict[str, Any], *, source: str | None = None, registry: Any = None) -> Plan:
     """Expand and validate a grid document (see the module docstring)."""
     from ..contract.registry import get_registry
+    from .executor import parse_executor
 
     registry = registry or get_registry()
+    if isinstance(raw, dict) and "executor" in raw:  # how the grid runs, not part of any cell
+        parse_executor(raw["executor"], source=source)
+        raw = {k: v for k, v in raw.items() if k != "executor"}
     _base, cells, skipped = expand_grid(raw, source=source)
     skipped = list(skipped)
     planned: list[PlannedCell] = []
@@ -211,13 +219,25 @@ def finished_record(out: Path, pc: PlannedCell) -> dict | None:
 # ---------------------------------------------------------------------------
 
 
+def cell_info(pc: PlannedCell) -> dict[str, Any]:
+    """What a job needs to know of its cell besides the config: id, row, labels, config hash."""
+    return {"id": pc.id, "row": pc.row, "labels": dict(pc.cell.labels), "config_hash": pc.config_hash()}
+
+
+def generation_key(pc: PlannedCell) -> str:
+    """Cells with the same config but their metrics share their generated samples."""
+    return stable_hash({k: v for k, v in pc.cell.config.items() if k != "metrics"}, 16)
+
+
 def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress: bool = True,
                  registry: Any = None, echo: Callable[[str], None] | None = None,
-                 plots: bool = True) -> dict[str, Any]:
+                 plots: bool = True, executor: Any = None) -> dict[str, Any]:
     """Plan, run and report a grid (a file path or a parsed document) into
     ``out``; returns the report (what ``results.json`` holds). ``echo``
     receives the plan and progress lines (default: stdout, rank 0 only);
-    ``plots``: also draw ``plots/`` and ``overview.png`` at the end."""
+    ``plots``: also draw ``plots/`` and ``overview.png`` at the end;
+    ``executor``: an :class:`~tokenloom.running.executor.ExecutorConfig`, or a dict of overrides
+    of the grid's ``[executor]`` table (None: the table as written; without one, serial)."""
     from ..contract.config import read_toml
     from ..contract.registry import get_registry
     from .pipeline import run as run_cell
@@ -233,6 +253,7 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
     raw = read_toml(grid) if source is not None else grid
     t0 = time.perf_counter()
     plan = plan_grid(raw, source=source, registry=registry)
+    ecfg = _executor_config(raw, executor, source)
     name = Path(source).name if source else "grid"
     say(f"{name}: {plan.describe()}")
     if not plan.cells:
@@ -249,6 +270,13 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
     meta = {"grid": source, "plan": plan.as_dict(), "world_size": dist.world()}
 
     todo = [pc for pc in plan.cells if pc.id not in done_ids]
+    if ecfg.kind != "serial" and todo:
+        if dist.world() > 1:
+            raise ConfigError([(f"executor.kind: {ecfg.kind} runs each job in its own process; start "
+                               "`tokenloom ablate` once, not under torchrun")], source=source)
+        failures = _run_jobs(plan, todo, done_ids, records, out, ecfg, meta, say)
+        meta["executor"] = attrs.asdict(ecfg)
+        return _finish(out, plan, records, meta, t0, plots, say, len(todo), len(done_ids), failures)
     for k, pc in enumerate(todo):
         say(f"[{len(done_ids) + k + 1}/{len(plan.cells)}] {describe_labels(pc.cell.labels) or pc.id}")
         record = run_cell(pc.cfg, out, progress=progress, registry=registry, write_report=False)
@@ -258,6 +286,13 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
                                             "record": record})
             records[pc.id] = record
             write_ablation_report(out, plan, records, meta=meta, plots=False)
+    return _finish(out, plan, records, meta, t0, plots, say, len(todo), len(done_ids), [])
+
+
+def _finish(out: Path, plan: Plan, records: dict[str, dict], meta: dict[str, Any], t0: float, plots: bool,
+            say: Callable[[str], None], n_run: int, n_done: int, failures: list) -> dict[str, Any]:
+    from .reports import write_ablation_report
+
     report: dict[str, Any] = {}
     if dist.is_main():
         meta["seconds_this_invocation"] = time.perf_counter() - t0
@@ -267,9 +302,81 @@ def run_ablation(grid: str | Path | dict[str, Any], out: str | Path, *, progress
             say(f"plots: {', '.join(str(out / p) for p in report['plots'])}")
         if report.get("overview"):
             say(f"overview: {out / report['overview']}")
-        say(f"ablation finished in {meta['seconds_this_invocation']:.0f} s ({len(todo)} cells run, "
-            f"{len(done_ids)} already finished)")
+        say(f"ablation finished in {meta['seconds_this_invocation']:.0f} s ({n_run} cells run, "
+            f"{n_done} already finished)")
+    if failures:
+        raise TokenloomError(f"{len(failures)} job(s) failed after every retry (the report holds the other cells; "
+                             "run the same command again to retry them):\n"
+                             + "\n".join(f"  {f.describe()}" for f in failures))
     return dist.broadcast(report)
+
+
+def _executor_config(raw: dict[str, Any], executor: Any, source: str | None) -> Any:
+    from .executor import ExecutorConfig, parse_executor
+
+    if isinstance(executor, ExecutorConfig):
+        return executor
+    return parse_executor(raw.get("executor"), source=source, overrides=executor)
+
+
+def _run_jobs(plan: Plan, todo: list[PlannedCell], done_ids: Any, records: dict[str, dict], out: Path,
+              ecfg: Any, meta: dict[str, Any], say: Callable[[str], None]) -> list:
+    """The cells ``todo`` as jobs of ``ecfg``'s executor: one tokenizer stage per tokenizer not yet
+    cached, then the cells, each holding the tokenizer, models and samples it may compute
+    (:func:`tokenloom.running.executor.run_tasks`); each finished cell is recorded and the report
+    rewritten here. Returns the failures."""
+    from .cache import cache_ok
+    from .executor import (
+        Task,
+        cell_job,
+        default_threads,
+        fit_stage,
+        make_executor,
+        run_tasks,
+        visible_gpus,
+    )
+    from .reports import write_ablation_report
+
+    folder = out / (ecfg.folder or "jobs")
+    executor = make_executor(ecfg, folder)
+    threads = ecfg.threads or default_threads()
+    out_s = str(out.resolve())
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for pc in plan.cells:  # what finished cells computed is cached
+        if pc.id in done_ids:
+            done |= {f"tok:{pc.tokenizer}", *(f"model:{k}" for k in pc.models), f"gen:{generation_key(pc)}"}
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for pc in todo:
+        if pc.tokenizer in seen or f"tok:{pc.tokenizer}" in done:
+            continue
+        seen.add(pc.tokenizer)
+        if cache_ok(out / "cache" / f"tokenizer-{pc.tokenizer}.safetensors"):
+            done.add(f"tok:{pc.tokenizer}")
+            continue
+        tasks.append(Task(f"tokenizer {pc.cell.config.get('tokenizer', {}).get('name', '?')} ({pc.tokenizer[:8]})",
+                          fit_stage, (pc.cell.config, out_s, threads), frozenset({f"tok:{pc.tokenizer}"})))
+    for pc in todo:
+        claims = {f"tok:{pc.tokenizer}", *(f"model:{k}" for k in pc.models), f"gen:{generation_key(pc)}"}
+        tasks.append(Task(f"cell {describe_labels(pc.cell.labels) or pc.id}", cell_job,
+                          (pc.cell.config, out_s, threads, cell_info(pc)), frozenset(claims), cell=pc.id))
+    say(f"executor: {ecfg.describe()}; {len(tasks)} jobs ({len(tasks) - len(todo)} tokenizer stages, "
+        f"{len(todo)} cells), {threads} CPU threads each, logs in {folder}")
+    n_done = len(records)
+
+    def on_result(task: Any, result: Any) -> None:
+        nonlocal n_done
+        if task.cell is None:
+            say(f"done: {task.name}")
+            return
+        n_done += 1
+        records[task.cell] = result
+        say(f"[{n_done}/{len(plan.cells)}] done: {task.name}")
+        write_ablation_report(out, plan, records, meta=meta, plots=False)
+
+    return run_tasks(tasks, executor, workers=ecfg.workers, retries=ecfg.retries, done=done,
+                     on_result=on_result, say=say, gpus=visible_gpus(ecfg))
 
 
 __all__ = [

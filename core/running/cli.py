@@ -201,12 +201,29 @@ def run(config: str, out: str | None, region: str | None, no_progress: bool) -> 
               help="Ablation directory (default: runs/<grid name>). Every cell shares <out>/cache; running the "
                    "same command again after a kill continues where it stopped.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def ablate(grid: str, out: str | None, no_progress: bool) -> None:
+@click.option("--executor", "kind", type=click.Choice(["serial", "local", "slurm"]), default=None,
+              help="How cells run: serial (one process, the default), or as submitit jobs on this machine "
+                   "(local) or on SLURM (slurm); needs the 'cluster' extra. Overrides [executor] kind.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Jobs in flight at once.")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Submit a failed job again this many times (default 1).")
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--timeout-min", "timeout_min", type=click.IntRange(min=1), default=None,
+              help="Time limit of one job in minutes (SLURM --time; default 240).")
+@click.option("--gpus-per-node", "gpus_per_node", type=click.IntRange(min=0), default=None, help="GPUs per job.")
+@click.option("--cpus-per-task", "cpus_per_task", type=click.IntRange(min=1), default=None, help="CPUs per job.")
+@click.option("--mem-gb", "mem_gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Memory per job in GB.")
+def ablate(grid: str, out: str | None, no_progress: bool, kind: str | None, workers: int | None,
+           retries: int | None, partition: str | None, timeout_min: int | None, gpus_per_node: int | None,
+           cpus_per_task: int | None, mem_gb: float | None) -> None:
     """Run every composition of GRID (a config with a [grid] table of axes,
     sweeps and exclusions): print the plan, skip incompatible cells with
     their reason, run the rest against one shared cache; writes results.json,
     results.md, plots/ (quality vs NFE and seconds per image, Pareto front),
-    overview.png and a sample grid per cell."""
+    overview.png and a sample grid per cell. With --executor local|slurm the
+    tokenizer stages and cells run as submitit jobs in the order the stage
+    graph allows (docs/scale.md), with the same table as a serial run."""
     from pathlib import Path
 
     from ..backbone import dist
@@ -214,7 +231,10 @@ def ablate(grid: str, out: str | None, no_progress: bool) -> None:
 
     dist.init_from_env()  # under torchrun: one process group, rank 0 writes and prints
     out = out or str(Path("runs") / Path(grid).stem)
-    run_ablation(grid, out, progress=not no_progress, echo=click.echo)
+    flags = {"kind": kind, "workers": workers, "retries": retries, "partition": partition,
+             "timeout_min": timeout_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
+             "mem_gb": mem_gb}
+    run_ablation(grid, out, progress=not no_progress, echo=click.echo, executor=flags)
     dist.shutdown()
 
 
