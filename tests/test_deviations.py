@@ -528,3 +528,65 @@ def test_head_blocks_keep_cached_decoding_equal_to_recomputation():
     bad = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5), train_order="t", extra=(("head_blocks", (0,)),))
     with pytest.raises(tokenloom.ConfigError, match="head_blocks"):
         build_model(bad, ModelConfig(n_layer=1, d_model=16, n_head=2), n_classes=2)
+
+
+# -- RandAR: the position instruction's embedding rotated by its target position ------------
+
+
+def test_randar_rotate_instruction_rotates_the_instruction_embedding_as_the_reference():
+    from tokenloom.backbone.positions import rotate_inputs
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    t = tok(2, 4)
+    gen = tokenloom.create("generator", "random", tokenizer=t, rotate_instruction=True)
+    plain = tokenloom.create("generator", "random", tokenizer=t)
+    assert gen.model_spec().option("rotate_ids") == (gen.V,) and plain.model_spec().extra == ()
+    par = tokenloom.create("generator", "random-parallel", tokenizer=t, rotate_instruction=True)
+    assert par.model_spec() == gen.model_spec()  # still one shared model
+    cfg = ModelConfig(n_layer=1, d_model=16, n_head=2)
+    m = build_model(gen.model_spec(), cfg, n_classes=2, seed=0).eval()
+    order = torch.stack([torch.randperm(gen.L, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    batch = gen.sequence(torch.randint(0, gen.V, (2, gen.L)), order)
+    ids = batch.inputs
+    x = m.tok_emb.weight[ids]
+    got, rope = m._add_positions(x, batch.positions, None)
+    got = rotate_inputs(got, ids, rope, m.rotate_ids, 2)
+    # randar_gpt.py batch_apply_rotary_emb on pos_instruct_embeddings viewed [n_head, head_dim]
+    e = m.tok_emb.weight[gen.V].view(2, 8)  # (n_head, head_dim)
+    for b in range(2):
+        for t_ in range(1, ids.shape[1], 2):  # the instruction slots
+            cis = m.rope_cis[batch.positions[b, t_]]  # (hd/2,) complex
+            pairs = e.reshape(2, 4, 2)
+            ref = torch.stack([pairs[..., 0] * cis.real - pairs[..., 1] * cis.imag,
+                               pairs[..., 1] * cis.real + pairs[..., 0] * cis.imag], -1).flatten()
+            torch.testing.assert_close(got[b, t_], ref)
+        torch.testing.assert_close(got[b, 2::2], x[b, 2::2])  # image tokens are not rotated
+    # the model's forward does it, and cached decoding still runs
+    from tokenloom.model import InstrumentedModel
+
+    with torch.no_grad():
+        codes = gen.generate(InstrumentedModel(m), SamplerChain([]), torch.tensor([0, 1]), rng=RowRNG(0, [0, 1]))
+    assert codes.shape == (2, gen.L)
+    with pytest.raises(tokenloom.ConfigError, match="rope2d"):
+        build_model(gen.model_spec(), ModelConfig(n_layer=1, d_model=16, n_head=2, pos="learned"), n_classes=2)
+
+
+def test_randar_rotation_changes_the_forward_only_at_instructions():
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    t = tok(2, 4)
+    on = tokenloom.create("generator", "random", tokenizer=t, rotate_instruction=True)
+    off = tokenloom.create("generator", "random", tokenizer=t)
+    cfg = ModelConfig(n_layer=1, d_model=16, n_head=2)
+    m_on = build_model(on.model_spec(), cfg, n_classes=2, seed=0).eval()
+    m_off = build_model(off.model_spec(), cfg, n_classes=2, seed=0).eval()
+    m_on.load_state_dict(m_off.state_dict())  # the same weights: only the rotation differs
+    order = torch.arange(on.L).expand(1, -1)
+    batch = on.sequence(torch.randint(0, on.V, (1, on.L), generator=torch.Generator().manual_seed(0)), order)
+    with torch.no_grad():
+        a = m_on(batch.inputs, torch.tensor([0]), positions=batch.positions)
+        b = m_off(batch.inputs, torch.tensor([0]), positions=batch.positions)
+    torch.testing.assert_close(a[:, :2], b[:, :2])  # cls, and the first instruction at position 0 (no rotation)
+    assert not torch.allclose(a[:, 3], b[:, 3])  # the instruction for position 1 carries its rotation

@@ -61,6 +61,7 @@ from .head_blocks import head_blocks_of, head_norms, tapped_outputs
 from .instrumented import InstrumentedModel
 from .kernels import BMM_ATTENTION_PAIRS, PLAIN_LINEAR, CPULinear, PlainLinear, attend
 from .kvcache import KVCache
+from .positions import rotate_ids_of, rotate_inputs
 
 # ---------------------------------------------------------------------------
 # Positions and masks
@@ -321,6 +322,7 @@ class Transformer(nn.Module):
         self.scale_emb = nn.Embedding(self.layout.n_scales, d) if self.layout.n_scales > 1 else None
         self.depth_emb = nn.Embedding(self.layout.depth, d) if self.layout.depth > 1 else None
         self.tgt_emb = nn.Embedding(self.n_pos + 1, d) if spec.option("target_aware", False) else None
+        self.rotate_ids = rotate_ids_of(spec, config.pos)  # RandAR: ids whose input rotates by its position
 
         self.drop = nn.Dropout(config.dropout)
         # spec option "head_blocks" (NAR): extra blocks after the n_layer-th that some heads read past
@@ -585,6 +587,8 @@ class Transformer(nn.Module):
         if positions is None:  # ([B,] T): the flat code position after the class token's
             positions = slot - 1 if slot is not None else torch.arange(start - 1, start - 1 + T, device=dev)
         x, rope = self._add_positions(x, positions, target_positions)  # (B, T, C), ([B,] T, 1, 1, hd/2)
+        if self.rotate_ids is not None:  # RandAR's position instruction: its embedding rotated too
+            x = rotate_inputs(x, inputs, rope, self.rotate_ids, self.config.n_head)
 
         if slot is not None and attn_mask is None and self.spec.attention == "causal":
             # row b's query t sees its own prefix and the new tokens up to t

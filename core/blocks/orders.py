@@ -617,13 +617,16 @@ def raster_decode(model: Any, chain: Chain, cond: torch.Tensor, rng: RNG, L: int
     return codes
 
 
-def instruction_spec(tokenizer: Any) -> ModelSpec:
+def instruction_spec(tokenizer: Any, rotate: bool = False) -> ModelSpec:
     """The spec of RandAR's model (``[cls, p0, x0, p1, x1, ...]``, one extra
     token: the position instruction, id ``vocab_size``): one place, so that
-    ``random`` and ``random-parallel`` share one trained model by construction."""
+    ``random`` and ``random-parallel`` share one trained model by construction.
+    ``rotate``: the instruction's input embedding is rotated by the RoPE of the
+    position it asks for, as RandAR's reference (spec option ``rotate_ids``)."""
     L, V = tokenizer.layout.length, tokenizer.vocab_size
     return ModelSpec(seq_len=2 * L, vocab_size=V + 1, n_extra_tokens=1, heads=(V,), train_order="random",
-                     attention="causal", cache_ops=frozenset({"append"}), layout=tokenizer.layout)
+                     attention="causal", cache_ops=frozenset({"append"}), layout=tokenizer.layout,
+                     extra=(("rotate_ids", (V,)),) if rotate else ())
 
 
 def instruction_sequence(codes: torch.Tensor, order: torch.Tensor, instruction: int) -> TrainBatch:

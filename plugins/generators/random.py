@@ -33,14 +33,16 @@ progress as the *fraction of tokens decoded*, ``t / L`` before token t —
 RandAR's ``cfg_scales[0] + (cfg_scales[-1] − cfg_scales[0]) ·
 query_token_idx_cur_step / block_size`` (``progress = "decoded"``: the
 samplers get ``StepInfo.fraction = t / L``; ``"pass"`` gives the old
-``t / (L − 1)``). Differs: RandAR also rotates the instruction
-*embedding itself* by the 2-D RoPE of the position it asks for before the
-first layer (``get_position_instruction_tokens``: ``batch_apply_rotary_emb``
-on ``pos_instruct_embeddings``), so the instruction carries its target in
-its input vector as well as in attention; here the position enters only
-through the backbone's positions (RoPE inside attention, or a learned
-position embedding). Rotating an input embedding is a backbone feature
-tokenloom's transformer does not have (not done).
+``t / (L − 1)``). RandAR also rotates the instruction *embedding itself* by the 2-D RoPE of
+the position it asks for before the first layer
+(``get_position_instruction_tokens``: ``batch_apply_rotary_emb`` on
+``pos_instruct_embeddings``, each head's slice by that head's rotation), so
+the instruction carries its target in its input vector as well as in
+attention: ``rotate_instruction = true`` does the same (the backbone's spec
+option ``rotate_ids``, :mod:`tokenloom.backbone.positions`; needs ``[model]
+pos = "rope2d"``). It is off by default so that existing runs keep their
+numbers: without it the position enters only through the backbone's
+positions (RoPE inside attention, or a learned position embedding).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class RandomOrderGenerator(tokenloom.Generator):
     class Config:
         #: what the samplers' progress measures: "decoded" (RandAR: t / L before token t) or "pass"
         progress: str = attrs.field(default="decoded", validator=attrs.validators.in_(("decoded", "pass")))
+        #: rotate the position instruction's input embedding by the 2-D RoPE of the position it asks
+        #: for, as RandAR's reference (get_position_instruction_tokens); needs [model] pos = "rope2d".
+        #: Off by default (results of existing runs unchanged); part of the model spec, so set it
+        #: alike on ``random`` and ``random-parallel`` to share one model
+        rotate_instruction: bool = False
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
@@ -71,7 +78,7 @@ class RandomOrderGenerator(tokenloom.Generator):
         self.instruction = self.V  # id of the position-instruction token
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return instruction_spec(self.tokenizer)
+        return instruction_spec(self.tokenizer, rotate=self.config.rotate_instruction)
 
     def expected_nfe(self) -> int:
         return self.L

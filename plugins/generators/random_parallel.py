@@ -42,8 +42,9 @@ issue-18 fix ``progress = "decoded"`` (the default) hands the samplers
 ``progress``, so a ``linear`` CFG schedule is RandAR's ramp;
 ``progress = "pass"`` restores the ramp by pass (``step / (steps − 1)``).
 ``step`` stays the pass index and keys the draws either way. As in
-``random``, RandAR's rotation of the instruction embedding itself
-is not reproduced (see there).
+``random``, ``rotate_instruction = true`` rotates the instruction embedding
+itself by the RoPE of its target position, as RandAR's reference (off by
+default; see there).
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ class RandomParallelGenerator(tokenloom.Generator):
         steps: int = attrs.field(default=16, validator=attrs.validators.ge(2))
         #: what the samplers' progress measures: "decoded" (RandAR: tokens decoded / L) or "pass"
         progress: str = attrs.field(default="decoded", validator=attrs.validators.in_(("decoded", "pass")))
+        #: rotate the position instruction's input embedding by the 2-D RoPE of the position it asks
+        #: for, as RandAR's reference (get_position_instruction_tokens); needs [model] pos = "rope2d".
+        #: Off by default (results of existing runs unchanged); part of the model spec, so set it
+        #: alike on ``random`` and ``random-parallel`` to share one model
+        rotate_instruction: bool = False
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
@@ -100,7 +106,7 @@ class RandomParallelGenerator(tokenloom.Generator):
     # -- the random-order model -----------------------------------------------
 
     def model_spec(self) -> tokenloom.ModelSpec:
-        return instruction_spec(self.tokenizer)  # identical to random's: the model is shared
+        return instruction_spec(self.tokenizer, rotate=self.config.rotate_instruction)  # identical to random's: the model is shared
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
         codes = tokenloom.check_codes(codes, self.L, self.V, where="random-parallel.training_batch: codes")
