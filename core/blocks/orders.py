@@ -541,21 +541,64 @@ class MaskedCache:
 def raster_spec(tokenizer: Any) -> ModelSpec:
     """The spec of a plain raster (LlamaGen) model for ``tokenizer``: one
     place, so that ``raster`` (without RAR), ``zipar``, ``sjd`` and
-    ``speculative`` share one trained model by construction."""
+    ``speculative`` share one trained model by construction. A continuous
+    tokenizer (``tokenizer.continuous``, width ``D = token_dim``) gives the
+    continuous spec: the previous latents are the inputs (``input_kind =
+    "embeddings"``, ``input_dim = D``), no vocabulary or logit heads, and
+    ``token_dim = D`` — the run's head draws each token from the hidden state
+    (:func:`continuous_spec`)."""
     L, V = tokenizer.layout.length, tokenizer.vocab_size
+    if getattr(tokenizer, "continuous", False):
+        return continuous_spec(tokenizer, seq_len=L, train_order="raster", attention="causal",
+                               cache_ops=frozenset({"append"}))
     return ModelSpec(seq_len=L, vocab_size=V, heads=(V,), train_order="raster", attention="causal",
                      cache_ops=frozenset({"append"}), extra=(), layout=tokenizer.layout)
 
 
+def continuous_spec(tokenizer: Any, *, seq_len: int, train_order: str, extra_input_dim: int = 0,
+                    **fields: Any) -> ModelSpec:
+    """The :class:`ModelSpec` of an order over a continuous tokenizer's latents
+    (width ``D = tokenizer.token_dim``): ``input_kind = "embeddings"`` of width
+    ``D + extra_input_dim`` (an order may append flags to each input vector,
+    e.g. a mask bit), ``vocab_size = 0``, no logit heads (``heads = ()``),
+    ``token_dim = D`` (the backbone returns hidden states for the run's
+    :class:`~tokenloom.interfaces.Head`) and ``layout`` the tokenizer's;
+    ``fields``: the rest (``attention``, ``cache_ops``, ``extra``, ...)."""
+    D = int(tokenizer.token_dim)
+    if D < 1:
+        raise ConfigError([(f"{train_order}: the tokenizer {type(tokenizer).__name__} has no continuous tokens "
+                           f"(token_dim {D})")])
+    fields.setdefault("layout", tokenizer.layout)
+    return ModelSpec(seq_len=seq_len, vocab_size=0, heads=(), train_order=train_order, input_kind="embeddings",
+                     input_dim=D + int(extra_input_dim), token_dim=D, **fields)
+
+
 def raster_training_batch(codes: torch.Tensor, cond: torch.Tensor, L: int, V: int, *, where: str,
-                          order: torch.Tensor | None = None) -> TrainBatch:
+                          order: torch.Tensor | None = None, dim: int = 0) -> TrainBatch:
     """Raster teacher forcing (LlamaGen): inputs ``[cls, x_0, ..., x_{L-2}]``
     at positions ``[-1, 0, ..., L-2]`` (``[B, L]``), targets ``x``, the loss
     everywhere — the one recipe of ``raster``, ``zipar``, ``sjd`` and
     ``speculative``. ``order`` (``LongTensor[B, L]``, a permutation per row;
     RAR) visits the codes in that order instead: inputs ``[cls, x_π0, ...]``
     at positions ``[-1, π0, ...]``, targets ``x_π``. ``codes`` are checked
-    against ``L`` and ``V`` (errors name ``where``)."""
+    against ``L`` and ``V`` (errors name ``where``).
+
+    Continuous tokens (``dim = D > 0``): ``codes`` are latents
+    ``FloatTensor[B, L, D]`` (checked with :func:`check_latents`); the inputs
+    are the previous latents as embeddings ``[B, L, D]`` (zeros in the class
+    slot, whose value the backbone ignores) and the targets the latents
+    ``[B, L, D]``, which the run's head scores."""
+    if dim:
+        x = check_latents(codes, L, dim, where=where)
+        if order is not None:
+            x = x.gather(1, order[..., None].expand(-1, -1, dim))  # (B, L, D) in decoding order
+        else:
+            order = torch.arange(L, device=x.device).expand(x.shape[0], L)
+        inputs = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # [cls, x_π0, ..., x_π(L-2)]
+        positions = torch.cat([torch.full_like(order[:, :1], NO_POSITION), order[:, :-1]], 1)
+        return TrainBatch(inputs=inputs, targets=x, loss_mask=torch.ones(x.shape[:2], dtype=torch.bool,
+                                                                          device=x.device),
+                          cond=cond.long(), positions=positions)
     codes = check_codes(codes, L, V, where=where)
     if order is None:
         order = torch.arange(L, device=codes.device).expand(codes.shape[0], L)  # (B, L) raster
@@ -570,7 +613,22 @@ def raster_log_likelihood(model: Backbone, codes: torch.Tensor, cond: torch.Tens
                           target_aware: bool = False) -> torch.Tensor:
     """``FloatTensor[B]``: exact log p(codes | cond) in nats under a raster
     model (one teacher-forced pass); ``target_aware``: the model has RAR's
-    target-aware positions (the input at index t predicts position t)."""
+    target-aware positions (the input at index t predicts position t).
+    Continuous latents ``[B, L, D]``: the sum of the head's exact
+    ``log_likelihood`` (a head with ``exact_likelihood``; others raise)."""
+    D = int(getattr(model.spec, "token_dim", 0) or 0)
+    if D:
+        head = model.head
+        if head is None or not head.exact_likelihood:
+            raise InputError(f"{where}: the model's head {type(head).__name__} has no exact likelihood")
+        x = check_latents(codes, L, D, where=where).to(model.device)
+        dev = model.device
+        inputs = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        kw = {"target_positions": torch.arange(L, device=dev)} if target_aware else {}
+        hidden = model(inputs, cond.to(dev).long(), positions=torch.arange(-1, L - 1, device=dev),
+                       return_hidden=True, **kw)  # (B, L, C)
+        with torch.no_grad():
+            return head.log_likelihood(hidden, x).sum(-1)
     codes = check_codes(codes, L, V, where=where)
     dev = model.device
     codes, cond = codes.to(dev), cond.to(dev).long()
@@ -591,7 +649,16 @@ def raster_decode(model: Any, chain: Chain, cond: torch.Tensor, rng: RNG, L: int
     then read from its parameters and ``n_classes``). ``chain``: a
     :class:`~tokenloom.Chain`; ``rng``: the :class:`~tokenloom.RNG` of the
     ``B`` images. Returns ``LongTensor[B, L]``. The decoding loop of
-    ``raster`` and the baseline the speculative orders measure."""
+    ``raster`` and the baseline the speculative orders measure.
+
+    A continuous model (``spec.token_dim = D > 0``): the same loop, each
+    pass's hidden state handed to the run's head through
+    :func:`tokenloom.sampling.draw_continuous` (the chain's guidance and
+    temperature, null rows batched as above), the drawn latent fed back as
+    the next input; returns ``FloatTensor[B, L, D]``. NFE = L backbone
+    passes, plus ``head.steps`` head steps per token (counted apart)."""
+    if int(getattr(model.spec, "token_dim", 0) or 0):
+        return _raster_decode_continuous(model, chain, cond, rng, L, target_aware=target_aware)
     B = cond.shape[0]
     dev = model.device if hasattr(model, "device") else next(model.parameters()).device
     null = model.null_class if hasattr(model, "null_class") else model.n_classes
@@ -615,6 +682,36 @@ def raster_decode(model: Any, chain: Chain, cond: torch.Tensor, rng: RNG, L: int
             codes[:, t] = nxt
             token = (nxt.repeat(2) if guided else nxt)[:, None]
     return codes
+
+
+def _raster_decode_continuous(model: Any, chain: Chain, cond: torch.Tensor, rng: RNG, L: int, *,
+                              target_aware: bool = False) -> torch.Tensor:
+    """:func:`raster_decode` for a continuous model: ``FloatTensor[B, L, D]``."""
+    from .sampling import draw_continuous
+
+    B, D = cond.shape[0], int(model.spec.token_dim)
+    dev = model.device if hasattr(model, "device") else next(model.parameters()).device
+    null = model.null_class if hasattr(model, "null_class") else model.n_classes
+    cond = cond.to(dev).long()
+    guided = chain.needs_uncond
+    rows = torch.cat([cond, torch.full_like(cond, null)]) if guided else cond
+    cache = model.new_cache(rows.shape[0], L)
+    latents = torch.zeros(B, L, D, device=dev)
+    token = torch.zeros(rows.shape[0], 1, D, device=dev)  # the class slot (its value is ignored)
+    position = torch.arange(-1, L - 1, device=dev).clamp(min=NO_POSITION)
+    target = torch.arange(L, device=dev)
+    decoded = target[:, None].expand(L, B)
+    with torch.no_grad():
+        for t in range(L):
+            kw = {"target_positions": target[t : t + 1]} if target_aware else {}
+            hidden = model(token, rows, cache=cache, positions=position[t : t + 1], return_hidden=True,
+                           **kw)[:, -1]  # (rows, C)
+            info = StepInfo(step=t, n_steps=L, positions=decoded[t])
+            x = draw_continuous(model, chain, hidden[:B], rng, info=info,
+                                uncond_hidden=hidden[B:] if guided else None)  # (B, D)
+            latents[:, t] = x
+            token = (torch.cat([x, x]) if guided else x)[:, None].to(token.dtype)
+    return latents
 
 
 def instruction_spec(tokenizer: Any, rotate: bool = False) -> ModelSpec:
@@ -658,6 +755,7 @@ __all__ = [
     "ScaleOrder",
     "check_known",
     "check_known_latents",
+    "continuous_spec",
     "draw_tokens",
     "flat_index",
     "grid_of",
