@@ -79,8 +79,10 @@ def test_torchrun_two_processes_match_one(tmp_path, cli_env):
     (two / "cache").mkdir(parents=True)
     masked_model = f"model-{by_gen['masked']['cache']['model']}.safetensors"
     for f in (tmp_path / "one" / "cache").glob("*.safetensors"):
-        if f.name.startswith(("tokenizer-", "codes-")) or f.name == f"model-{by_gen['raster']['cache']['model']}.safetensors":
+        if f.name.startswith("tokenizer-") or f.name == f"model-{by_gen['raster']['cache']['model']}.safetensors":
             shutil.copy(f, two / "cache" / f.name)
+    for f in (tmp_path / "one" / "cache").glob("codes-*"):  # the code stores (directories of shards)
+        shutil.copytree(f, two / "cache" / f.name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tokenloom", "ablate", str(grid), "--out", str(two), "--no-progress"]
     res = subprocess.run(cmd, check=False, env={**cli_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

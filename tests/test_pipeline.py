@@ -105,7 +105,10 @@ def test_inpainting_run_shows_the_known_region(tmp_path):
         assert b.height > a.height  # a row of known context above each row of samples
     samples = max((out / "cache").glob("samples-*.safetensors"), key=lambda p: p.stat().st_mtime)
     codes = load_tensors(samples)[0]["codes"]
-    held = load_tensors(next((out / "cache").glob("codes-*.safetensors")))[0]["holdout"]
+    from tokenloom.running.codestore import CodeStore
+
+    store = next((out / "cache").glob("codes-*"))  # the code store of the run's tokenizer
+    held = CodeStore(store, json.loads((store / "store.json").read_text())["key"]).read("holdout").tensor()
     keep = region_mask(tokenloom.TokenLayout(scales=((4, 4),)), "center")
     assert keep.sum() == 12 and not keep[5] and keep[0]
     assert torch.equal(codes[:, keep], held[:8, keep])  # every known token kept

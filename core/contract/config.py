@@ -85,6 +85,28 @@ class DataConfig:
     #: ``shapes``: combinations ("red square", "3 triangles", "blue circle") whose images are left out of
     #: the training split (the held-out split keeps them): compositional generalisation
     holdout_combos: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    # streamed data sets (``folder``, ``hf``; :mod:`tokenloom.blocks.streaming`):
+    #: a file that cannot be read as an image: ``"error"`` (the default) or ``"skip"`` (left out, counted)
+    unreadable: str = attrs.field(default="error", validator=_one_of("error", "skip"))
+    #: an image smaller than ``size``: ``"upscale"`` (the default; counted in a warning) or ``"error"``
+    small: str = attrs.field(default="upscale", validator=_one_of("upscale", "error"))
+    #: ``"bilinear"`` (centre-crop to a square, bilinear resize; the in-memory folder's) or ``"adm"``
+    #: (ADM/LlamaGen ``center_crop_arr``: box halving, bicubic resize, centre crop)
+    resize: str = attrs.field(default="bilinear", validator=_one_of("bilinear", "adm"))
+    #: random horizontal flips of the images a tokenizer is fitted on (streamed sets only)
+    flip: bool = False
+    #: DataLoader worker processes that decode streamed images (0: in the main process); not in any key
+    workers: int = attrs.field(default=2, validator=_non_negative)
+    #: ``hf``: the image, label and caption columns (None: found by feature type or name)
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+
+
+#: ``[data]`` options of the streamed data sets, left out of config dicts and cache keys at their defaults
+STREAM_OPTIONS: tuple[str, ...] = ("unreadable", "small", "resize", "flip", "workers", "image_column",
+                                   "label_column", "caption_column")
+_DATA_DEFAULTS = {k: attrs.fields_dict(DataConfig)[k].default for k in STREAM_OPTIONS}
 
 
 @attrs.frozen
@@ -359,6 +381,9 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+    for k in STREAM_OPTIONS:  # the streamed data sets' options: absent at their defaults (run ids as before)
+        if out["data"][k] == _DATA_DEFAULTS[k]:
+            del out["data"][k]
 __all__ = [
     "ComponentConfig",
     "DataConfig",

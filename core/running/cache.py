@@ -42,9 +42,15 @@ def component_key(c: Any) -> dict:
 
 def data_key(cfg: RunConfig) -> str:
     """The ``data_id`` of caches when the run loads ``cfg.data`` itself."""
+    from ..contract.config import STREAM_OPTIONS
+
     data = attrs.asdict(cfg.data)
     if not data.get("holdout_combos"):  # absent unless used: the keys of every other config as before
         data.pop("holdout_combos", None)
+    defaults = attrs.asdict(type(cfg.data)())
+    for k in STREAM_OPTIONS:  # streamed sets' options: in the key only when set; workers never (same images)
+        if k == "workers" or data.get(k) == defaults[k]:
+            data.pop(k, None)
     return stable_hash(data)
 
 

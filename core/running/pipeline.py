@@ -16,7 +16,9 @@ stage          cache key
 =============  ==================================================================
 tokenizer      data config, tokenizer table, image shape, seed; a learned
                tokenizer's fit resumes mid-run
-codes          tokenizer weights (content hash), data config, seed
+codes          tokenizer weights (content hash), data config, seed; a sharded
+               memory-mapped store (:mod:`tokenloom.running.codestore`)
+               that resumes shard by shard
 model          tokenizer hash × ``model_spec()`` (train order, length, vocab, ...)
                × ``[model]`` × ``[train]`` × classes × seed; training checkpoints
                resume mid-run
@@ -47,7 +49,7 @@ from ..backbone.instrumented import InstrumentedModel
 from ..backbone.model import build_model
 from ..backbone.train import heldout_nll, load_training_state, save_training_state
 from ..backbone.train import train as train_backbone
-from ..blocks.data import load_dataset
+from ..blocks.data import ImageSet, open_dataset
 from ..contract.checkpoint import load_tensors, save_tensors, save_tokenizer
 from ..contract.config import RunConfig, config_to_dict
 from ..contract.errors import CheckpointError, ConfigError
@@ -119,8 +121,13 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def load_data(cfg: RunConfig) -> tuple[Any, Any]:
-    """The training and held-out :class:`~tokenloom.data.ImageSet`."""
-    return load_dataset(cfg.data, split="train", seed=cfg.seed), load_dataset(cfg.data, split="holdout", seed=cfg.seed)
+    """The training set (streamed from disk for ``folder`` and ``hf``:
+    :func:`tokenloom.blocks.streaming.open_dataset`) and the held-out set (in memory: metrics
+    read its pixels)."""
+    holdout = open_dataset(cfg.data, split="holdout", seed=cfg.seed)
+    if not isinstance(holdout, ImageSet):
+        holdout = holdout.materialize()
+    return open_dataset(cfg.data, split="train", seed=cfg.seed), holdout
 
 
 def prepare_data(cfg: RunConfig, data: tuple[Any, Any] | None) -> tuple[Any, Any, str]:
@@ -160,20 +167,47 @@ def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry
 
 
 def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, key_extra: Any,
-               device: torch.device, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Codes of every split (``{split: LongTensor[N, L]}``), encoded once and cached by the
-    tokenizer's identity and ``key_extra`` (what identifies the images)."""
-    path = cache / f"codes-{codes_key(tok_hash, key_extra)}.safetensors"
-    if cache_ok(path):
-        tensors, _ = load_tensors(path)
-        return tensors
-    out = {}
-    with torch.no_grad():
-        for split, data in sets.items():
-            parts = [tok.encode(data.images[i : i + batch_size].to(device)).cpu()
-                     for i in range(0, len(data), batch_size)]
-            out[split] = torch.cat(parts) if parts else torch.zeros(0, tok.layout.length, dtype=torch.long)
-    save_tensors(path, out, {"tokenizer_sha256": tok_hash})
+               device: torch.device, batch_size: int = 256, in_memory: tuple[str, ...] = ("holdout",),
+               latent_dtype: str = "float32") -> dict[str, Any]:
+    """Codes of every split, encoded once into the code store ``cache/codes-<key>/``
+    (:mod:`tokenloom.running.codestore`), keyed by the tokenizer's identity and ``key_extra`` (what
+    identifies the images). Splits in ``in_memory`` come back as tensors (``LongTensor[N, L]``, or
+    ``FloatTensor[N, L, D]`` latents), the others as memory-mapped
+    :class:`~tokenloom.running.codestore.CodeArray`. A killed encoding resumes at its first
+    missing shard; under torchrun every rank encodes its share of the missing shards (call it on
+    every rank). Streamed images are decoded by DataLoader workers."""
+    from ..blocks.streaming import is_lazy
+    from .codestore import CodeStore, code_dtype, encode_shards
+
+    key = codes_key(tok_hash, key_extra)
+    store = CodeStore(cache / f"codes-{key}", key)
+    continuous = bool(getattr(tok, "continuous", False))
+    dtype = code_dtype(None if continuous else tok.vocab_size, continuous=continuous, latent_dtype=latent_dtype)
+    row_shape = [tok.layout.length] + ([int(tok.token_dim)] if continuous else [])
+    if not dist.agree(store.complete() if dist.is_main() else None):
+        if dist.is_main():
+            store.prepare({split: {"n": len(data), "row_shape": row_shape, "dtype": dtype}
+                           for split, data in sets.items()}, tokenizer=tok_hash, overwrite=True)
+        dist.barrier()
+        todo = dist.agree(store.missing() if dist.is_main() else None)
+
+        def encode(split: str, a: int, b: int) -> Any:
+            images = sets[split].images
+            chunks = [list(range(i, min(i + batch_size, b))) for i in range(a, b, batch_size)]
+            batches = images.batches(chunks) if is_lazy(images) else (images[c[0] : c[-1] + 1] for c in chunks)
+            with torch.no_grad():
+                parts = [tok.encode(x.to(device)).cpu() for x in batches]
+            return torch.cat(parts).numpy() if parts else None
+
+        encode_shards(store, todo, encode, rank=dist.rank(), world=dist.world())
+        dist.barrier()
+        if dist.is_main():
+            store.finish()
+        dist.barrier()
+    out: dict[str, Any] = {}
+    for split in sets:
+        codes = store.read(split)
+        out[split] = codes.tensor() if split in in_memory else codes
     return out
 
 
@@ -394,9 +428,16 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
         tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, device=device, progress=progress,
                                                   data_id=data_id, tokenizer=parts.tokenizer)
         lap("tokenizer")
-        codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
-                           key_extra={"data": data_id, "seed": cfg.seed}, device=device)
-        lap("encode")
+    # every rank encodes its share of the code store's missing shards, then reads the whole store
+    codes = encode_all(tok, tok_hash, {"train": train_set, "holdout": holdout}, cache,
+                       key_extra={"data": data_id, "seed": cfg.seed}, device=device)
+    lap("encode")
+    head = None
+    if parts.head is not None and parts.head.continuous:  # built again under the run's seed by build_model
+        from .pipeline_check import build_head
+
+        def head() -> Any:
+            return build_head(cfg, registry, parts.tokenizer)
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_table.index,
                                               train_table.n_rows, tok_hash, cache, device=device, progress=progress,
                                               data_id=model_data_id, conditioner=conditioner, table=train_table)
