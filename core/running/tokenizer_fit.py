@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..blocks.data import load_dataset
+from ..blocks.data import ImageSet, open_dataset
 from ..blocks.tokenizer_train import evaluate_reconstruction
 from ..contract.checkpoint import save_tokenizer, write_json, write_text
 from ..contract.config import RunConfig, load_config
@@ -90,8 +90,9 @@ def fit_tokenizer_run(cfg: RunConfig, out: str | Path, *, progress: bool = True,
     registry = registry or get_registry()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset(cfg.data, split="train", seed=cfg.seed)
-    holdout = load_dataset(cfg.data, split="holdout", seed=cfg.seed)
+    train = open_dataset(cfg.data, split="train", seed=cfg.seed)  # folder, hf: streamed, never all in memory
+    holdout = open_dataset(cfg.data, split="holdout", seed=cfg.seed)
+    holdout = holdout if isinstance(holdout, ImageSet) else holdout.materialize()
     shape = tuple(train.images.shape[1:])
     tok = build_tokenizer(cfg, registry)
     t0 = time.perf_counter()
