@@ -8,17 +8,19 @@ The orders that decode several tokens per forward pass (``next-block``,
   layout, or a :class:`~tokenloom.errors.ConfigError` naming the order;
 - :func:`guidance_rows` / :func:`sample_codes` — classifier-free guidance
   rows batched with the conditional ones, and the chain's draw for ``k``
-  positions of every image at once;
+  positions of every image at once; :func:`draw_tokens` — the same draw for
+  either token kind (codes through the chain, continuous tokens through the
+  run's head with the chain's guidance and temperature);
 - :func:`check_known` — validation of ``known=`` inputs;
 - :class:`GroupOrder` — *next-group prediction*: the flat codes are put in a
   decoding order and cut into equal groups; every token of group g predicts
   the token at the same offset of group g + 1, attention is causal between
   groups and bidirectional inside one (NBP's next-block prediction, and the
-  k×k cells of xAR's next-cell prediction);
+  k×k cells of xAR's next-cell prediction — with continuous tokens too);
 - :class:`ScaleOrder` — VAR's next-scale prediction over a multi-scale
   layout (block-causal over scales, embeddings of the earlier scales as
   teacher-forcing inputs, one pass per scale), shared by ``next-scale`` and
-  ``next-frequency``;
+  ``next-frequency``; with continuous tokens it is FlowAR's order;
 - :class:`MaskedCache` — an append-only KV cache whose keys carry a grid
   position and a validity flag, for decoding loops that must hide stale
   entries (a ZipAR stand-in token, a RandAR query re-fed with its token)
@@ -203,6 +205,13 @@ class GroupOrder:
     positions) predicts the first group. Attention is block-causal with
     blocks ``(1, n, n, ..., n)`` — causal between groups, bidirectional
     inside — so decoding takes ``G`` forward passes with a KV cache.
+
+    ``token_dim = D > 0``: continuous tokens (``FloatTensor[B, L, D]``). The
+    inputs are then embeddings ``[B, L + 1, D + 1]`` — each token plus a
+    START flag channel (the START block is zeros with the flag set) — the
+    targets the tokens ``[B, L + 1, D]``, the spec has ``heads = ()`` and
+    ``token_dim = D``, and decoding draws each group's tokens with the run's
+    head from the pass's hidden states (:func:`draw_tokens`).
     """
 
     def __init__(self, order: torch.Tensor, group: int, *, vocab_size: int, layout: Any, train_order: str,
@@ -380,6 +389,13 @@ class ScaleOrder:
     is block-causal over scales, so decoding takes one pass per scale with a
     KV cache, and the likelihood is exact: ``log p(x) = Σ_k Σ_{i ∈ scale k}
     log p(x_i | scales < k)``.
+
+    ``token_dim = D' > 0``: continuous tokens (FlowAR). ``inputs_fn`` then
+    maps the tokens ``FloatTensor[B, L, D']`` (e.g. a ``kl`` tokenizer's
+    ``scale_inputs``: scale k − 1 upsampled to scale k), the targets are the
+    tokens, the spec has ``heads = ()`` and ``token_dim = D'``, decoding
+    draws every token of scale k with the run's head from the pass's hidden
+    states (:func:`draw_tokens`), and there is no exact likelihood.
     """
 
     def __init__(self, layout: Any, vocab_size: int, dim: int, inputs_fn: Any, *, train_order: str,
