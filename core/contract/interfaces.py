@@ -260,7 +260,8 @@ class SamplerContext:
     ``code_embeddings``: ``FloatTensor[V, D]`` from the tokenizer (may be None
     when sampling outside a pipeline); ``token_embeddings``: the AR model's
     input embedding table ``[V', D']`` (None outside a pipeline);
-    ``vocab_size``: the tokenizer vocabulary ``V``.
+    ``vocab_size``: the tokenizer vocabulary ``V``. With a continuous
+    tokenizer ``vocab_size`` is 0 and ``code_embeddings`` None (no codebook).
     """
 
     vocab_size: int
@@ -290,7 +291,8 @@ class MetricContext:
       the prompts name none);
     - ``generated_conditions``: the :class:`Condition` each generated image
       was asked for (its prompt, its class), or None;
-    - ``codes``: ``LongTensor[N, L]`` codes of real images; ``reconstructed``:
+    - ``codes``: ``LongTensor[N, L]`` codes of real images (``FloatTensor[N,
+      L, D]`` latents for a continuous tokenizer); ``reconstructed``:
       decode(encode(real));
     - ``stats``: run statistics (``nfe``, ``seconds_per_image``, ...);
     - ``tokenizer``, ``model``, ``generator``: the run's components;

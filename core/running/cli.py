@@ -283,9 +283,13 @@ def fit_tokenizer(config: str, out: str | None, no_progress: bool, threads: int 
     out = out or str(Path("runs") / f"{Path(config).stem}-tokenizer")
     report = fit_tokenizer_file(config, out, progress=not no_progress)
     ho = report["holdout"]
-    click.echo(f"{report['tokenizer']['name']}: {ho['tokens_per_image']} tokens/image, vocabulary {ho['vocab_size']}, "
-               f"held-out PSNR {ho['psnr']:.2f} dB, MSE {ho['mse']:.4g}, utilisation {ho['utilisation']:.3f}, "
-               f"perplexity {ho['perplexity']:.1f}, fit {report['fit_seconds']:.1f} s")
+    usage = (f"utilisation {ho['utilisation']:.3f}, perplexity {ho['perplexity']:.1f}"
+             if ho.get("token_dim") is None else f"token std {ho['latent_std']:.3g}")
+    kind = (f"vocabulary {ho['vocab_size']}" if ho.get("token_dim") is None
+            else f"continuous tokens of width {ho['token_dim']}")
+    click.echo(f"{report['tokenizer']['name']}: {ho['tokens_per_image']} tokens/image, {kind}, "
+               f"held-out PSNR {ho['psnr']:.2f} dB, MSE {ho['mse']:.4g}, {usage}, "
+               f"fit {report['fit_seconds']:.1f} s")
     base = Path(out)
     click.echo(f"checkpoint: {base / 'tokenizer.safetensors'}")
     click.echo(f"report: {base / 'reconstruction.md'}  ({base / 'reconstruction.json'}, {base / 'reconstruction.png'})")

@@ -283,9 +283,12 @@ def train_auxiliary(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels:
 
 def bind_chain(chain: Any, tok: Any, model: Any) -> Any:
     """Give the sampler chain what its samplers may use: the vocabulary and the code and token
-    embeddings (of the fitted tokenizer and the trained backbone). Returns the chain."""
+    embeddings (of the fitted tokenizer and the trained backbone). Returns the chain. A continuous
+    tokenizer has neither a vocabulary nor code embeddings: ``vocab_size`` 0, ``code_embeddings`` None."""
     token_embeddings = model.token_embeddings()
-    chain.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
+    continuous = bool(getattr(tok, "continuous", False))
+    code_embeddings = None if continuous else tok.code_embeddings().detach()
+    chain.bind(SamplerContext(vocab_size=0 if continuous else tok.vocab_size, code_embeddings=code_embeddings,
                               token_embeddings=None if token_embeddings is None else token_embeddings.detach()))
     return chain
 

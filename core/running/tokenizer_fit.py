@@ -9,7 +9,10 @@ Writes into ``DIR``:
   tokenizers (a killed run started again continues from it);
 - ``reconstruction.json`` / ``reconstruction.md`` — MSE, PSNR, codebook
   utilisation and perplexity on the held-out split (and on up to 500
-  training images), tokens per image, vocabulary, fit time;
+  training images), tokens per image, vocabulary, fit time; for a
+  continuous tokenizer (no vocabulary) utilisation and perplexity are None
+  ("n/a" in the Markdown) and the token width and the tokens' mean and
+  standard deviation are reported instead;
 - ``reconstruction.png`` — held-out originals (top row) above their
   reconstructions (bottom row).
 
@@ -55,30 +58,48 @@ def fit_seeded(tok: Any, images: torch.Tensor, *, seed: int, device: torch.devic
     return stats or {}
 
 
+def _or_na(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The reconstruction report as a Markdown document."""
     ho, tr = report["holdout"], report.get("train") or {}
+    continuous = ho.get("token_dim") is not None
+    kind = (f"continuous tokens of width {ho['token_dim']} (no vocabulary)" if continuous
+            else f"vocabulary: {ho['vocab_size']}")
     lines = [
         (f"# Tokenizer `{report['tokenizer']['name']}` on `{report['data']['name']}` "
          f"({report['data']['size']} px)"),
         "",
         f"- options: `{report['tokenizer']['options']}`",
         (f"- tokens per image: {ho['tokens_per_image']} ({ho['n_scales']} scale(s), depth {ho['depth']}), "
-         f"vocabulary: {ho['vocab_size']}"),
+         f"{kind}"),
         f"- fit: {report['fit'].get('steps', 0):.0f} steps in {report['fit_seconds']:.1f} s "
         f"on {report['train_images']} training images"
         + (f" (resumed at step {report['fit']['resumed_from']:.0f})" if report["fit"].get("resumed_from") else ""),
         "",
-        "| split | images | MSE | PSNR (dB) | utilisation | perplexity |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    if continuous:
+        lines += ["| split | images | MSE | PSNR (dB) | token mean | token std |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| split | images | MSE | PSNR (dB) | utilisation | perplexity |",
+                  "|---|---:|---:|---:|---:|---:|"]
     for name, m in (("held-out", ho), ("train", tr)):
-        if m:
+        if m and continuous:
+            lines.append(f"| {name} | {m['n_images']} | {format_number(m['mse'])} | {m['psnr']:.2f} | "
+                         f"{_or_na(m.get('latent_mean'), '.3f')} | {_or_na(m.get('latent_std'), '.3f')} |")
+        elif m:
             lines.append(f"| {name} | {m['n_images']} | {format_number(m['mse'])} | {m['psnr']:.2f} | "
                          f"{m['utilisation']:.3f} | {m['perplexity']:.1f} |")
+    usage = ("continuous tokens have no codebook (utilisation and perplexity: not applicable); token mean and "
+             "std are over all values of the split's tokens (after the tokenizer's scale factor, if any)."
+             if continuous else
+             "utilisation is the fraction of the vocabulary used at least once on the split, perplexity "
+             "exp(entropy) of its code histogram.")
     lines += ["", ("PSNR for images in [-1, 1] (peak-to-peak 2) from the mean squared error over all pixels; "
-                   "utilisation is the fraction of the vocabulary used at least once on the split, perplexity "
-                   "exp(entropy) of its code histogram."),
+                   + usage),
               "", "![originals above reconstructions](reconstruction.png)", ""]
     return "\n".join(lines)
 

@@ -13,6 +13,10 @@ Over every position of the codes of the real images (``ctx.codes``,
 
 Both depend on how many codes were counted (a small sample under-counts
 rare codes), so the card records N and L.
+
+A continuous tokenizer (``kl``, ``patch``: float tokens, no vocabulary) has
+no codebook: both values are None ("not applicable", the card says why) —
+never a number made up from float latents.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import attrs
 import torch
 
 import tokenloom
+
+_KEYS = ("codebook_utilisation", "codebook_perplexity")
 
 
 class Codebook(tokenloom.Metric):
@@ -33,6 +39,10 @@ class Codebook(tokenloom.Metric):
 
     def compute(self, ctx: tokenloom.MetricContext) -> tokenloom.MetricResult:
         tok = ctx.tokenizer
+        if getattr(tok, "continuous", False):
+            return tokenloom.MetricResult(dict.fromkeys(_KEYS), self.card(
+                not_applicable=f"{type(tok).__name__} gives continuous tokens: no codebook to count",
+                token_dim=int(getattr(tok, "token_dim", 0))))
         vocab = getattr(tok, "vocab_size", None)
         if not isinstance(vocab, int) or vocab < 1:
             raise tokenloom.InputError("codebook: the context needs the tokenizer (for its vocab_size)")
