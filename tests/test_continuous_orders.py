@@ -249,6 +249,8 @@ def test_next_scale_continuous_batch_uses_scale_inputs_and_float_targets():
 def test_bad_compositions_and_bad_latents_are_readable_errors():
     with pytest.raises(tokenloom.ConfigError, match="maskgit"):
         tokenloom.create("generator", "masked", style="maskgit", tokenizer=latents_tok())
+    with pytest.raises(tokenloom.ConfigError, match="'kl' with scales"):
+        tokenloom.create("generator", "next-scale", tokenizer=latents_tok())
     with pytest.raises(tokenloom.ConfigError, match="noisy_context"):
         tokenloom.create("generator", "next-cell", noisy_context=True, tokenizer=codes_tok())
     gens = [tokenloom.create("generator", "masked", tokenizer=latents_tok()),

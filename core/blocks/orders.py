@@ -83,8 +83,10 @@ def scales_of(tokenizer: Any, who: str, *, inputs: bool = False, depth_one: bool
     layout = tokenizer.layout
     name = type(tokenizer).__name__
     if layout.n_scales < 2:
+        hint = ("tokenizer 'kl' with scales, e.g. scales = [1, 2, 4]" if getattr(tokenizer, "continuous", False)
+                else "tokenizer 'multiscale'")
         raise ConfigError(f"{who} needs a multi-scale tokenizer, but {name} has a single scale "
-                          f"{list(layout.scales)} (use tokenizer 'multiscale')")
+                          f"{list(layout.scales)} (use {hint})")
     if inputs and not isinstance(tokenizer, MultiScaleInputs):
         raise ConfigError(f"{who} needs VAR's teacher-forcing inputs (the MultiScaleInputs protocol: "
                           f"scale_inputs() and embed_dim), which tokenizer {name} does not provide")
