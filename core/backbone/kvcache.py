@@ -7,13 +7,24 @@ to by every cached forward pass of the backbone
 per row if each image keeps its own accepted prefix — and narrowed by
 :meth:`KVCache.select_rows` when images leave the batch. Generators get one
 from ``model.new_cache(batch_size)``; only the backbone reads or writes it.
+
+:class:`StaticDecoder` is the other way to decode, as gpt-fast and LlamaGen do it on a GPU: one
+decoding step of fixed shapes (a token per row, keys and values written at a position given as a
+tensor, attention over the whole preallocated cache under a mask), so that ``torch.compile`` can
+compile it once and, on CUDA, replay it as a CUDA graph (``mode="reduce-overhead"``).
+:func:`static_raster_decode` is :func:`tokenloom.orders.raster_decode` through it — the same draws
+in the same order, behind its ``compile`` flag.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from ..contract.errors import InputError
+from ..contract.interfaces import StepInfo
 
 
 class KVCache:
@@ -146,4 +157,162 @@ class KVCache:
         self.prefix_mask = None
 
 
-__all__ = ["KVCache"]
+class StaticDecoder(torch.nn.Module):
+    """One raster decoding step of fixed shapes for a plain causal backbone (gpt-fast's recipe).
+
+    ``step(ids, cond, pos)``: ``ids`` ``LongTensor[B, 1]`` (ignored at ``pos`` 0, where the class
+    embedding of ``cond`` stands), ``pos`` ``LongTensor[1]`` the sequence index; writes this token's
+    keys and values at ``pos`` of the preallocated ``k_cache``/``v_cache`` (buffers
+    ``[n_layer, B, H, max_len, hd]``, static addresses for CUDA graphs) and attends to the keys
+    ``<= pos``; returns the logits ``[B, V]``. Every shape is the same at every step, so
+    ``torch.compile`` traces it once (``compile=True``; ``mode``: ``"reduce-overhead"`` for CUDA
+    graphs, the default on CUDA; ``backend``: torch.compile's, e.g. ``"eager"`` to check the graph
+    capture alone). ``bf16``: autocast to bfloat16 (CPU or CUDA) with a bfloat16 cache. 2-D RoPE
+    rotates with real cos/sin products (the complex multiply of the eager path, which inductor does
+    not generate code for, written out).
+
+    Supports the backbones of raster decoding: causal attention, token inputs, one head, the class
+    token (no longer prefix, AdaLN, depth heads, multi-scale or target-aware positions) —
+    :meth:`unsupported` says why not otherwise. The eager path (:class:`KVCache`) stays the product
+    path; on the CPU this one computes the same products through ``F.linear`` (not oneDNN), so
+    logits agree to rounding.
+    """
+
+    def __init__(self, model: Any, batch_size: int, max_len: int | None = None, *, compile: bool = False,
+                 mode: str | None = None, bf16: bool = False, backend: str = "inductor"):
+        super().__init__()
+        model = getattr(model, "model", model)  # an InstrumentedModel's transformer
+        why = self.unsupported(model)
+        if why:
+            raise InputError(f"static decoding: {why}")
+        self.net = model
+        cfg = model.config
+        self.n_head, self.bf16 = cfg.n_head, bf16
+        self.max_len = (max_len or model.spec.seq_len)
+        p = next(model.parameters())
+        dtype = torch.bfloat16 if bf16 else p.dtype
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.d_model // cfg.n_head)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=p.device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=p.device), persistent=False)
+        self.register_buffer("keys", torch.arange(self.max_len, device=p.device), persistent=False)
+        self.rope = model.config.pos != "learned"
+        if self.rope:  # the rotations as real tables (inductor generates no code for complex tensors)
+            self.register_buffer("rope_cos", model.rope_cis.real.contiguous(), persistent=False)
+            self.register_buffer("rope_sin", model.rope_cis.imag.contiguous(), persistent=False)
+        self.compiled = compile
+        if compile:
+            if mode is None and p.device.type == "cuda":
+                mode = "reduce-overhead"  # CUDA graphs
+            self._step = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False, backend=backend)
+        else:
+            self._step = self._forward
+
+    @staticmethod
+    def unsupported(model: Any) -> str | None:
+        """Why ``model`` cannot decode through a :class:`StaticDecoder` (None: it can)."""
+        model = getattr(model, "model", model)
+        checks = [
+            (getattr(model, "spec", None) is None or not hasattr(model, "blocks"), "not a tokenloom backbone"),
+            (model.spec.attention != "causal", f"attention {model.spec.attention!r} (causal only)"),
+            (model.spec.input_kind != "tokens", "embedding inputs"),
+            (len(model.heads) != 1 or model.depth_layers, "several heads or depth heads"),
+            (model.n_memory or not model._identity_table, "a conditioning prefix longer than the class token"),
+            (model.adaln is not None, "AdaLN conditioning"),
+            (model.scale_emb is not None or model.depth_emb is not None, "a multi-scale or residual layout"),
+            (model.tgt_emb is not None, "target-aware positions (RAR)"),
+        ] if hasattr(model, "spec") else [(True, "not a tokenloom backbone")]
+        for bad, why in checks:
+            if bad:
+                return why
+        return None
+
+    def reset(self) -> None:
+        """Forget every cached key and value (a new batch of sequences)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def _forward(self, ids: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m = self.net
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            tok = F.embedding(ids[:, 0], m.tok_emb.weight)  # (B, C)
+            cls = F.embedding(cond, m.cls_emb.weight)  # (B, C): sequence index 0
+            x = torch.where(pos == 0, cls, tok)[:, None]  # (B, 1, C)
+            flat = torch.where(pos > 0, pos - 1, m.n_pos)  # (1,): the flat code position (none at index 0)
+            rope = None
+            if self.rope:  # (1, 1, 1, hd/2) each
+                rope = (self.rope_cos[flat][..., None, None, :], self.rope_sin[flat][..., None, None, :])
+            else:
+                x = x + F.embedding(flat, m.pos_emb.weight)
+            B, _, C = x.shape
+            H = self.n_head
+            mask = (self.keys <= pos)[None, None, None, :]  # (1, 1, 1, max_len)
+            for i, blk in enumerate(m.blocks):
+                a, mlp = blk.attn, blk.mlp
+                qkv = F.linear(F.layer_norm(x, (C,), blk.ln_1.weight, blk.ln_1.bias), a.qkv.weight, a.qkv.bias)
+                qkv = qkv.view(B, 1, 3, H, C // H)
+                if rope is not None:
+                    q, k = _rotate(qkv[:, :, :2], *rope).unbind(2)
+                else:
+                    q, k = qkv[:, :, 0], qkv[:, :, 1]
+                v = qkv[:, :, 2]
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, 1, hd)
+                kc, vc = self.k_cache[i], self.v_cache[i]  # (B, H, max_len, hd)
+                kc.index_copy_(2, pos, k.to(kc.dtype))
+                vc.index_copy_(2, pos, v.to(vc.dtype))
+                y = F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)  # (B, H, 1, hd)
+                x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), a.proj.weight, a.proj.bias)
+                h = F.gelu(F.linear(F.layer_norm(x, (C,), blk.ln_2.weight, blk.ln_2.bias), mlp.fc.weight,
+                                    mlp.fc.bias), approximate="tanh")
+                x = x + F.linear(h, mlp.proj.weight, mlp.proj.bias)
+            x = F.layer_norm(x, (C,), m.ln_f.weight, m.ln_f.bias, m.ln_f.eps)
+            return F.linear(x, m.heads[0].weight)[:, 0].float()  # (B, V)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, cond: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The logits ``[B, V]`` of one decoding step (see the class docstring); a copy, so the
+        next step (a CUDA graph replay) does not overwrite them."""
+        return self._step(ids, cond, pos).clone()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[..., hd]``) with each pair ``(a, b)`` rotated to ``(a cos − b sin, a sin + b cos)``
+    in float32 (:func:`tokenloom.model.rotate_pairs` without complex tensors)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def static_raster_decode(model: Any, chain: Any, cond: torch.Tensor, rng: Any, L: int, *,
+                         compile: bool = False, mode: str | None = None, bf16: bool = False,
+                         backend: str = "inductor", decoder: StaticDecoder | None = None) -> torch.Tensor:
+    """:func:`tokenloom.orders.raster_decode` through a :class:`StaticDecoder`: one step per token,
+    the chain's draw at step t for position t (guidance: the conditional and null rows in one batch).
+    ``compile``/``mode``/``bf16``/``backend``: as :class:`StaticDecoder`; ``decoder``: one made before (kept
+    between calls so a compiled step is compiled once; its batch must be the rows'). Returns
+    ``LongTensor[B, L]``."""
+    B = cond.shape[0]
+    net = getattr(model, "model", model)
+    dev = next(net.parameters()).device
+    cond = cond.to(dev).long()
+    guided = chain.needs_uncond
+    rows = torch.cat([cond, torch.full_like(cond, net.n_classes)]) if guided else cond
+    if decoder is None:
+        decoder = StaticDecoder(net, rows.shape[0], L, compile=compile, mode=mode, bf16=bf16, backend=backend)
+    elif decoder.k_cache.shape[1] != rows.shape[0] or decoder.max_len < L:
+        raise InputError(f"static decoding: the decoder holds {decoder.k_cache.shape[1]} rows × {decoder.max_len} "
+                         f"tokens, the batch needs {rows.shape[0]} × {L}")
+    decoder.reset()
+    codes = torch.zeros(B, L, dtype=torch.long, device=dev)
+    token = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=dev)
+    steps = torch.arange(L, device=dev)
+    for t in range(L):
+        logits = decoder.step(token, rows, steps[t : t + 1])  # (rows, V)
+        info = StepInfo(step=t, n_steps=L, positions=steps[t].expand(B), uncond_logits=logits[B:] if guided else None)
+        nxt = chain.sample(logits[:B], info, rng)  # (B,)
+        codes[:, t] = nxt
+        token = (nxt.repeat(2) if guided else nxt)[:, None]
+    return codes
+
+
+__all__ = ["KVCache", "StaticDecoder", "static_raster_decode"]
