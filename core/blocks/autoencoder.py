@@ -53,7 +53,7 @@ def _in(*choices: int):
 class AutoencoderConfig:
     """Fields every learned tokenizer shares (a plugin's ``Config`` inherits them).
 
-    - ``downsample``: encoder stride (2, 4 or 8; 1 only for tests) — the token
+    - ``downsample``: encoder stride (2, 4, 8 or 16; 1 only for tests) — the token
       grid is ``H/downsample × W/downsample``;
     - ``channels``: width of the first encoder level (deeper levels: 2×);
     - ``steps``, ``batch_size``, ``lr``, ``weight_decay``: the training run

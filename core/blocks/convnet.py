@@ -4,7 +4,7 @@ The VQGAN/LlamaGen layout scaled down for a CPU: a stem conv, then per
 resolution level one residual block followed by a stride-2 convolution, a
 residual block at the latent resolution and a 1×1 projection to the latent
 width. The decoder mirrors it with nearest-neighbour upsampling. ``downsample``
-is 2, 4 or 8; the first level has ``channels`` feature maps, deeper levels
+is 2, 4, 8 or 16; the first level has ``channels`` feature maps, deeper levels
 twice that.
 
     enc = Encoder(3, 8, downsample=4, channels=32)   # (B, 3, 32, 32) -> (B, 8, 8, 8)
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DOWNSAMPLE_FACTORS: tuple[int, ...] = (1, 2, 4, 8)
+DOWNSAMPLE_FACTORS: tuple[int, ...] = (1, 2, 4, 8, 16)
 
 
 def _groups(c: int) -> int:
