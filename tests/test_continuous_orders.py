@@ -422,3 +422,16 @@ def test_tokenloom_run_trains_and_samples_each_continuous_order(tmp_path, genera
     assert m["nll_bits_per_image"] is None  # no exact likelihood with a diffusion/flow head
     assert m["head_steps"] == nfe * steps  # head steps counted apart: one draw per pass
     assert (tmp_path / "out" / rec["artifacts"]["samples"]).is_file()
+
+
+def test_options_added_for_continuous_tokens_leave_discrete_cache_keys_as_before():
+    from tokenloom.running.cache import component_key
+
+    def key(name, **options):
+        gen = tokenloom.create("generator", name, tokenizer=codes_tok(), **options)
+        return component_key(type("C", (), {"name": name, "config": gen.config}))
+
+    assert key("masked") == {"name": "masked", "config": {"steps": 8, "choice_temperature": 4.5}}
+    assert key("next-cell") == {"name": "next-cell", "config": {"cell": 2}}
+    assert key("masked", style="mar")["config"]["style"] == "mar"  # a chosen option is part of the key
+    assert key("masked", mask_ratio_min=0.5)["config"]["mask_ratio_min"] == 0.5

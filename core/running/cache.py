@@ -33,10 +33,18 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 def component_key(c: Any) -> dict:
     """A component's identity for cache keys: its name and *full* structured
     config (defaults included, so a plugin changing a default invalidates
-    the cache) — the raw table when the config is not an attrs instance."""
+    the cache) — the raw table when the config is not an attrs instance.
+    Options a plugin added later and lists in its ``Config.later_defaults``
+    (``{name: default}``, a plain class attribute) are left out while they
+    have that default, so existing runs keep their keys (as
+    ``ModelConfig.key`` does for ``[model]``)."""
     cfg = c.config
     if cfg is not None and attrs.has(type(cfg)):
-        return {"name": c.name, "config": attrs.asdict(cfg)}
+        d = attrs.asdict(cfg)
+        for name, default in getattr(type(cfg), "later_defaults", {}).items():
+            if name in d and d[name] == default:
+                del d[name]
+        return {"name": c.name, "config": d}
     return c.table()
 
 

@@ -80,6 +80,7 @@ order reports none rather than a misleading number.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import attrs
 import torch
@@ -121,6 +122,8 @@ class MaskedGenerator(tokenloom.Generator):
         style: str = attrs.field(default="auto", validator=attrs.validators.in_(_STYLES))
         #: MAR: lower end of the truncated-normal training mask ratio (the reference's 0.7)
         mask_ratio_min: float = attrs.field(default=0.7, validator=_fraction)
+        #: options added with continuous tokens: left out of cache keys at these defaults
+        later_defaults: ClassVar[dict] = {"style": "auto", "mask_ratio_min": 0.7}
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)

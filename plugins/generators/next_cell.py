@@ -49,6 +49,8 @@ flow head has none either).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import torch
 
@@ -65,6 +67,8 @@ class NextCellGenerator(tokenloom.Generator):
         cell: int = attrs.field(default=2, validator=attrs.validators.ge(1))
         #: xAR's noisy context learning (continuous tokens only)
         noisy_context: bool = False
+        #: options added with continuous tokens: left out of cache keys at these defaults
+        later_defaults: ClassVar[dict] = {"noisy_context": False}
 
     def __init__(self, config: Config, *, tokenizer: tokenloom.Tokenizer):
         super().__init__(config, tokenizer=tokenizer)
