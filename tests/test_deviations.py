@@ -590,3 +590,70 @@ def test_randar_rotation_changes_the_forward_only_at_instructions():
         b = m_off(batch.inputs, torch.tensor([0]), positions=batch.positions)
     torch.testing.assert_close(a[:, :2], b[:, :2])  # cls, and the first instruction at position 0 (no rotation)
     assert not torch.allclose(a[:, 3], b[:, 3])  # the instruction for position 1 carries its rotation
+
+
+# -- HMAR: the mask path's own blocks, norm and output layer --------------------------------
+
+
+def test_hmar_mask_path_has_its_own_copy_of_the_last_blocks_as_the_reference():
+    import torch.nn.functional as F
+
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    t = ms_tok()
+    gen = tokenloom.create("generator", "next-scale-markov", tokenizer=t)
+    assert gen.model_spec().option("head_branch") == (0, 0.5)
+    assert tokenloom.create("generator", "next-scale-markov", tokenizer=t, mask_blocks=0).model_spec().extra == ()
+    m = build_model(gen.model_spec(), ModelConfig(n_layer=4, d_model=32, n_head=4), n_classes=2).eval()
+    # hmar.py: base_blocks (depth - n_layers_train), then ns_blocks / mask_blocks (n_layers_train each)
+    assert len(m.blocks) == 4 and [len(b) for b in m.branch_blocks] == [0, 2] and len(m.head_lns) == 1
+    c = torch.randint(0, t.vocab_size, (2, gen.L), generator=torch.Generator().manual_seed(0))
+    batch = gen.training_batch(c, torch.tensor([0, 1]))
+    with torch.no_grad():
+        ns, mask = m(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask)
+        x = m._embed(batch.inputs, batch.cond, 0, None)
+        x, rope = m._add_positions(x, batch.positions, None)
+        for b in m.blocks[:2]:
+            x = b(x, rope, batch.attn_mask, None, 0)
+        base = x
+        for b in m.blocks[2:]:  # ns_blocks
+            x = b(x, rope, batch.attn_mask, None, 0)
+        h = base
+        for b in m.branch_blocks[1]:  # mask_blocks, from the base blocks' output
+            h = b(h, rope, batch.attn_mask, None, 0)
+        ref_ns = m.heads[0](F.layer_norm(x, (32,), m.ln_f.weight, m.ln_f.bias))
+        ref_mask = m.heads[1](m.head_lns[0](h))  # mask_head_nm, mask_head
+    torch.testing.assert_close(ns, ref_ns, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mask, ref_mask, atol=1e-5, rtol=1e-5)
+    T, d = m.spec.seq_len, 32
+    assert m.flops_per_token() == 6 * m.n_params() + 12 * 6 * d * T  # 4 stack blocks + 2 of the mask path's
+    n_shared = build_model(tokenloom.create("generator", "next-scale-markov", tokenizer=t, mask_blocks=0)
+                           .model_spec(), ModelConfig(n_layer=4, d_model=32, n_head=4), n_classes=2).n_params()
+    per_block = sum(p.numel() for p in m.blocks[0].parameters())
+    assert m.n_params() == n_shared + 2 * per_block + 2 * d  # two copied blocks and the mask path's norm
+
+
+def test_head_branch_keeps_cached_decoding_equal_and_rejects_bad_counts():
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    spec = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5, 6), train_order="t",
+                               extra=(("head_branch", (0, 1, 2)),))
+    for cond in ("prefix", "adaln"):
+        m = build_model(spec, ModelConfig(n_layer=2, d_model=16, n_head=2, cond=cond), n_classes=2, seed=1).eval()
+        assert m.n_block_layers == 5
+        ids = torch.randint(0, 7, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            full = m(ids, torch.tensor([0, 2]))
+            cache = m.new_cache(2, 9)
+            parts = [m(ids[:, s: s + 4], torch.tensor([0, 2]), cache=cache) for s in range(0, 9, 4)]
+        for k in range(3):
+            torch.testing.assert_close(torch.cat([p[k] for p in parts], 1), full[k], atol=1e-5, rtol=0)
+    cfg = ModelConfig(n_layer=2, d_model=16, n_head=2)
+    for extra, match in [((("head_branch", (1, 0, 0)),), "head 0"), ((("head_branch", (0, 3, 0)),), "more than"),
+                         ((("head_branch", (0, 1.5, 0)),), "fraction"),
+                         ((("head_branch", (0, 1, 0)), ("head_blocks", (0, 1, 0))), "combined")]:
+        bad = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5, 6), train_order="t", extra=extra)
+        with pytest.raises(tokenloom.ConfigError, match=match):
+            build_model(bad, cfg, n_classes=2)

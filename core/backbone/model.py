@@ -57,7 +57,7 @@ from ..contract.config import ModelConfig
 from ..contract.errors import ConfigError, InputError
 from ..contract.interfaces import NO_POSITION, ModelSpec, Prefix, TokenLayout
 from .adaln import AdaLN, adaln_block_forward
-from .head_blocks import head_blocks_of, head_norms, tapped_outputs
+from .head_blocks import branch_blocks, head_hiddens, head_norms, head_outputs, head_paths_of
 from .instrumented import InstrumentedModel
 from .kernels import BMM_ATTENTION_PAIRS, PLAIN_LINEAR, CPULinear, PlainLinear, attend
 from .kvcache import KVCache
@@ -325,9 +325,12 @@ class Transformer(nn.Module):
         self.rotate_ids = rotate_ids_of(spec, config.pos)  # RandAR: ids whose input rotates by its position
 
         self.drop = nn.Dropout(config.dropout)
-        # spec option "head_blocks" (NAR): extra blocks after the n_layer-th that some heads read past
-        self.head_blocks = head_blocks_of(spec)
-        n_blocks = config.n_layer + (max(self.head_blocks) if self.head_blocks else 0)
+        # spec options "head_blocks" (NAR: extra blocks after the n_layer-th that some heads read past) and
+        # "head_branch" (HMAR: a head's own copy of the last blocks): where each head reads (head_blocks.py)
+        self.head_blocks = head_paths_of(spec, config.n_layer)
+        n_blocks = config.n_layer + (self.head_blocks.extra if self.head_blocks else 0)
+        n_own = sum(self.head_blocks.own) if self.head_blocks else 0
+        self.n_block_layers = n_blocks + n_own  # every block that runs: the KV cache's and AdaLN's layers
         self.blocks = nn.ModuleList(Block(config) for _ in range(n_blocks))
         self._inference_params: list[BlockWeights] | None = None  # see _layer_params
         self._cpu_linear = CPULinear()
@@ -361,8 +364,9 @@ class Transformer(nn.Module):
         # P = 1 model draws its initial weights exactly as before)
         self.prefix_pos = nn.Embedding(prefix.length, d) if prefix.length > 1 else None
         # cond = "adaln": VAR's adaptive LayerNorm (tokenloom.backbone.adaln; created last, as above)
-        self.adaln = AdaLN(d, n_blocks) if config.cond == "adaln" else None
+        self.adaln = AdaLN(d, self.n_block_layers) if config.cond == "adaln" else None
         self.head_lns = head_norms(self.head_blocks, d)  # heads 1, 2, ...: their own final norms
+        self.branch_blocks = branch_blocks(self.head_blocks, lambda: Block(config))  # head_branch's own blocks
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled residual projections
@@ -370,7 +374,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.adaln is not None:  # VAR's init multipliers; its LayerNorms without affine weights
             self.adaln.reset_parameters()
-            for block in self.blocks:
+            for block in [*self.blocks, *(b for own in self.branch_blocks or () for b in own)]:
                 block.ln_1, block.ln_2 = (nn.LayerNorm(d, elementwise_affine=False) for _ in range(2))
             self.ln_f = nn.LayerNorm(d, elementwise_affine=False)
             if self.head_lns is not None:
@@ -458,7 +462,7 @@ class Transformer(nn.Module):
         per token (6 N counts them once) plus its attention over D."""
         T = seq_len or self.spec.seq_len
         d = self.config.d_model
-        flops = 6 * self.n_params() + 12 * len(self.blocks) * d * T  # head_blocks' extra blocks included
+        flops = 6 * self.n_params() + 12 * self.n_block_layers * d * T  # heads' own blocks included
         if self.adaln is not None:  # AdaLN's linears run once per sequence, not per token
             n_ada = self.adaln.n_params()
             flops -= 6 * n_ada - (6 * n_ada) // T
@@ -489,7 +493,7 @@ class Transformer(nn.Module):
         tokens (default ``spec.seq_len``) on the weights' device and dtype."""
         self._inference_params = None
         p = next(self.parameters())
-        return KVCache(len(self.blocks), batch_size, self.config.n_head,
+        return KVCache(self.n_block_layers, batch_size, self.config.n_head,
                        (max_len or self.spec.seq_len) + self.n_memory, self.head_dim, dtype=p.dtype,
                        device=p.device)
 
@@ -614,31 +618,40 @@ class Transformer(nn.Module):
         # one row (batch 1, one token): MKL's matrix-vector product, called without CPULinear's checks
         cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and B * T > 1
         linear = self._cpu_linear if cpu_inference else PLAIN_LINEAR
-        c_vec, taps = None, []  # taps: the hidden states after n_layer + j blocks (head_blocks)
+        c_vec, taps, hiddens = None, {}, None  # taps: depth -> the hidden states there (heads' own blocks)
         if self.adaln is None and self.head_blocks is None:
             for i, params in enumerate(self._layer_params()):
                 x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)  # (B, T, C)
-        else:  # AdaLN and/or head_blocks
+        else:  # AdaLN and/or heads with their own blocks
+            mods = None
             if self.adaln is not None:  # VAR's AdaLN: blocks modulated by the condition vector (index 0's)
                 if cond is None:
                     cond = torch.full((B,), self.n_classes, dtype=torch.long, device=dev)
                 c_vec = self._class_embedding(cond) if pre is None else pre[0][:, -1]  # (B, C)
                 mods = self.adaln(c_vec)
+
+            def run(h: torch.Tensor, params: BlockWeights, i: int) -> torch.Tensor:
+                if mods is None:
+                    return block_forward(h, params, n_head, rope, mask, cache, i, dropout, linear)
+                return adaln_block_forward(h, params, mods[i], n_head, rope, mask, cache, i, dropout, linear)
+
+            want = self.head_blocks.taps if self.head_blocks is not None else frozenset()
+            if 0 in want:
+                taps[0] = x
             for i, params in enumerate(self._layer_params()):
-                if self.adaln is None:
-                    x = block_forward(x, params, n_head, rope, mask, cache, i, dropout, linear)
-                else:
-                    x = adaln_block_forward(x, params, mods[i], n_head, rope, mask, cache, i, dropout, linear)
-                if i + 1 >= self.config.n_layer:
-                    taps.append(x)
+                x = run(x, params, i)  # (B, T, C)
+                if i + 1 in want:
+                    taps[i + 1] = x
+            if self.head_blocks is not None:  # per head: its depth of the stack, then its own blocks
+                hiddens = head_hiddens(self, taps, run)
         if write_memory:
             x = x[:, M:]  # the prefix positions predict nothing
             if cache is not None:  # from now on the cache holds the prefix before index 0
                 cache.offset, cache.prefix_mask = M, pre[1][:, :-1].clone()
         if cache is not None:
             cache.advance(T)
-        if self.head_blocks is not None:  # NAR: each head reads its own depth, through its own norm
-            return tapped_outputs(self, taps, M if write_memory else 0, last_only, return_hidden, linear, c_vec)
+        if hiddens is not None:  # NAR / HMAR: each head through its own norm and output layer
+            return head_outputs(self, hiddens, M if write_memory else 0, last_only, return_hidden, linear, c_vec)
         x = torch.layer_norm(x[:, -1:] if last_only else x, self.ln_f.normalized_shape, self.ln_f.weight,
                              self.ln_f.bias, self.ln_f.eps)  # (B, T or 1, C)
         if self.adaln is not None:  # VAR's AdaLNBeforeHead (ln_f has no affine weights then)

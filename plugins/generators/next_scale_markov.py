@@ -37,25 +37,36 @@ HMAR's changes to VAR, and what is kept of the authors' released code
   ``softmax(logits)[sampled]``). ``remask = "gumbel"`` ranks MaskGIT's
   ``log p + τ·(1 − r)·Gumbel`` instead (``choice_temperature`` τ; the
   behaviour before the fix).
-- **A separate mask head** (kept in part, ``mask_head = true``): the
-  next-scale pass reads output head 0, the refinement passes head 1 (the
-  spec declares two heads). The reference's mask path also has its own copy
-  of the last ``n_layers_train`` (8 of 16) transformer blocks and its own
-  AdaLN output norm, and is fine-tuned in a second stage with the base model
-  frozen (``finetune.py``); here the two heads share every block and are
-  trained together in one run — even batch rows train head 0 as plain Markov
-  next-scale prediction (every token hidden), odd rows train head 1 on a
-  MaskGIT mask per scale (r ~ U(0,1), ⌈cos(π/2·r)·n_k⌉ ≥ 1 of its n_k tokens
-  hidden, loss on them). Separate blocks need a backbone with per-head
-  blocks, which tokenloom's transformer does not have. ``mask_head = false``:
-  one head for both, every row trained on a MaskGIT mask (as before the fix).
+- **A separate mask head** (kept, ``mask_head = true``): the next-scale
+  pass reads output head 0, the refinement passes head 1 (the spec declares
+  two heads). As in the reference, the mask path has its own copy of the
+  last blocks, its own output norm and its own output layer (``hmar.py``:
+  ``base_blocks``, then ``ns_blocks`` + ``ns_head_nm`` + ``ns_head`` for
+  next-scale and ``mask_blocks`` + ``mask_head_nm`` + ``mask_head`` for the
+  mask path): the backbone's spec option ``("head_branch", (0,
+  mask_blocks))``. The reference copies the last ``n_layers_train = 8``
+  blocks at every depth (8 of 16 at d16, 8 of 30 at d30); tokenloom's
+  backbones are a few blocks deep, so ``mask_blocks`` is a fraction of
+  ``n_layer`` (default 0.5, d16's; at least one block); ``mask_blocks = 0``
+  shares every block between the heads (two linear heads on one hidden
+  state and norm, the behaviour before this was completed). Differs: the
+  reference fine-tunes the mask path in a second stage with the base model
+  frozen (``finetune.py``); here both paths are trained together in one run
+  — even batch rows train head 0 as plain Markov next-scale prediction
+  (every token hidden), odd rows train head 1 on a MaskGIT mask per scale
+  (r ~ U(0,1), ⌈cos(π/2·r)·n_k⌉ ≥ 1 of its n_k tokens hidden, loss on
+  them); the shared blocks learn from both, each path's own blocks from its
+  rows. Every pass runs both paths (the model computes every head), so a
+  pass costs the shared blocks plus both copies. ``mask_head = false``: one
+  head for both, every row trained on a MaskGIT mask (as before the fix).
 
 Each input is the concatenation ``[f̂ feature, embedding of the code if
 revealed else 0, revealed flag]`` (the code embedding is the tokenizer's
 codebook; the reference adds a learned mask embedding instead of the flag).
 
 Differs from the reference, by design of the toolkit: the class condition is
-a class token (VAR and HMAR condition every block through AdaLN); the
+a class token by default (VAR and HMAR condition every block through AdaLN:
+``[model] cond = "adaln"`` adds it, the mask path's own blocks included); the
 refinement passes run the chain's guidance like any pass, where the
 reference guides them with scale ``cfg · 1e-6`` (practically unguided);
 sampling (top-k/top-p) is the chain's.
@@ -134,6 +145,10 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
         choice_temperature: float = attrs.field(default=4.5, validator=attrs.validators.ge(0.0))
         #: a separate output head for the refinement passes (HMAR's mask head); false: one shared head
         mask_head: bool = True
+        #: with mask_head: the fraction of the backbone's blocks the mask path has its own copy of
+        #: (HMAR: the last n_layers_train = 8 blocks, 8 of 16 at d16; 0.5 here, at least one block);
+        #: 0: the two heads share every block (before issue 18's completion)
+        mask_blocks: float = attrs.field(default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
 
         def __attrs_post_init__(self) -> None:
             if self.steps is not None and self.tokens_per_step:
@@ -180,6 +195,8 @@ class NextScaleMarkovGenerator(tokenloom.Generator):
             attention="custom",
             cache_ops=frozenset(),
             layout=self.tokenizer.layout,
+            extra=(("head_branch", (0, float(self.config.mask_blocks))),)
+            if self.config.mask_head and self.config.mask_blocks > 0 else (),
         )
 
     def steps_per_scale(self) -> list[int]:
