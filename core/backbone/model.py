@@ -25,7 +25,14 @@ autoregression adds on top:
 - **attention** with any mask a generator asks for: causal, bidirectional,
   block-causal, or a custom ``[T, S]`` / ``[B, T, S]`` boolean mask
   (True = may attend);
-- **output heads** — one linear head per entry of ``spec.heads``;
+- **output heads** — one linear head per entry of ``spec.heads``; with the
+  spec options ``head_blocks`` (NAR) or ``head_branch`` (HMAR) a head also
+  has transformer blocks, a norm and an output layer of its own
+  (:mod:`~tokenloom.backbone.head_blocks`);
+- **AdaLN** (``[model] cond = "adaln"``, VAR): every block and the final norm
+  modulated by the condition vector (:mod:`~tokenloom.backbone.adaln`);
+- **rotated inputs** (spec option ``rotate_ids``, RandAR): the position
+  instruction's embedding rotated by its RoPE (:mod:`~tokenloom.backbone.positions`);
 - **a depth head** when the spec asks for one (``("depth_head", n_layer)``:
   RQ-Transformer, Lee et al. 2022): the input at a position is the sum of
   the embeddings of a stack of codes ``[B, T, D]``, and a small causal

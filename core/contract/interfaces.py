@@ -147,8 +147,13 @@ class ModelSpec:
     - ``train_order``: name of the training recipe;
     - ``extra``: anything else the backbone needs, as sorted key/value pairs
       (the backbone reads ``("target_aware", True)``: RAR's additive
-      embedding of the position to be predicted, and ``("block_sizes", (n, ...))``
-      for ``"block-causal"`` attention);
+      embedding of the position to be predicted, ``("block_sizes", (n, ...))``
+      for ``"block-causal"`` attention, ``("depth_head", n)`` (RQ-Transformer),
+      ``("head_blocks", (n_0, ...))`` / ``("head_branch", (k_0, ...))``: output
+      heads with transformer blocks of their own (NAR, HMAR;
+      :mod:`tokenloom.backbone.head_blocks`), and ``("rotate_ids", (id, ...))``:
+      input embeddings rotated by their position's RoPE (RandAR's position
+      instruction; :mod:`tokenloom.backbone.positions`));
     - ``layout``: the tokenizer's :class:`TokenLayout`; position ids in
       ``TrainBatch.positions`` are flat code positions ``[0, layout.length)``
       of it (the backbone derives 2-D rotary coordinates from them), and
