@@ -129,3 +129,41 @@ def test_gpu_script_without_a_device_says_so():
     proc = run_script(env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+
+
+def test_the_imagenet256_recipe_passes_check_with_local_files(tmp_path):
+    """examples/imagenet256.toml (LlamaGen-B-like, ADM protocol) validates once its three local paths
+    exist: an ImageNet-layout folder (empty placeholder files: check reads no image), the Inception
+    weights and the reference statistics."""
+    from click.testing import CliRunner
+
+    from tokenloom.config import load_config, read_toml
+    from tokenloom.pipeline_check import preflight
+    from tokenloom.running.cli import cli
+
+    text = (ROOT / "examples" / "imagenet256.toml").read_text()
+    raw = read_toml(ROOT / "examples" / "imagenet256.toml")
+    for d in ("n01440764", "n01443537"):
+        (tmp_path / "train" / d).mkdir(parents=True)
+    for i in range(raw["data"]["n_holdout"] + 2):  # more images than held out: some left to train on
+        (tmp_path / "train" / ("n01440764", "n01443537")[i % 2] / f"{i}.JPEG").touch()
+    (tmp_path / "fid").mkdir()
+    (tmp_path / "fid" / "pt_inception-2015-12-05-6726825d.pth").touch()
+    (tmp_path / "fid" / "VIRTUAL_imagenet256_labeled.npz").touch()
+    local = tmp_path / "imagenet256.toml"
+    local.write_text(text.replace("/data/imagenet/train", str(tmp_path / "train")).replace("/data/fid", str(tmp_path / "fid")))
+
+    res = CliRunner().invoke(cli, ["check", str(local)])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith(": ok")
+    cfg = load_config(local)
+    parts = preflight(cfg)
+    assert parts.tokenizer.layout.length == 256 and parts.tokenizer.vocab_size == 16384  # VQ-16 at 256 px
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head) == (12, 768, 12)
+    assert cfg.train.bf16 and cfg.train.compile
+    fid = next(m for m in cfg.metrics if m.name == "fid")
+    assert fid.options["extractor"] == "inception-v3-compat"
+    assert fid.options["reference_stats"] == str(tmp_path / "fid" / "VIRTUAL_imagenet256_labeled.npz")
+    # the shipped file names paths that do not exist here: check says which
+    res = CliRunner().invoke(cli, ["check", str(ROOT / "examples" / "imagenet256.toml")])
+    assert res.exit_code == 2 and "data.path: no such directory: /data/imagenet/train" in res.output
