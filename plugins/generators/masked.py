@@ -86,7 +86,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.orders import check_known, check_known_latents, draw_tokens
+from tokenloom.orders import check_known, check_known_latents, continuous_spec, draw_tokens
 
 _CONFIDENCE_STREAM = 1  # RowRNG stream of the confidence Gumbel noise
 _ORDER_STREAM = 7  # RowRNG stream of MAR's random decoding order (step 0)
@@ -145,18 +145,8 @@ class MaskedGenerator(tokenloom.Generator):
 
     def model_spec(self) -> tokenloom.ModelSpec:
         if self.continuous:  # inputs: latent + mask flag; a head reads the hidden states
-            return tokenloom.ModelSpec(
-                seq_len=self.L + 1,
-                vocab_size=0,
-                heads=(),
-                train_order="masked-mar",
-                input_kind="embeddings",
-                input_dim=self.D + 1,
-                attention="bidirectional",
-                cache_ops=frozenset(),
-                layout=self.tokenizer.layout,
-                token_dim=self.D,
-            )
+            return continuous_spec(self.tokenizer, seq_len=self.L + 1, train_order="masked-mar", extra_input_dim=1,
+                                   attention="bidirectional", cache_ops=frozenset())
         return tokenloom.ModelSpec(
             seq_len=self.L + 1,
             vocab_size=self.V + 1,
