@@ -76,6 +76,8 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         # OpenMP's wait policy decides what a small kernel costs on a CPU (see docs/benchmarks.md)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
+        # CPULinear's oneDNN kernels (TOKENLOOM_ONEDNN=0: MKL everywhere) decide decoding speed on a CPU
+        "tokenloom_onednn": os.environ.get("TOKENLOOM_ONEDNN") or "default",
     }
     try:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
@@ -94,6 +96,8 @@ def describe_machine(info: dict[str, Any]) -> str:
         parts.append(info["cuda"])
     if info.get("omp_wait_policy"):
         parts.append(f"OMP_WAIT_POLICY {info['omp_wait_policy']}")
+    if info.get("tokenloom_onednn"):
+        parts.append(f"TOKENLOOM_ONEDNN {info['tokenloom_onednn']}")
     for k in ("torch", "transformers", "vector_quantize_pytorch", "tokenloom"):
         if info.get(k):
             parts.append(f"{k.replace('_', '-')} {info[k]}")

@@ -12,7 +12,7 @@ appended at the end. Sections:
 - ``before-after``: the summaries of ``<bench>.before.json`` (taken with the
   code before the performance pass) next to the latest ``<bench>.json``;
 - one section per benchmark (``decode``, ``train``, ``quantizers``,
-  ``orders``, ``pipeline``, ``pipeline-ablation``): its table, the command
+  ``orders``, ``pipeline``, ``pipeline-ablation``, ``gpu``): its table, the command
   and the machine it ran on.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import common
 
-BENCHES = ["decode", "train", "quantizers", "orders", "pipeline", "pipeline-ablation"]
+BENCHES = ["decode", "train", "quantizers", "orders", "pipeline", "pipeline-ablation", "gpu"]
 
 
 def load(name: str) -> dict | None:
