@@ -657,3 +657,28 @@ def test_head_branch_keeps_cached_decoding_equal_and_rejects_bad_counts():
         bad = tokenloom.ModelSpec(seq_len=9, vocab_size=7, heads=(7, 5, 6), train_order="t", extra=extra)
         with pytest.raises(tokenloom.ConfigError, match=match):
             build_model(bad, cfg, n_classes=2)
+
+
+@pytest.mark.parametrize("extra,cond", [((), "adaln"), ((("head_blocks", (0, 1)),), "prefix"),
+                                        ((("head_branch", (0, 1)),), "prefix"),
+                                        ((("head_branch", (0, 2)),), "adaln")])
+def test_flops_per_token_of_the_new_backbone_options_against_torch_flop_counter(extra, cond):
+    """AdaLN (its linears once per sequence), NAR's extra head block and HMAR's
+    mask-path copy: the trainer's count against torch's count of one forward and
+    backward pass, within the formula's approximation (as test_model's check)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenloom.config import ModelConfig
+    from tokenloom.model import build_model
+
+    V, B = 16, 4
+    lay = tokenloom.TokenLayout(scales=((4, 4),))
+    heads = (V, V) if extra else (V,)
+    s = tokenloom.ModelSpec(seq_len=16, vocab_size=V, heads=heads, train_order="t", layout=lay, extra=extra)
+    m = build_model(s, ModelConfig(n_layer=2, d_model=32, n_head=4, cond=cond), n_classes=3).train()
+    x = torch.randint(0, V, (B, 16), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        out = m(x, torch.zeros(B, dtype=torch.long))
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    ratio = counter.get_total_flops() / (B * 16 * m.flops_per_token(16))
+    assert 0.75 < ratio < 1.1, ratio
