@@ -682,3 +682,46 @@ def test_flops_per_token_of_the_new_backbone_options_against_torch_flop_counter(
         sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     ratio = counter.get_total_flops() / (B * 16 * m.flops_per_token(16))
     assert 0.75 < ratio < 1.1, ratio
+
+
+# -- AdaLN with every order: the generator conformance kit over AdaLN backbones --------------
+
+_ADALN_FAST = [("raster", {}, None, None), ("masked", {}, None, "embeddings"), ("random", {}, None, None),
+               ("random-parallel", {}, None, "tokens")]
+_ADALN_SLOW = [("next-scale", {}, "ms", None), ("neighboring", {}, "pix", None),
+               ("next-scale-markov", {"steps": 2}, "ms", "embeddings"), ("next-cell", {}, "pix42", None),
+               ("sjd", {}, None, None), ("raster", {"rar": True}, None, None)]
+
+
+def _adaln_check(monkeypatch, name, config, tok_kind, prefix):
+    """The kit (decode-time logits equal teacher-forced ones, NFE, guidance, batch
+    independence, determinism) on backbones with ``cond = "adaln"`` — with the class
+    token, or (``prefix``) a conditioner's prefix of four positions with padding."""
+    import attrs
+    from test_conditioning_orders import _MS, _pix, _prefixed
+
+    import tokenloom.backbone.model as model_module
+    import tokenloom.testing
+
+    original = model_module.build_model
+    inner = _prefixed(prefix) if prefix else original
+
+    def build(spec, config_, **kw):
+        return inner(spec, attrs.evolve(config_, cond="adaln"), **kw)
+
+    built = []
+    monkeypatch.setattr(model_module, "build_model", lambda *a, **kw: built.append(1) or build(*a, **kw))
+    tok = {"ms": _MS, "pix": _pix(3, 4), "pix42": _pix(4, 2), None: None}[tok_kind]
+    tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=3, **config)
+    assert built  # the kit built its backbones through the patched (AdaLN) builder
+
+
+@pytest.mark.parametrize("name,config,tok_kind,prefix", _ADALN_FAST, ids=lambda v: str(v))
+def test_orders_work_with_an_adaln_backbone(monkeypatch, name, config, tok_kind, prefix):
+    _adaln_check(monkeypatch, name, config, tok_kind, prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,config,tok_kind,prefix", _ADALN_SLOW, ids=lambda v: str(v))
+def test_more_orders_work_with_an_adaln_backbone(monkeypatch, name, config, tok_kind, prefix):
+    _adaln_check(monkeypatch, name, config, tok_kind, prefix)
