@@ -482,7 +482,10 @@ def test_cost_reads_recorded_statistics_and_never_invents():
     out = metric.compute(MetricContext(stats={"nfe": 16, "seconds_per_image": 0.5})).values
     assert out["nfe"] == 16.0 and out["seconds_per_image"] == 0.5
     assert {k for k, v in out.items() if v is None} == {"tokens_per_second", "peak_memory_bytes",
-                                                        "kv_cache_bytes", "train_tokens", "train_flops"}
+                                                        "kv_cache_bytes", "train_tokens", "train_flops",
+                                                        # a continuous head's cost: not recorded here
+                                                        "head_steps", "head_steps_per_token",
+                                                        "head_flops_per_image", "train_head_flops"}
     for bad in (-1, float("nan"), True, "3"):
         with pytest.raises(InputError, match="nfe"):
             metric.compute(MetricContext(stats={"nfe": bad}))

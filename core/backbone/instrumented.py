@@ -4,8 +4,10 @@ cost counted by core.
 :class:`InstrumentedModel` wraps the trained :class:`~tokenloom.model.Transformer`. Calling it
 runs one forward pass without gradients and counts it: ``nfe`` (forward passes), ``tokens``
 (input tokens scored), ``seconds`` (wall time inside the backbone), ``kv_cache_bytes`` (the
-largest cache allocated) and ``depth_steps`` (RQ-Transformer depth-head steps). The run's cost
-metrics come from these counters — plugins never report their own cost.
+largest cache allocated), ``depth_steps`` (RQ-Transformer depth-head steps) and, for a continuous
+head (diffusion, flow), ``head_steps`` / ``head_tokens`` / ``head_evals`` / ``head_flops`` (see
+:meth:`InstrumentedModel.sample_head`). The run's cost metrics come from these counters — plugins
+never report their own cost.
 
 What a generator may use of it (the ``Backbone`` of :mod:`tokenloom.interfaces`):
 
@@ -14,7 +16,8 @@ What a generator may use of it (the ``Backbone`` of :mod:`tokenloom.interfaces`)
 - ``new_cache(batch_size, max_len=None)`` -> a :class:`~tokenloom.backbone.kvcache.KVCache`;
 - ``model(inputs, cond, *, positions, target_positions, attn_mask, cache, last_only,
   depth_inputs, return_hidden)`` -> logits (see :meth:`InstrumentedModel.__call__`);
-- ``token_embeddings()`` and ``depth_logits(hidden, codes)`` for the orders that need them.
+- ``token_embeddings()`` and ``depth_logits(hidden, codes)`` for the orders that need them;
+- ``head`` and ``sample_head(hidden, *, rng, step, ...)`` for continuous tokens.
 
 This module does not import :mod:`tokenloom.model` (which re-exports :class:`InstrumentedModel`
 under its old public path), so the two cannot form an import loop; the wrapped model is any
@@ -56,6 +59,12 @@ class InstrumentedModel:
         self.seconds = 0.0
         self.kv_cache_bytes = 0
         self.depth_steps = 0  # depth-head steps (RQ-Transformer); not forward passes of the backbone
+        # a continuous head (sample_head): sequential head steps (head.steps per call, like NFE for the
+        # backbone), tokens drawn, network evaluations (rows x tokens x steps, null rows included) and FLOPs
+        self.head_steps = 0
+        self.head_tokens = 0
+        self.head_evals = 0
+        self.head_flops = 0
 
     def counters(self) -> dict[str, float]:
         """``{"nfe", "tokens", "seconds", "kv_cache_bytes"}``: the cost counted since :meth:`reset`."""
@@ -149,6 +158,44 @@ class InstrumentedModel:
         self.seconds += time.perf_counter() - t0
         self.nfe += 1
         self.tokens += inputs.shape[0] * inputs.shape[1]
+        return out
+
+    @property
+    def head(self) -> Any:
+        """The continuous :class:`~tokenloom.interfaces.Head` of the model (None: categorical)."""
+        return getattr(self.model, "token_head", None)
+
+    def sample_head(self, hidden: torch.Tensor, *, rng: Any, step: int, stream: int = 0,
+                    temperature: float = 1.0, guidance: float = 1.0,
+                    uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens drawn by the continuous head from hidden states ``[B, C]`` or ``[B, k, C]``
+        (:meth:`~tokenloom.interfaces.Head.sample`, without gradients; ``uncond``: the null rows'
+        states for guidance). Timed into ``seconds``; counted apart from the backbone's passes:
+        ``head_steps`` += ``head.steps`` (the sequential steps of this call), ``head_tokens`` +=
+        the tokens drawn (``B·k``), ``head_evals`` += tokens × steps × (2 when guided: the null
+        rows run too) and ``head_flops`` += ``head_evals`` × ``head.eval_flops()``."""
+        head = self.head
+        if head is None:
+            from ..contract.errors import InputError
+
+            raise InputError("sample_head: this model has no continuous head (a categorical model: sample its "
+                             "logits through the chain)")
+        cuda = hidden.is_cuda
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = head.sample(hidden, rng=rng, step=step, stream=stream, temperature=temperature,
+                              guidance=guidance, uncond=uncond)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        n = hidden[..., 0].numel()
+        evals = n * head.steps * (1 if uncond is None else 2)
+        self.head_steps += head.steps
+        self.head_tokens += n
+        self.head_evals += evals
+        self.head_flops += evals * head.eval_flops()
         return out
 
     def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:

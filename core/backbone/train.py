@@ -116,10 +116,37 @@ def shard_batch(batch: TrainBatch, rank: int, world: int) -> TrainBatch:
                       attn_mask=per_row(batch.attn_mask, 3), extra=extra)
 
 
+def unwrap(model: Any) -> Any:
+    """The :class:`~tokenloom.model.Transformer` inside a DDP / ``torch.compile`` wrapper."""
+    for _ in range(4):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
 def batch_loss(model: torch.nn.Module, batch: TrainBatch, *, denom: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean cross-entropy over the positions (and heads) in ``loss_mask``
     (``denom``: divide the summed loss by this count instead — the count of
-    the global batch when ``batch`` is one rank's share of it)."""
+    the global batch when ``batch`` is one rank's share of it).
+
+    Continuous tokens (float ``targets [B, T, D]``, a model with a continuous
+    :class:`~tokenloom.interfaces.Head`): the hidden states of the positions
+    in ``loss_mask`` go through the head's :meth:`~tokenloom.interfaces.Head.loss`
+    (its noise drawn from torch's global generator, which :func:`train` seeds
+    per step), averaged the same way."""
+    if batch.targets.dtype.is_floating_point:
+        head = getattr(unwrap(model), "token_head", None)
+        if head is None:
+            from ..contract.errors import InputError
+
+            raise InputError("batch_loss: float targets (continuous tokens) need a model with a continuous head")
+        hidden = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
+                       target_positions=batch.extra.get("target_positions"), return_hidden=True)  # (B, T, C)
+        mask = batch.loss_mask
+        per_token = head.loss(hidden[mask], batch.targets[mask])  # (n,)
+        return per_token.float().sum() / (mask.sum().clamp(min=1) if denom is None else denom)
     out = model(batch.inputs, batch.cond, positions=batch.positions, attn_mask=batch.attn_mask,
                 target_positions=batch.extra.get("target_positions"))
     heads = out if isinstance(out, tuple) else (out,)
@@ -214,6 +241,8 @@ class TrainResult:
     flops: int
     resumed_from: int = 0
     losses: list[float] = attrs.Factory(list)
+    #: the continuous head's share of ``flops`` (0 for the categorical head)
+    head_flops: int = 0
 
 
 def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, labels: torch.Tensor,
@@ -292,9 +321,10 @@ def train(model: torch.nn.Module, generator: Generator, codes: torch.Tensor, lab
     final_loss = losses[-1] if losses else float("nan")
     if not losses and start > 0:  # resumed with no step left: the loss the checkpoint recorded (issue 14)
         final_loss = float(load_tensors(checkpoint)[1].get("last_loss", "nan"))
+    head_fpt = model.head_flops_per_token() if hasattr(model, "head_flops_per_token") else 0
     return TrainResult(steps=done, final_loss=final_loss,
                        seconds=time.perf_counter() - t0, tokens=tokens, flops=tokens * fpt,
-                       resumed_from=start, losses=losses)
+                       resumed_from=start, losses=losses, head_flops=tokens * head_fpt)
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +346,10 @@ def heldout_nll(generator: Generator, model: Any, codes: torch.Tensor, labels: t
     if not getattr(generator, "exact_likelihood", False):
         return None
     inner = getattr(model, "model", model)
+    head = getattr(inner, "token_head", None)
+    continuous = head is not None or codes.dtype.is_floating_point
+    if continuous and not (head is not None and head.exact_likelihood):
+        return None  # diffusion and flow heads have no exact likelihood: none reported
     device = next(inner.parameters()).device
     null = getattr(model, "null_class", getattr(inner, "n_classes", 0))
     total, n = 0.0, codes.shape[0]
@@ -347,7 +381,8 @@ def heldout_nll(generator: Generator, model: Any, codes: torch.Tensor, labels: t
         "nll_bits_per_image": bits,
         "nll_bits_per_token": bits / L,
         "nll_bits_per_dim": bits / dims,
-        "uniform_bits_per_image": L * math.log2(V),
+        # continuous tokens: a density, no uniform baseline over a vocabulary
+        "uniform_bits_per_image": None if continuous else L * math.log2(V),
     }
 
 
@@ -365,4 +400,5 @@ __all__ = [
     "step_seed",
     "train",
     "train_step",
+    "unwrap",
 ]

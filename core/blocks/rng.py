@@ -51,6 +51,9 @@ def _hash32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
+#: XOR-ed into the stream of normal draws (:meth:`RowRNG.normal`): their own stream space.
+_NORMAL_STREAM = 1 << 31
+
 #: Steps whose row keys :class:`RowRNG` derives in one pass (a decoding loop
 #: asks for consecutive steps; the keys are the same bits either way).
 _KEY_BLOCK = 64
@@ -65,7 +68,8 @@ class RowRNG:
     ``(seed, index[r])``.
 
     ``uniform(step, *shape)`` returns ``FloatTensor[B, *shape]`` in (0, 1);
-    ``gumbel`` and ``categorical`` build on it. Use a distinct ``stream`` for
+    ``gumbel`` and ``categorical`` build on it; ``normal`` gives standard
+    normal noise (continuous heads: diffusion and flow sampling). Use a distinct ``stream`` for
     each independent use within one step (e.g. acceptance uniforms vs.
     resampling draws).
     """
@@ -124,13 +128,26 @@ class RowRNG:
         return _hash32_(_hash32_(key ^ ctr).add_(key))
 
     def _derive(self, kind: str, steps: range, numel: int, stream: int) -> torch.Tensor:
-        """``[B, len(steps), numel]`` draws of ``kind`` ("uniform" or "gumbel")."""
+        """``[B, len(steps), numel]`` draws of ``kind`` ("uniform", "gumbel" or "normal")."""
+        if kind == "normal":
+            return self._normal(steps, numel, stream)
         # (k + 0.5) / 2^24 rounded to float32: float32 arithmetic rounds k + 0.5 once and the
         # power-of-two division is exact, so this is the float64 computation's float32 result
         u = (self._bits(steps, numel, stream) >> 8).to(torch.float32).add_(0.5).div_(float(1 << 24))  # 24 bits
         if kind == "uniform":
             return u
         return u.double().log_().neg_().log_().neg_().float()  # -log(-log(u)) in float64
+
+    def _normal(self, steps: range, numel: int, stream: int) -> torch.Tensor:
+        """``[B, len(steps), numel]`` standard normals by Box–Muller: number
+        ``c`` uses the counters ``2c`` and ``2c + 1`` of (image, step,
+        stream ⊕ 2^31) — its own stream space, so a normal draw never
+        reuses the bits of a uniform or Gumbel draw at the same
+        ``(step, stream)`` — computed in float64, returned as float32."""
+        bits = self._bits(steps, 2 * numel, (int(stream) & _M32) ^ _NORMAL_STREAM)  # (B, n, 2 numel)
+        u = (bits >> 8).double().add_(0.5).div_(float(1 << 24))  # 24-bit uniforms in (0, 1)
+        u1, u2 = u[..., 0::2], u[..., 1::2]
+        return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).float()
 
     def _draw(self, kind: str, step: int, numel: int, stream: int) -> tuple[torch.Tensor, bool]:
         """``([B, numel], shared)``: the draws of one step. When a caller asks
@@ -164,6 +181,12 @@ class RowRNG:
 
     def gumbel(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
         return self._numbers("gumbel", step, shape, stream)
+
+    def normal(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+        """``FloatTensor[B, *shape]`` standard normal noise; element ``c`` (of
+        the flattened ``shape``) is a pure function of (seed, image, step,
+        stream, c)."""
+        return self._numbers("normal", step, shape, stream)
 
     def categorical(self, logits: torch.Tensor, step: int, *, stream: int = 0) -> torch.Tensor:
         """One draw per row from ``softmax(logits)`` ([B, V] or [B, k, V]) by

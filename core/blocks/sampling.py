@@ -87,6 +87,58 @@ class SamplerChain:
         return self.draw(self(logits, info), rng, info.step, stream=stream)
 
 
+def continuous_settings(chain: SamplerChain, info: StepInfo | None = None) -> tuple[float, float]:
+    """``(guidance, temperature)`` of the chain for a continuous head at step
+    ``info``: the product of what each processor's
+    :meth:`~tokenloom.interfaces.Sampler.continuous_setting` says (``cfg``:
+    its scale under its schedule; ``temperature``: t). A processor that does
+    not declare ``continuous_ok`` is a ConfigError naming it (the
+    composition check refuses such chains before anything runs)."""
+    info = info if info is not None else StepInfo()
+    guidance, temperature = 1.0, 1.0
+    for s in chain.processors:
+        if not getattr(s, "continuous_ok", False):
+            raise ConfigError([(f"sampler: {type(s).__name__} does not apply to continuous tokens (a continuous "
+                               "head takes only guidance, 'cfg', and 'temperature')")])
+        setting = s.continuous_setting(info)
+        guidance *= float(setting.get("guidance", 1.0))
+        temperature *= float(setting.get("temperature", 1.0))
+    return guidance, temperature
+
+
+def draw_continuous(model, chain: SamplerChain, hidden: torch.Tensor, rng, *, info: StepInfo | None = None,
+                    uncond_hidden: torch.Tensor | None = None, stream: int = 0) -> torch.Tensor:
+    """The one draw of continuous tokens every decoding loop uses: the run's
+    head (``model.sample_head``, counted as head steps by the instrumented
+    backbone) draws ``FloatTensor[B, D]`` (``[B, k, D]``) from the hidden
+    states ``hidden`` ``[B, C]`` (``[B, k, C]``) of the conditional rows,
+    with the chain's guidance and temperature at ``info``
+    (:func:`continuous_settings`; ``info.progress`` drives the ``cfg``
+    schedules, e.g. MAR's linear ramp over decoded tokens) and ``rng`` at
+    ``(info.step, stream)``. ``uncond_hidden``: the null rows' states (same
+    shape), required when ``chain.needs_uncond``; skipped at a step whose
+    guidance is exactly 1 (``c`` itself: no null rows evaluated). ``model``:
+    a :class:`~tokenloom.interfaces.Backbone`, or a bare transformer with a
+    ``token_head`` (uncounted)."""
+    from ..contract.errors import InputError
+
+    info = info if info is not None else StepInfo()
+    guidance, temperature = continuous_settings(chain, info)
+    if chain.needs_uncond and uncond_hidden is None:
+        raise InputError(f"step {info.step}: the chain guides (cfg) but no unconditional hidden states were "
+                         "given (run the null-condition rows and pass uncond_hidden)")
+    uncond = uncond_hidden if chain.needs_uncond and guidance != 1.0 else None
+    kw = {"rng": rng, "step": info.step, "stream": stream, "temperature": temperature,
+          "guidance": guidance if uncond is not None else 1.0, "uncond": uncond}
+    if hasattr(model, "sample_head"):
+        return model.sample_head(hidden, **kw)
+    head = getattr(model, "token_head", None)
+    if head is None:
+        raise InputError("draw_continuous: the model has no continuous head")
+    with torch.no_grad():
+        return head.sample(hidden, **kw)
+
+
 def build_chain(configs: Sequence[object] = (), *, registry=None) -> SamplerChain:
     """Build a chain from :class:`~tokenloom.config.ComponentConfig` entries."""
     from ..contract.registry import build_component, get_registry

@@ -8,7 +8,7 @@ the file, one line each, starting with the path of the key::
     sampler[1].name: unknown sampler 'topk' (did you mean 'top-k'? available: ...)
     train.stpes: unknown key (did you mean 'steps'?)
 
-Component tables (``[tokenizer]``, ``[generator]``, ``[[sampler]]``,
+Component tables (``[tokenizer]``, ``[generator]``, ``[[sampler]]``, ``[head]``,
 ``[metrics.<name>]``) are structured into the registered class's nested
 ``Config``; unknown keys are errors. Types are strict: ``3.5`` is not an int,
 ``"3"`` is not a number, ``1`` is not a bool (see :mod:`tokenloom.contract.structure`).
@@ -177,10 +177,18 @@ class RunConfig:
     conditioner: ComponentConfig | None = None
     #: ``[metrics] prompts``: a text file of prompts (one per line) to generate from, or None
     prompts: str | None = None
+    #: ``[head]``: what turns the backbone's hidden state into a token (None: ``categorical``, the
+    #: linear layer + sampler chain of every discrete run); ``diffusion``/``flow`` for continuous tokens
+    head: ComponentConfig | None = None
+
+    @property
+    def head_name(self) -> str:
+        """The run's head (``categorical`` unless ``[head]`` names another)."""
+        return "categorical" if self.head is None else self.head.name
 
 
 _TOP_KEYS = ("seed", "data", "tokenizer", "generator", "model", "train", "sampler", "metrics", "device",
-             "conditioner")
+             "conditioner", "head")
 
 
 def _component(registry: Any, kind: str, table: Any, path: str, problems: list[str]) -> ComponentConfig | None:
@@ -249,6 +257,9 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
     conditioner = None
     if "conditioner" in raw:
         conditioner = _component(registry, "conditioner", raw["conditioner"], "conditioner", problems)
+    head = None
+    if "head" in raw:
+        head = _component(registry, "head", raw["head"], "head", problems)
 
     samplers: list[ComponentConfig] = []
     chain = raw.get("sampler", [])
@@ -315,6 +326,7 @@ def parse_config(raw: dict[str, Any], *, registry: Any = None, source: str | Non
         device=device,
         conditioner=conditioner,
         prompts=prompts,
+        head=head,
     )
 
 
@@ -375,6 +387,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         out["conditioner"] = cfg.conditioner.table()
     if cfg.prompts is not None:
         out["metrics"]["prompts"] = cfg.prompts
+    if cfg.head is not None and (cfg.head.name != "categorical" or cfg.head.options):
+        out["head"] = cfg.head.table()  # absent for the default head: run ids as before heads
     for m in cfg.metrics:
         if m.options:
             out["metrics"][m.name] = dict(m.options)

@@ -1,4 +1,4 @@
-"""Hook specifications: the five hooks a tokenloom plugin may implement.
+"""Hook specifications: the six hooks a tokenloom plugin may implement.
 
 A plugin is a module (or object) named by an entry point in the group
 ``tokenloom``. The registry imports it on first use (never at
@@ -93,10 +93,23 @@ def register_conditioners(register: Register) -> None:
     ``tokenloom.testing.check("conditioner", name)``."""
 
 
+@hookspec
+def register_heads(register: Register) -> None:
+    """Register heads (subclasses of :class:`tokenloom.Head`): what turns
+    the backbone's hidden state into a token — ``register("diffusion",
+    DiffusionHead)``.
+
+    Called once when the registry is first used. The class is built as
+    ``cls(cls.Config(...), hidden_dim=C, token_dim=D, vocab_size=V)`` and
+    must pass ``tokenloom.testing.check("head", name)``; it must raise
+    :class:`tokenloom.ConfigError` for a token kind it does not model."""
+
+
 HOOKS: dict[str, str] = {
     "tokenizer": "register_tokenizers",
     "generator": "register_generators",
     "sampler": "register_samplers",
     "metric": "register_metrics",
     "conditioner": "register_conditioners",
+    "head": "register_heads",
 }

@@ -17,6 +17,10 @@ kind              what it is
                   (:class:`Metric`)
 ``conditioner``   conditions (class labels, captions) -> the prefix the
                   backbone reads before the codes (:class:`Conditioner`)
+``head``          the backbone's hidden state -> a token: today's linear
+                  layer + sampler chain (``categorical``), or a small
+                  network for continuous tokens (``diffusion``, ``flow``)
+                  (:class:`Head`)
 ================  ==========================================================
 
 A generator decodes with what core hands it: a :class:`Backbone` (the
@@ -60,7 +64,7 @@ from torch import nn
 
 from .errors import InputError
 
-KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric", "conditioner")
+KINDS: tuple[str, ...] = ("tokenizer", "generator", "sampler", "metric", "conditioner", "head")
 
 #: Position id of a token without a grid position (the class token, a position instruction's
 #: "nowhere"): ``TrainBatch.positions`` and the backbone's ``positions=`` use it; see :class:`ModelSpec`.
@@ -157,7 +161,13 @@ class ModelSpec:
     - ``layout``: the tokenizer's :class:`TokenLayout`; position ids in
       ``TrainBatch.positions`` are flat code positions ``[0, layout.length)``
       of it (the backbone derives 2-D rotary coordinates from them), and
-      ``-1`` marks a token with no grid position (the class token).
+      ``-1`` marks a token with no grid position (the class token);
+    - ``token_dim``: 0 for discrete codes; ``D`` for a model of continuous
+      tokens (a continuous tokenizer's ``token_dim``): the backbone then
+      outputs hidden states for the run's :class:`Head` (``heads`` is
+      ``()``), targets are ``FloatTensor[B, T, D]`` and inputs are
+      embeddings (``input_kind = "embeddings"``). Left out of :meth:`key`
+      when 0, so discrete models keep their cache keys.
 
     Sequence convention: index 0 of every sequence is the class token — its
     input value is ignored and the backbone puts the class embedding of
@@ -175,10 +185,18 @@ class ModelSpec:
     cache_ops: frozenset[str] = frozenset({"append"})
     extra: tuple[tuple[str, Any], ...] = ()
     layout: TokenLayout | None = None
+    token_dim: int = 0
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the model predicts continuous tokens (``token_dim > 0``)."""
+        return self.token_dim > 0
 
     def key(self) -> dict[str, Any]:
         """A JSON-able description used in cache keys."""
         d = attrs.asdict(self, recurse=False)
+        if not self.token_dim:  # discrete models: the key as before continuous tokens
+            del d["token_dim"]
         d["cache_ops"] = sorted(self.cache_ops)
         d["heads"] = list(self.heads)
         d["extra"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.extra]
@@ -201,7 +219,10 @@ class TrainBatch:
     - ``inputs``: ``LongTensor[B, T]`` of ids, or ``FloatTensor[B, T, D]`` of
       embeddings when the spec's ``input_kind`` is ``"embeddings"``;
     - ``targets``: ``LongTensor[B, T]`` (or ``[B, T, n_heads]`` for several
-      heads); entries where ``loss_mask`` is False are ignored;
+      heads); for a continuous spec (``token_dim = D``) ``FloatTensor[B, T,
+      D]``: the token each position must produce, scored by the run's
+      :class:`Head` (``Head.loss``); entries where ``loss_mask`` is False
+      are ignored;
     - ``positions``: ``LongTensor[B, T]`` or ``[T]`` — the 2-D grid position
       index each input sits at (for rotary/learned position embeddings): a
       flat code position of ``ModelSpec.layout``, ``-1`` for none (the class
@@ -704,6 +725,25 @@ class Backbone(Protocol):
         not a forward pass."""
         ...
 
+    @property
+    def head(self) -> Head | None:
+        """The continuous :class:`Head` the backbone was trained with (a
+        ``spec.token_dim > 0`` model), None for a categorical model (its
+        linear output layer gives logits for the chain)."""
+        ...
+
+    def sample_head(self, hidden: torch.Tensor, *, rng: RNG, step: int, stream: int = 0,
+                    temperature: float = 1.0, guidance: float = 1.0,
+                    uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Continuous tokens ``[B, D]`` (``[B, k, D]``) drawn by :attr:`head`
+        from hidden states ``[B, C]`` (``[B, k, C]``) of a ``return_hidden``
+        pass (:meth:`Head.sample`). Counted apart from the forward passes:
+        ``head_steps`` (+ ``head.steps`` per call), the tokens and the head's
+        FLOPs (null rows included when guided). Generators normally call
+        :func:`tokenloom.orders.sample_tokens`, which reads the chain's
+        guidance and temperature."""
+        ...
+
 
 @runtime_checkable
 class RNG(Protocol):
@@ -738,6 +778,10 @@ class RNG(Protocol):
 
     def gumbel(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
         """``FloatTensor[B, *shape]`` standard Gumbel noise."""
+        ...
+
+    def normal(self, step: int, *shape: int, stream: int = 0) -> torch.Tensor:
+        """``FloatTensor[B, *shape]`` standard normal noise (continuous heads)."""
         ...
 
     def categorical(self, logits: torch.Tensor, step: int, *, stream: int = 0) -> torch.Tensor:
@@ -839,6 +883,10 @@ class Generator:
 
     Config: ClassVar[type]
     supports_known: ClassVar[bool] = False
+    #: Whether the order decodes continuous tokens too (a tokenizer with ``continuous = True``,
+    #: a continuous :class:`Head`). The base ``__init__`` refuses a continuous tokenizer for an
+    #: order that does not declare it (a :class:`~tokenloom.errors.ConfigError`).
+    continuous_ok: ClassVar[bool] = False
     #: True when :meth:`log_likelihood` is an exact likelihood of the codes
     #: (raster, random, next-scale, depth-stack); masked, block and
     #: neighbour orders report none rather than a misleading number.
@@ -850,6 +898,12 @@ class Generator:
     samples_follow_likelihood: ClassVar[bool] = True
 
     def __init__(self, config: Any, *, tokenizer: Tokenizer):
+        if getattr(tokenizer, "continuous", False) and not type(self).continuous_ok:
+            from .errors import ConfigError
+
+            raise ConfigError([(f"generator: {type(self).__name__} decodes discrete codes only; the tokenizer "
+                               f"{type(tokenizer).__name__} gives continuous tokens (an order that declares "
+                               "continuous_ok, e.g. 'raster', takes them)")])
         self.config = config
         self.tokenizer = tokenizer
 
@@ -956,9 +1010,20 @@ class Sampler:
     transform: ClassVar[str] = "truncate"
     needs_uncond: ClassVar[bool] = False
     greedy: ClassVar[bool] = False
+    #: Whether the sampler means something for a continuous :class:`Head` (diffusion, flow): then
+    #: it implements :meth:`continuous_setting`. Only guidance (``cfg``) and ``temperature`` do; a
+    #: chain holding any other sampler with a continuous head is a ConfigError at build time.
+    continuous_ok: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
+
+    def continuous_setting(self, info: StepInfo) -> dict[str, float]:
+        """What the sampler does to a continuous head at the step ``info``:
+        ``{"guidance": s}`` (classifier-free guidance of the head's
+        prediction, ``u + s·(c − u)``) and/or ``{"temperature": t}`` (the
+        head's noise scale). Only ``continuous_ok`` samplers implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not apply to continuous tokens")
 
     def bind(self, context: SamplerContext) -> None:
         """Called once per run before decoding."""
@@ -1232,12 +1297,178 @@ class Conditioner(nn.Module):
         return names[condition.label] if 0 <= condition.label < len(names) else str(condition.label)
 
 
+# ---------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------
+
+
+class Head(nn.Module):
+    """What turns the backbone's hidden state into a token: the head models
+    ``p(token | hidden)`` for one position.
+
+    Built as ``cls(config, hidden_dim=C, token_dim=D, vocab_size=V)`` (C the
+    backbone width ``[model] d_model``; D the tokenizer's ``token_dim``, 0
+    for discrete codes; V its ``vocab_size``, 0 for continuous tokens). The
+    backbone owns the head (``Transformer.head``): it is trained jointly
+    with it and saved in the same checkpoint. The run's ``[head]`` table
+    picks it (default ``categorical``).
+
+    Class attributes:
+
+    - ``continuous``: the token kind it models — True: ``FloatTensor[.., D]``
+      (needs a continuous tokenizer), False: codes in ``[0, V)``. A head
+      on the other kind of tokenizer is a ConfigError at build time;
+    - ``exact_likelihood``: whether :meth:`log_likelihood` is exact (the
+      categorical head). Diffusion and flow heads have none: the run then
+      reports no held-out NLL (None, never a made-up number).
+
+    Methods (``N`` tokens, any leading shape ``..`` allowed where noted):
+
+    - :meth:`loss` ``(hidden [N, C], targets [N, D] or LongTensor[N]) ->
+      FloatTensor[N]``: the per-token training loss (its own noise drawn
+      from torch's global generator, which the trainer seeds per step);
+    - :meth:`sample` ``(hidden [B, C] or [B, k, C], *, rng, step, stream,
+      temperature, guidance, uncond) -> [B, D] / [B, k, D]`` (ids ``[B]`` /
+      ``[B, k]`` for a discrete head): the tokens drawn for ``B`` images.
+      ALL randomness comes from ``rng`` (an :class:`RNG` of the ``B`` rows,
+      at ``(step, stream)``), so image *i* depends only on ``(seed, i)``:
+      never on its batch neighbours or the batch size. ``guidance`` s with
+      ``uncond`` (the null-condition rows' hidden states, same shape): the
+      head's prediction is ``u + s·(c − u)`` at every step of its own loop
+      (MAR guides the denoiser's ε). ``temperature``: the head's noise scale;
+    - :attr:`steps`: head network evaluations per sampled token (diffusion:
+      sampling steps; flow: Euler steps; categorical: 1) — core counts them
+      apart from the backbone's passes (NFE);
+    - :meth:`eval_flops`: FLOPs of one evaluation of the head's network for
+      one token (2 per multiply-add); :meth:`train_flops_per_token` and
+      :meth:`sample_flops_per_token` (per token, one row) derive from it.
+
+    Bad inputs (a hidden state of the wrong width, targets of the wrong
+    kind/width, NaN) are an :class:`~tokenloom.errors.InputError` naming the
+    head and argument (:meth:`check_hidden`, :meth:`check_targets`).
+    """
+
+    Config: ClassVar[type]
+    continuous: ClassVar[bool] = True
+    exact_likelihood: ClassVar[bool] = False
+
+    def __init__(self, config: Any, *, hidden_dim: int, token_dim: int = 0, vocab_size: int = 0):
+        super().__init__()
+        from .errors import ConfigError
+
+        name = type(self).__name__
+        if int(hidden_dim) < 1:
+            raise ConfigError([f"head: {name} needs hidden_dim >= 1 (the backbone width), got {hidden_dim}"])
+        if self.continuous and int(token_dim) < 1:
+            raise ConfigError([(f"head: {name} models continuous tokens and needs a continuous tokenizer "
+                               f"(token_dim >= 1); got token_dim {token_dim} (a discrete tokenizer: use "
+                               "head = 'categorical')")])
+        if not self.continuous and (int(vocab_size) < 1 or int(token_dim) > 0):
+            raise ConfigError([(f"head: {name} models discrete codes and needs a discrete tokenizer "
+                               f"(vocab_size >= 1, token_dim 0); got vocab_size {vocab_size}, token_dim "
+                               f"{token_dim} (continuous tokens: use head = 'diffusion' or 'flow')")])
+        self.config = config
+        self.hidden_dim = int(hidden_dim)
+        self.token_dim = int(token_dim)
+        self.vocab_size = int(vocab_size)
+
+    @property
+    def steps(self) -> int:
+        """Head network evaluations per sampled token."""
+        return 1
+
+    #: Head network evaluations per token in one training step (MAR's ``diffusion_batch_mul``).
+    train_evals: int = 1
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[N]``: the training loss of each token."""
+        raise NotImplementedError
+
+    def sample(self, hidden: torch.Tensor, *, rng: RNG, step: int, stream: int = 0,
+               temperature: float = 1.0, guidance: float = 1.0,
+               uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw one token per row (and position) of ``hidden``; see the class docstring."""
+        raise NotImplementedError
+
+    def log_likelihood(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[N]``: exact log p(target | hidden) in nats (``exact_likelihood`` heads only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact likelihood")
+
+    def eval_flops(self) -> int:
+        """FLOPs of one evaluation of the head's network for one token (2 per
+        multiply-add of its matrices; default: 2 × its parameter count)."""
+        return 2 * sum(p.numel() for p in self.parameters())
+
+    def train_flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward = 3 × forward, for
+        each of the :attr:`train_evals` evaluations)."""
+        return 3 * self.train_evals * self.eval_flops()
+
+    def sample_flops_per_token(self) -> int:
+        """Sampling FLOPs per token of one row (:attr:`steps` evaluations;
+        guidance runs the null rows too, which core counts as rows)."""
+        return self.steps * self.eval_flops()
+
+    # -- input checks ---------------------------------------------------------
+
+    def check_hidden(self, hidden: Any, *, where: str = "hidden") -> torch.Tensor:
+        """``hidden``: a float tensor ``[.., C]`` with finite values, else :class:`InputError`."""
+        here = f"{type(self).__name__}: {where}"
+        if not isinstance(hidden, torch.Tensor) or not hidden.dtype.is_floating_point:
+            got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise InputError(f"{here}: expected a float tensor [.., {self.hidden_dim}], got {got}")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.hidden_dim:
+            raise InputError(f"{here}: expected width {self.hidden_dim} (the backbone's d_model), "
+                             f"got shape {tuple(hidden.shape)}")
+        if hidden.numel() and not torch.isfinite(hidden).all():
+            raise InputError(f"{here}: NaN or infinite values")
+        return hidden
+
+    def check_targets(self, targets: Any, hidden: torch.Tensor, *, where: str = "targets") -> torch.Tensor:
+        """Targets matching ``hidden [.., C]``: ``[.., D]`` finite floats for a
+        continuous head, ``LongTensor[..]`` in ``[0, V)`` for a discrete one."""
+        here = f"{type(self).__name__}: {where}"
+        if not isinstance(targets, torch.Tensor):
+            raise InputError(f"{here}: expected a torch.Tensor, got {type(targets).__name__}")
+        lead = tuple(hidden.shape[:-1])
+        if self.continuous:
+            if not targets.dtype.is_floating_point:
+                raise InputError(f"{here}: expected continuous tokens (a float tensor [.., {self.token_dim}]), "
+                                 f"got {targets.dtype} — discrete codes given to a continuous head?")
+            if tuple(targets.shape) != (*lead, self.token_dim):
+                raise InputError(f"{here}: expected shape {(*lead, self.token_dim)}, got {tuple(targets.shape)}")
+            if targets.numel() and not torch.isfinite(targets).all():
+                raise InputError(f"{here}: NaN or infinite values")
+            return targets
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise InputError(f"{here}: expected integer codes, got {targets.dtype}")
+        if tuple(targets.shape) != lead:
+            raise InputError(f"{here}: expected shape {lead}, got {tuple(targets.shape)}")
+        if targets.numel() and (targets.min() < 0 or targets.max() >= self.vocab_size):
+            raise InputError(f"{here}: codes must lie in [0, {self.vocab_size})")
+        return targets.long()
+
+    def check_uncond(self, uncond: Any, hidden: torch.Tensor, guidance: float) -> torch.Tensor | None:
+        """The null rows for guidance: required (same shape as ``hidden``) when ``guidance != 1``."""
+        if guidance == 1.0 and uncond is None:
+            return None
+        if uncond is None:
+            raise InputError(f"{type(self).__name__}: guidance {guidance} needs uncond= (the hidden states of "
+                             "the null-condition rows)")
+        uncond = self.check_hidden(uncond, where="uncond")
+        if uncond.shape != hidden.shape:
+            raise InputError(f"{type(self).__name__}: uncond {tuple(uncond.shape)} does not match hidden "
+                             f"{tuple(hidden.shape)}")
+        return uncond
+
+
 BASES: dict[str, type] = {
     "tokenizer": Tokenizer,
     "generator": Generator,
     "sampler": Sampler,
     "metric": Metric,
     "conditioner": Conditioner,
+    "head": Head,
 }
 
 
@@ -1253,6 +1484,7 @@ __all__ = [
     "Condition",
     "Conditioner",
     "Generator",
+    "Head",
     "Known",
     "Metric",
     "MetricContext",

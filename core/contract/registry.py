@@ -111,6 +111,10 @@ def _validate_component(kind: str, name: Any, cls: Any) -> str | None:
         return f"{kind} '{name}': class {cls.__qualname__} has no nested attrs class 'Config'"
     if kind == "sampler" and getattr(cls, "role", None) not in ("processor", "acceptance"):
         return f"sampler '{name}': role must be 'processor' or 'acceptance', got {getattr(cls, 'role', None)!r}"
+    if kind == "head":
+        for flag in ("continuous", "exact_likelihood"):
+            if not isinstance(getattr(cls, flag, None), bool):
+                return f"head '{name}': class attribute {flag} must be a bool, got {getattr(cls, flag, None)!r}"
     return None
 
 
@@ -340,7 +344,8 @@ class Registry:
 # ---------------------------------------------------------------------------
 
 _CONTEXT_KEYS = {"tokenizer": ("image_shape",), "generator": ("tokenizer",), "sampler": (), "metric": (),
-                 "conditioner": ("n_classes", "class_names")}
+                 "conditioner": ("n_classes", "class_names"),
+                 "head": ("hidden_dim", "token_dim", "vocab_size")}
 
 
 def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], *, path: str) -> Any:
@@ -355,6 +360,8 @@ def build_component(registry: Any, kind: str, name: Any, table: dict[str, Any], 
         ctx.setdefault("image_shape", (3, 32, 32))
     if kind == "generator" and "tokenizer" not in ctx:
         raise ConfigError([f"{path}: a generator needs tokenizer=<a Tokenizer instance>"])
+    if kind == "head" and "hidden_dim" not in ctx:
+        raise ConfigError([f"{path}: a head needs hidden_dim=<the backbone width> (and token_dim or vocab_size)"])
     try:
         return entry.cls(cfg, **ctx)
     except ConfigError as exc:

@@ -100,10 +100,13 @@ def codes_key(tok_hash: str, data: Any) -> str:
 
 def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:
     """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed
-    × :func:`threads_key`."""
+    × :func:`threads_key` × the ``[head]`` (only when it is not ``categorical``: the keys of discrete
+    runs as before heads existed)."""
+    head = getattr(cfg, "head", None)
+    extra = {"head": component_key(head)} if head is not None and head.name != "categorical" else {}
     return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": cfg.model.key(),
                         "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed,
-                        **threads_key()})
+                        **threads_key(), **extra})
 
 
 def samples_key(cfg: RunConfig, model: str, *, n: int, region: str | None, micro_batch: int) -> str:

@@ -68,13 +68,21 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     Under torchrun the micro-batches are shared out round robin over the
     ranks and gathered on every rank in their order, so the codes are those
     of one process; ``seconds_per_image`` is then the ranks' summed compute
-    time per image."""
+    time per image.
+
+    A model with a continuous head (diffusion, flow) also reports its
+    sampling cost, counted by the instrumented model apart from the NFE:
+    ``head_steps`` (sequential head steps per micro-batch, as ``nfe``),
+    ``head_steps_per_token``, ``head_evals_per_image`` (network evaluations,
+    null rows of guidance included) and ``head_flops_per_image``. Codes are
+    then latents ``FloatTensor[n, L, D]``."""
     from tqdm.auto import tqdm
 
     n = labels.shape[0]
     dev = model.device
     starts = list(range(0, n, MICRO_BATCH))
     parts: dict[int, tuple[torch.Tensor, int, float, int]] = {}  # start -> (codes, nfe, seconds, kv bytes)
+    heads: dict[int, tuple[int, int, int]] = {}  # start -> a continuous head's (steps, evaluations, FLOPs)
     reset_peak_memory()
     for i in tqdm(dist.shard(starts), desc="generate", file=sys.stderr, disable=not progress, leave=False):
         idx = torch.arange(i, i + MICRO_BATCH)  # past n: the extras that fill the last micro-batch
@@ -89,12 +97,14 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
             codes = generator.generate(model, chain, labels[src].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        heads[i] = (getattr(model, "head_steps", 0), getattr(model, "head_evals", 0), getattr(model, "head_flops", 0))
         parts[i] = (codes[:real].cpu(), model.nfe, time.perf_counter() - t0, model.kv_cache_bytes)
     peak = peak_memory_bytes(dev)
     if dist.world() > 1:  # every rank's micro-batches, back in their order
-        gathered = dist.all_gather((parts, peak))
-        parts = {i: v for p, _ in gathered for i, v in p.items()}
-        peak = max((pk for _, pk in gathered if pk is not None), default=None)
+        gathered = dist.all_gather((parts, peak, heads))
+        parts = {i: v for p, _, _ in gathered for i, v in p.items()}
+        heads = {i: v for _, _, h in gathered for i, v in h.items()}
+        peak = max((pk for _, pk, _ in gathered if pk is not None), default=None)
     codes = torch.cat([parts[i][0] for i in starts])
     nfes = [parts[i][1] for i in starts]
     seconds = 0.0
@@ -109,6 +119,11 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
         "kv_cache_bytes": float(kv),
         "peak_memory_bytes": peak,
     }
+    if getattr(model, "head", None) is not None:  # a continuous head: its cost, counted apart from the NFE
+        stats["head_steps"] = float(sum(heads[i][0] for i in starts) / len(starts))  # per batch, like nfe
+        stats["head_steps_per_token"] = float(model.head.steps)
+        stats["head_evals_per_image"] = float(sum(heads[i][1] for i in starts) / n)
+        stats["head_flops_per_image"] = float(sum(heads[i][2] for i in starts) / n)
     return codes, stats
 
 

@@ -213,7 +213,8 @@ def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, ke
 
 def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: torch.Tensor, n_classes: int,
                   tok_hash: str, cache: Path, *, device: torch.device, progress: bool,
-                  data_id: str, conditioner: Any = None, table: Any = None) -> tuple[Any, dict, str]:
+                  data_id: str, conditioner: Any = None, table: Any = None,
+                  head: Any = None) -> tuple[Any, dict, str]:
     """The trained backbone (cached by :func:`model_key`), its training
     record and its key. A killed training run resumes from its last
     checkpoint. ``labels``: each training image's row of the condition
@@ -221,13 +222,22 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     table's rows (the null condition is row ``n_classes``); ``conditioner``
     and ``table`` (:class:`~tokenloom.running.conditioning.ConditionTable`):
     the run's conditioner and its encoded training conditions (None: class
-    labels, the backbone's own table)."""
+    labels, the backbone's own table). ``head``: a callable building the
+    run's continuous :class:`~tokenloom.interfaces.Head` (None: built from
+    ``[head]`` with the process-wide registry when the spec is continuous;
+    a discrete spec's head is the backbone's own output layer)."""
     spec = generator.model_spec()
+    if head is None and spec.token_dim:
+        from .pipeline_check import build_head
+
+        def head() -> Any:
+            return build_head(cfg, get_registry(), generator.tokenizer)
     key = model_key(cfg, spec, tok_hash, n_classes, data_id)
     final = cache / f"model-{key}.safetensors"
     state = cache / f"model-{key}.train.safetensors"
     model = build_model(spec, cfg.model, n_classes=n_classes, seed=cfg.seed, conditioner=conditioner,
-                        conditions=None if table is None else table.prefix).to(device)
+                        conditions=None if table is None else table.prefix,
+                        head=head if spec.token_dim else None).to(device)
     meta_extra = {} if conditioner is None else {"conditioner": conditioner_state(conditioner)}
     if cached(final):
         load_training_state(final, model, None)
@@ -243,6 +253,8 @@ def train_or_load(cfg: RunConfig, generator: Any, codes: torch.Tensor, labels: t
     record = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds,
               "tokens": result.tokens, "flops": result.flops, "resumed_from": result.resumed_from,
               "n_params": model.n_params()}
+    if model.token_head is not None:  # a continuous head: its share of the FLOPs, and its name
+        record.update({"head": cfg.head_name, "head_flops": result.head_flops})
     opt = torch.optim.AdamW(model.parameters())  # weights only: an empty optimiser state
     if dist.is_main():
         save_training_state(final, model, opt, result.steps, {"train_record": json.dumps(record), **meta_extra})
@@ -331,6 +343,8 @@ def cost_stats(stats: dict[str, float], train_record: dict, aux_records: dict[st
     stats = dict(stats)
     stats["train_tokens"] = float(train_record.get("tokens", 0))
     stats["train_flops"] = float(train_record.get("flops", 0))
+    if "head_flops" in train_record:  # a continuous head (diffusion, flow): its share of train_flops
+        stats["train_head_flops"] = float(train_record["head_flops"])
     if aux_records:  # e.g. the draft model: training it is part of this order's cost
         stats["auxiliary_train_flops"] = float(sum(r.get("flops", 0) for r in aux_records.values()))
     return stats
@@ -345,6 +359,9 @@ def pipeline_metrics(stats: dict[str, float], nll: dict[str, float] | None) -> d
                         "uniform_bits_per_image": nll["uniform_bits_per_image"]})
     else:
         metrics["nll_bits_per_image"] = None
+    for key in ("head_steps", "head_flops_per_image"):  # a continuous head's sampling cost, counted apart
+        if key in stats:
+            metrics[key] = stats[key]
     return metrics
 
 
@@ -354,7 +371,7 @@ def heldout_stats(nll: dict[str, float] | None, n_images: int) -> dict[str, floa
     instead of scoring the same codes again. Empty when the order has no exact likelihood."""
     if nll is None:
         return {}
-    return {**{f"heldout_{k}": float(v) for k, v in nll.items()}, "heldout_images": float(n_images)}
+    return {**{f"heldout_{k}": float(v) for k, v in nll.items() if v is not None}, "heldout_images": float(n_images)}
 
 
 def compute_metrics(cfg: RunConfig, ctx: MetricContext, metrics: dict[str, Any], *, registry: Any,
@@ -443,7 +460,8 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
             return build_head(cfg, registry, parts.tokenizer)
     model, train_record, mkey = train_or_load(cfg, generator, codes["train"], train_table.index,
                                               train_table.n_rows, tok_hash, cache, device=device, progress=progress,
-                                              data_id=model_data_id, conditioner=conditioner, table=train_table)
+                                              data_id=model_data_id, conditioner=conditioner, table=train_table,
+                                              head=head)
     wrapped = InstrumentedModel(model)
     lap("train")
     backbones: list[Any] = [model]

@@ -28,14 +28,43 @@ def build_tokenizer(cfg: RunConfig, registry: Any) -> Any:
                            {**cfg.tokenizer.options, "image_shape": image_shape_of(cfg)}, path="tokenizer")
 
 
+def build_head(cfg: RunConfig, registry: Any, tokenizer: Any) -> Any:
+    """The run's :class:`~tokenloom.interfaces.Head` (``[head]``) for ``tokenizer``: built with
+    ``hidden_dim = [model] d_model`` and the tokenizer's ``token_dim`` / ``vocab_size``; a head of
+    the other token kind is a ConfigError naming both. None without a ``[head]`` table on a
+    discrete tokenizer: the default categorical head is the backbone's own output layer."""
+    head_cfg = cfg.head
+    continuous = bool(getattr(tokenizer, "continuous", False))
+    if head_cfg is None and not continuous:
+        return None  # the default: the backbone's own output layer and the sampler chain, as before heads
+    if head_cfg is None:
+        raise ConfigError([(f"head: tokenizer '{cfg.tokenizer.name}' gives continuous tokens; the default head "
+                           "'categorical' models discrete codes: add a [head] table with name = 'diffusion' "
+                           "or 'flow'")])
+    name, options = head_cfg.name, dict(head_cfg.options)
+    cls = registry.get("head", name).cls
+    if bool(cls.continuous) != continuous:
+        kind = "continuous tokens" if continuous else "discrete codes"
+        use = "'diffusion' or 'flow'" if continuous else "'categorical'"
+        models = "continuous tokens" if cls.continuous else "discrete codes"
+        raise ConfigError([(f"head.name: head '{name}' models {models}, but tokenizer '{cfg.tokenizer.name}' "
+                           f"gives {kind} (use head = {use})")])
+    return build_component(registry, "head", name, {**options, "hidden_dim": cfg.model.d_model,
+                                                    "token_dim": int(getattr(tokenizer, "token_dim", 0) or 0),
+                                                    "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0)},
+                           path="head")
+
+
 @attrs.define
 class Composition:
     """The components of a run, built and checked: the (unfitted) tokenizer, the generator over it
-    (None when the config has no ``[generator]``) and the sampler chain."""
+    (None when the config has no ``[generator]``), the sampler chain and the head (None only when
+    the tokenizer could not be built)."""
 
     tokenizer: Any
     generator: Any
     chain: Any
+    head: Any = None
 
 
 def check_composition(cfg: RunConfig, *, source: str | None = None, registry: Any = None) -> Composition:
@@ -60,9 +89,21 @@ def check_composition(cfg: RunConfig, *, source: str | None = None, registry: An
         chain = build_chain(cfg.sampler, registry=registry)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    head = None
+    if tokenizer is not None and (cfg.generator is not None or cfg.head is not None):
+        # no [generator] and no [head]: a `fit-tokenizer` config, which trains no backbone and needs no head
+        try:
+            head = build_head(cfg, registry, tokenizer)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if head is not None and head.continuous and chain is not None:
+        for i, s in enumerate(chain.samplers):
+            if not getattr(s, "continuous_ok", False):
+                problems.append(f"sampler[{i}].name: '{cfg.sampler[i].name}' does not apply to the continuous "
+                                f"head '{cfg.head_name}' (a continuous head takes only 'cfg' and 'temperature')")
     if problems:
         raise ConfigError(problems, source=source)
-    return Composition(tokenizer, generator, chain)
+    return Composition(tokenizer, generator, chain, head)
 
 
 def data_problems(cfg: RunConfig) -> list[str]:
@@ -165,4 +206,4 @@ def preflight(cfg: RunConfig, *, source: str | None = None, registry: Any = None
     return parts
 
 
-__all__ = ["Composition", "build_tokenizer", "check_composition", "data_problems", "image_shape_of", "preflight"]
+__all__ = ["Composition", "build_head", "build_tokenizer", "check_composition", "data_problems", "image_shape_of", "preflight"]

@@ -27,6 +27,17 @@ guidance the conditional and null-class rows run in one batched pass.
 
 **Likelihood.** Exact: one teacher-forced pass gives log p(x) = Σ_t log
 p(x_t | x_<t, c).
+
+**Continuous tokens** (a continuous tokenizer, e.g. ``kl``, with a ``diffusion``
+or ``flow`` head; MAR's "AR + diffusion loss" in raster order, Li et al.
+2024, https://arxiv.org/abs/2406.11838): the same order, one plugin — the
+inputs are the previous latents as embeddings, the targets the latents
+(scored by the head's loss on every position), and decoding takes one
+backbone pass per token whose hidden state the head turns into the next
+latent (its guidance and temperature from the chain): NFE = L, plus the
+head's steps per token, counted apart. RAR's schedule works unchanged. The
+likelihood is the head's when it has an exact one (diffusion and flow heads
+have none: no held-out NLL is reported).
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ def _fraction(_inst, attribute, value):
 
 class RasterGenerator(tokenloom.Generator):
     exact_likelihood = True
+    continuous_ok = True
 
     @attrs.frozen
     class Config:
@@ -67,6 +79,7 @@ class RasterGenerator(tokenloom.Generator):
         super().__init__(config, tokenizer=tokenizer)
         self.L = tokenizer.layout.length
         self.V = tokenizer.vocab_size
+        self.D = int(tokenizer.token_dim) if getattr(tokenizer, "continuous", False) else 0  # latents: width D
         self._progress = 1.0  # RAR: fraction of training done (1.0: raster)
 
     def model_spec(self) -> tokenloom.ModelSpec:
@@ -95,8 +108,12 @@ class RasterGenerator(tokenloom.Generator):
         return 1.0 - (self._progress - cfg.rar_start) / (cfg.rar_end - cfg.rar_start)
 
     def training_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> tokenloom.TrainBatch:
-        codes = tokenloom.check_codes(codes, self.L, self.V, where="raster.training_batch: codes")
-        B, L = codes.shape
+        where = "raster.training_batch: " + ("latents" if self.D else "codes")
+        if self.D:
+            codes = tokenloom.check_latents(codes, self.L, self.D, where=where)
+        else:
+            codes = tokenloom.check_codes(codes, self.L, self.V, where=where)
+        B, L = codes.shape[:2]
         dev = codes.device
         order = torch.arange(L, device=dev).expand(B, L)  # (B, L) position decoded at step t
         r = self.permute_probability()
@@ -104,7 +121,7 @@ class RasterGenerator(tokenloom.Generator):
             perm = torch.rand(B, L).argsort(-1).to(dev)
             permute = (torch.rand(B) < r).to(dev)
             order = torch.where(permute[:, None], perm, order)
-        batch = raster_training_batch(codes, cond, L, self.V, where="raster.training_batch: codes", order=order)
+        batch = raster_training_batch(codes, cond, L, self.V, where=where, order=order, dim=self.D)
         if self.config.rar:
             batch.extra["target_positions"] = order  # RAR: the position each input predicts
         return batch
@@ -116,8 +133,8 @@ class RasterGenerator(tokenloom.Generator):
         return raster_decode(model, chain, cond, rng, self.L, target_aware=self.config.rar)
 
     def log_likelihood(self, model, codes, cond) -> torch.Tensor:
-        return raster_log_likelihood(model, codes, cond, self.L, self.V, where="raster.log_likelihood: codes",
-                                     target_aware=self.config.rar)
+        where = "raster.log_likelihood: " + ("latents" if self.D else "codes")
+        return raster_log_likelihood(model, codes, cond, self.L, self.V, where=where, target_aware=self.config.rar)
 
 
 @tokenloom.hookimpl

@@ -13,7 +13,12 @@ report their own cost):
 - ``peak_memory_bytes``: peak accelerator (or process) memory while generating;
 - ``kv_cache_bytes``: size of the key/value cache at its largest;
 - ``train_tokens`` / ``train_flops``: tokens seen and FLOPs spent training
-  the backbone.
+  the backbone (its head included);
+- a continuous head (diffusion, flow), counted apart from the backbone:
+  ``head_steps`` (sequential head steps per generated batch, as ``nfe``),
+  ``head_steps_per_token``, ``head_flops_per_image`` (sampling) and
+  ``train_head_flops`` (the head's share of ``train_flops``) — None for the
+  categorical head.
 
 A key the run did not record is reported as None, never invented. Time and
 memory depend on the device, so the card records it: compare them only
@@ -34,6 +39,10 @@ KEYS: dict[str, str] = {
     "kv_cache_bytes": "largest key/value cache (bytes)",
     "train_tokens": "tokens seen while training the backbone",
     "train_flops": "FLOPs spent training the backbone",
+    "head_steps": "continuous head steps per generated batch (apart from nfe)",
+    "head_steps_per_token": "continuous head evaluations per sampled token",
+    "head_flops_per_image": "FLOPs of the continuous head per generated image",
+    "train_head_flops": "FLOPs of the continuous head in training (part of train_flops)",
 }
 
 

@@ -59,7 +59,15 @@ class NLL(tokenloom.Metric):
         tok = ctx.tokenizer if ctx.tokenizer is not None else getattr(gen, "tokenizer", None)
         if tok is None:
             raise tokenloom.InputError("nll: the context needs the tokenizer (for the code layout and image size)")
-        codes = tokenloom.check_codes(ctx.codes, tok.layout.length, tok.vocab_size, where="nll: ctx.codes")
+        continuous = bool(getattr(tok, "continuous", False))
+        head = getattr(ctx.model, "head", None)
+        if continuous and (head is None or not head.exact_likelihood):  # diffusion, flow: no exact likelihood
+            card["reason"] = f"the head {type(head).__name__} has no exact likelihood of continuous tokens"
+            return tokenloom.MetricResult(_NONE, card)
+        if continuous:  # a head with an exact density: log p of the latents (it may exceed 0)
+            codes = tok.check_tokens(ctx.codes, where="nll: ctx.codes")
+        else:
+            codes = tokenloom.check_codes(ctx.codes, tok.layout.length, tok.vocab_size, where="nll: ctx.codes")
         if self.config.max_images is not None:
             codes = codes[: self.config.max_images]
         n = codes.shape[0]
@@ -80,7 +88,7 @@ class NLL(tokenloom.Metric):
                     raise tokenloom.InputError(
                         f"nll: {type(gen).__name__}.log_likelihood must return FloatTensor[{len(c)}], got "
                         f"{tuple(getattr(lp, 'shape', ()))}")
-                if not torch.isfinite(lp).all() or (lp > 1e-4).any():
+                if not torch.isfinite(lp).all() or (not continuous and (lp > 1e-4).any()):
                     raise tokenloom.InputError(f"nll: {type(gen).__name__}.log_likelihood returned values that "
                                                "are not finite log-probabilities (must be <= 0)")
                 total += lp.double().sum().item()

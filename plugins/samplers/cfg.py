@@ -28,6 +28,9 @@ convention = "var"``; copied as ``scale = 1.5`` alone it under-guides (s =
 (t at that step): ``constant`` 1 + t, ``linear`` 1 + t·p (VAR's ramp),
 ``interval`` 1 + t inside the interval.
 
+**Continuous tokens** (a ``diffusion`` or ``flow`` head): the same scale and schedule guide the
+head's prediction at every step of its own loop (MAR: the denoiser's ε), not logits.
+
 Entries the conditional logits exclude (-inf) stay excluded; where only the
 unconditional logits are -inf the conditional value is kept (the difference
 is undefined there). Put ``cfg`` first in a chain (guidance → temperature →
@@ -50,6 +53,7 @@ def _fraction(_inst, attribute, value):
 class CFG(tokenloom.Sampler):
     needs_uncond = True
     transform = "guide"
+    continuous_ok = True
 
     @attrs.frozen
     class Config:
@@ -80,6 +84,13 @@ class CFG(tokenloom.Sampler):
         if cfg.schedule == "interval":
             return cfg.scale if cfg.start <= p <= cfg.end else 1.0
         return cfg.scale
+
+    def continuous_setting(self, info: tokenloom.StepInfo) -> dict[str, float]:
+        """A continuous head (diffusion, flow) guides its own prediction with the scale at this
+        step, ``u + s·(c − u)`` on the denoiser's ε or the flow's velocity (MAR's
+        ``forward_with_cfg``); MAR's linear schedule over decoded tokens is ``schedule =
+        "linear"`` with the order's ``info.fraction``."""
+        return {"guidance": self.scale_at(info)}
 
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         u = info.uncond_logits

@@ -5,6 +5,9 @@ the standard softmax temperature).
 linear schedule over decoding steps: with ``end`` set, the temperature moves
 linearly from ``t`` at the first step to ``end`` at the last
 (``info.progress``), as used by MaskGIT-style and multi-scale decoders.
+
+With a continuous head (``diffusion``, ``flow``) t scales the head's sampling noise instead
+(MAR's temperature).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def _positive(_inst, attribute, value):
 
 class Temperature(tokenloom.Sampler):
     transform = "rescale"
+    continuous_ok = True
 
     @attrs.frozen
     class Config:
@@ -36,6 +40,11 @@ class Temperature(tokenloom.Sampler):
         if cfg.end is None:
             return cfg.t
         return cfg.t + (cfg.end - cfg.t) * info.progress
+
+    def continuous_setting(self, info: tokenloom.StepInfo) -> dict[str, float]:
+        """A continuous head scales its noise by t (MAR's temperature: the noise of every reverse
+        diffusion step; the flow head: its initial noise)."""
+        return {"temperature": self.temperature(info)}
 
     def process(self, logits: torch.Tensor, info: tokenloom.StepInfo) -> torch.Tensor:
         t = self.temperature(info)
