@@ -375,6 +375,7 @@ class Transformer(nn.Module):
         self.head_lns = head_norms(self.head_blocks, d)  # heads 1, 2, ...: their own final norms
         self.branch_blocks = branch_blocks(self.head_blocks, lambda: Block(config))  # head_branch's own blocks
 
+        self.token_head: nn.Module | None = None  # a continuous spec's Head (attach_head); never init here
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled residual projections
             if name.endswith("proj.weight") and not name.startswith("cond_proj"):
@@ -450,6 +451,37 @@ class Transformer(nn.Module):
         """``hd = d_model / n_head``: the width of one attention head."""
         return self.config.d_model // self.config.n_head
 
+    def head_flops_per_token(self) -> int:
+        """Training FLOPs per token of the continuous head (0 without one; included in
+        :meth:`flops_per_token`)."""
+        return 0 if self.token_head is None else int(self.token_head.train_flops_per_token())
+
+    def attach_head(self, head: nn.Module | None) -> None:
+        """Make ``head`` (a :class:`~tokenloom.interfaces.Head`) the model's token head.
+
+        A continuous spec (``spec.token_dim = D > 0``) needs a continuous head of that width
+        reading hidden states of ``d_model``: the backbone then returns hidden states, and the
+        head (``self.token_head``, part of the model's weights and checkpoint) turns them into
+        tokens. A discrete spec's head is its own output layer ``heads[0]`` — the categorical
+        head, exactly as before heads existed — so a non-continuous ``head`` adds nothing (None
+        stays None); a continuous head on a discrete spec is a ConfigError."""
+        spec, d = self.spec, self.config.d_model
+        continuous = bool(getattr(head, "continuous", False))
+        if not spec.token_dim:
+            if continuous:
+                raise ConfigError([(f"head: {type(head).__name__} models continuous tokens, but the generator's "
+                                   "model spec is discrete (token_dim 0): use head = 'categorical'")])
+            self.token_head = None
+            return
+        if head is None or not continuous:
+            name = "none" if head is None else type(head).__name__
+            raise ConfigError([(f"head: the model spec is continuous (token_dim {spec.token_dim}); it needs a "
+                               f"continuous head (diffusion, flow), got {name}")])
+        if head.token_dim != spec.token_dim or head.hidden_dim != d:
+            raise ConfigError([(f"head: {type(head).__name__} was built for token_dim {head.token_dim} and "
+                               f"hidden_dim {head.hidden_dim}; the model needs {spec.token_dim} and {d}")])
+        self.token_head = head
+
     def n_params(self, non_embedding: bool = True) -> int:
         """The number of parameters, without the embedding tables by default
         (nanoGPT's convention: they cost no FLOPs)."""
@@ -477,6 +509,8 @@ class Transformer(nn.Module):
             D = len(self.heads)
             n_depth = sum(p.numel() for m in (*self.depth_blocks, self.depth_ln) for p in m.parameters())
             flops += 6 * (D - 1) * n_depth + 12 * self.depth_layers * d * D * D
+        if self.token_head is not None:  # a continuous head: its own count (e.g. MAR's 4 noise draws per token)
+            flops += self.head_flops_per_token() - 6 * sum(p.numel() for p in self.token_head.parameters())
         return flops
 
     def train(self, mode: bool = True) -> Transformer:
@@ -663,7 +697,7 @@ class Transformer(nn.Module):
                              self.ln_f.bias, self.ln_f.eps)  # (B, T or 1, C)
         if self.adaln is not None:  # VAR's AdaLNBeforeHead (ln_f has no affine weights then)
             x = self.adaln.modulate_head(x, c_vec)
-        if return_hidden:
+        if return_hidden or self.token_head is not None:  # a continuous model: its head reads these
             return x
         if self.depth_layers:
             if depth_inputs is None:  # teacher forcing: the stack at t + 1 is what index t predicts
@@ -803,17 +837,24 @@ class Transformer(nn.Module):
 
 
 def build_model(spec: ModelSpec, config: ModelConfig, *, n_classes: int, seed: int = 0,
-                conditioner: Any = None, conditions: Prefix | None = None) -> Transformer:
+                conditioner: Any = None, conditions: Prefix | None = None, head: Any = None) -> Transformer:
     """The backbone for ``spec`` (what :func:`tokenloom.pipeline.run` trains),
     its initial weights a pure function of ``seed``. ``conditioner`` (a
     :class:`~tokenloom.interfaces.Conditioner`; None: class labels, one
     prefix token of ``n_classes + 1``) sets the prefix's format;
     ``conditions`` (its encoded conditions) the condition table, with the
-    conditioner's null condition as the last row."""
+    conditioner's null condition as the last row. ``head``: the run's
+    :class:`~tokenloom.interfaces.Head`, or a callable that builds it (then
+    built here, after the backbone, its weights drawn from the same seeded
+    generator); attached by :meth:`Transformer.attach_head` (a discrete spec
+    keeps its own output layer: the categorical head)."""
     fmt = None if conditioner is None else PrefixFormat.of(conditioner)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Transformer(spec, config, n_classes=n_classes, prefix=fmt)
+        if spec.token_dim or head is not None:
+            built = head() if callable(head) and not isinstance(head, nn.Module) else head
+            model.attach_head(built)
     if conditioner is not None and (conditions is not None or not model._identity_table):
         if conditions is None:
             raise ConfigError("build_model: a conditioner other than class labels needs its encoded conditions")
