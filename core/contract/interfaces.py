@@ -563,6 +563,9 @@ class MultiScaleInputs(Protocol):
     accumulated reconstruction f̂ of all earlier scales (through the
     tokenizer's own upsampling and φ path) downsampled to that scale's grid,
     flattened row-major and concatenated over scales. ``embed_dim`` is ``D``.
+    A continuous multi-scale tokenizer (``kl`` with ``scales``, FlowAR) maps
+    its latents ``FloatTensor[B, L, D]`` the same way: the input of scale k
+    is scale k − 1 upsampled to the latent grid and downsampled to scale k's.
     """
 
     embed_dim: int
