@@ -32,9 +32,12 @@ tokenizer are set for it), so the KL term is divided by the same count,
 ``kl_weight`` keeps LDM's meaning (and its default, 1e-6). The sum makes the
 weight per latent value follow the compression (LDM f8c4: 48 pixel values
 per latent value; ``kl`` at 16 px, downsample 4, ``token_dim`` 4: 12). As in
-LDM, the term is a light regulariser: it keeps the posterior variance from
-collapsing without costing reconstruction (raise it, e.g. 1e-3, for a
-smoother latent space at some PSNR).
+LDM, the term is a light regulariser that costs no reconstruction. Measured
+at 16 px ``shapes`` (downsample 2, ``token_dim`` 4, 1200 steps, 200
+held-out images): ``kl_weight`` 1e-6 gives 37.65 dB and reconstructions
+1.000 oracle-valid (tokens with added noise of std 0.3: 31.2 dB, 0.955);
+1e-4 the same within noise; 1e-2 a smoother latent space at some PSNR
+(35.9 dB, 0.995; with noise 0.3: 33.4 dB, 0.98).
 
 Differs: the encoder/decoder is core's small conv net (no attention blocks,
 no 1×1 ``quant_conv``: the encoder's last 1×1 conv already outputs the
