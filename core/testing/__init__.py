@@ -42,6 +42,10 @@ What is checked besides shapes, types, determinism and clear errors:
   for keys with a direction (better lower or higher) computed from real
   images against generated or reconstructed ones, identical sets score best
   and a growing distortion moves the score monotonically the wrong way;
+- heads: a finite per-token loss whose gradients reach the hidden state, draws of the right
+  kind and shape that depend only on (seed, image, step, stream) — the same in any batch —
+  guidance of identical rows that changes nothing, the declared steps and FLOPs counted by the
+  instrumented backbone apart from the NFE, and the other token kind refused at build time;
 - conditioners: a prefix of the declared kind and length, the same for a
   condition whatever its batch (order, neighbours, size), a null condition
   unlike every real one that a backbone built with the conditioner answers
@@ -72,13 +76,14 @@ from typing import Any
 from .common import random_images
 from .conditioners import check_conditioner, kit_conditions
 from .generators import check_generator, chi_square_pvalue
+from .heads import check_head
 from .metrics import DISTORTIONS, METRIC_REQUIRES, check_metric, metric_context
 from .samplers import TRANSFORMS, check_acceptance, check_sampler, logits_strategy
 from .tokenizers import blocky_images, check_tokenizer
 
 #: The properties of each kind of component.
 CHECKS = {"tokenizer": check_tokenizer, "sampler": check_sampler, "generator": check_generator,
-          "metric": check_metric, "conditioner": check_conditioner}
+          "metric": check_metric, "conditioner": check_conditioner, "head": check_head}
 
 
 def check(kind: str, name: str, **config: Any) -> None:
@@ -102,6 +107,7 @@ __all__ = [
     "check_acceptance",
     "check_conditioner",
     "check_generator",
+    "check_head",
     "check_metric",
     "check_sampler",
     "check_tokenizer",
