@@ -19,6 +19,9 @@ backbone (4 layers × 128) and a wider one (4 × 256) — at batch 1 and 32, wit
 learned positions (GPT-2's own) and with 2-D RoPE (our default). Targets
 (issue 10): ≥ 3× at batch 1, ≥ 2× at batch 32.
 
+``--static plain|compile`` adds a third peer: the static-KV-cache decoder that ``bench/gpu.py``
+measures on a GPU (``tokenloom.backbone.kvcache.static_raster_decode``), eager or compiled.
+
 Writes ``bench/results/decode.json``. A benchmark, not a test: numbers
 depend on the machine and its load; ``--repeats 7`` for steadier medians.
 """
@@ -100,6 +103,9 @@ def main() -> None:
     ap.add_argument("--peer-inference-mode", action=argparse.BooleanOptionalAction, default=True,
                     help="run GPT-2 generate under torch.inference_mode as well (default: yes, as ours runs)")
     ap.add_argument("--name", default="decode", help="result file bench/results/<name>.json")
+    ap.add_argument("--static", choices=["plain", "compile"], default=None,
+                    help="also time the static-KV-cache decoder (tokenloom.backbone.kvcache.static_raster_decode), "
+                         "eager or under torch.compile (CUDA graphs on CUDA) — a peer column, off by default")
     args = ap.parse_args()
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -135,6 +141,18 @@ def main() -> None:
                 gen.generate(model, SamplerChain(), cond, rng=RowRNG(0, torch.arange(batch, device=dev)))
         return run
 
+    def static_peer(model, batch, compile):
+        from tokenloom.backbone.kvcache import StaticDecoder, static_raster_decode
+
+        cond = torch.zeros(batch, dtype=torch.long, device=dev)
+        decoder = StaticDecoder(model.model, batch, L, compile=compile)  # made once: compiled once
+
+        def run():
+            with torch.inference_mode():
+                static_raster_decode(model.model, SamplerChain(), cond, RowRNG(0, torch.arange(batch, device=dev)), L,
+                                     decoder=decoder)
+        return run
+
     def gpt2(hf, batch):
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
 
@@ -161,6 +179,8 @@ def main() -> None:
                 fns = {"ours": ours(model, batch), "gpt2": gpt2(hf, batch)}
                 if pos == "learned" and not args.no_bare and dev.type == "cpu":
                     fns["bare"] = lambda batch=batch, bare=bare: bare.generate(batch)
+                if args.static:
+                    fns["static"] = static_peer(model, batch, args.static == "compile")
                 t = common.interleaved(fns, args.repeats)
                 wall = common.paired_ratio(t["gpt2"]["wall"], t["ours"]["wall"])
                 lo, hi = common.spread(t["gpt2"]["wall"], t["ours"]["wall"])
@@ -168,13 +188,15 @@ def main() -> None:
                 a = batch * L / common.median(t["ours"]["wall"])
                 b = batch * L / common.median(t["gpt2"]["wall"])
                 bare_ratio = common.paired_ratio(t["gpt2"]["wall"], t["bare"]["wall"]) if "bare" in t else None
+                static_ratio = common.paired_ratio(t["gpt2"]["wall"], t["static"]["wall"]) if "static" in t else None
                 print(f"{label:<14} {pos:<10} {batch:>5} {a:>11.0f} {b:>11.0f} {wall:>9.2f}× "
                       f"{f'({lo:.2f}–{hi:.2f})':>13} {cpu:>8.2f}×"
-                      + (f"   bare loop {bare_ratio:.2f}× GPT-2" if bare_ratio else ""), flush=True)
+                      + (f"   bare loop {bare_ratio:.2f}× GPT-2" if bare_ratio else "")
+                      + (f"   static ({args.static}) {static_ratio:.2f}× GPT-2" if static_ratio else ""), flush=True)
                 records.append({"shape": shape_name, "n_layer": n_layer, "width": width, "heads": heads,
                                 "positions": pos, "batch": batch, "ours_tokens_per_s": a, "gpt2_tokens_per_s": b,
                                 "ratio_wall": wall, "ratio_wall_min": lo, "ratio_wall_max": hi, "ratio_cpu": cpu,
-                                "bare_ratio_wall": bare_ratio, "times": t})
+                                "bare_ratio_wall": bare_ratio, "static_ratio_wall": static_ratio, "times": t})
                 rows.append([label, pos + (" (GPT-2's)" if pos == "learned" else " (our default)"), batch,
                              f"{a:.0f}", f"{b:.0f}", f"**{common.fx(wall)}** ({lo:.2f}–{hi:.2f})", common.fx(cpu),
                              common.fx(bare_ratio), f"≥ {TARGETS[batch]:g}×" if batch in TARGETS else "–"])
