@@ -18,10 +18,9 @@ import tokenloom.testing
 from tokenloom.backbone.instrumented import InstrumentedModel
 from tokenloom.config import ModelConfig
 from tokenloom.model import build_model
+from tokenloom.plugins.generators import masked as gen_masked
 from tokenloom.rng import RowRNG
 from tokenloom.sampling import SamplerChain
-
-gen_masked = pytest.importorskip("tokenloom.plugins.generators.masked")
 
 
 class Latents(tokenloom.Tokenizer):
