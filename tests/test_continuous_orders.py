@@ -434,3 +434,17 @@ def test_options_added_for_continuous_tokens_leave_discrete_cache_keys_as_before
     assert key("next-cell") == {"name": "next-cell", "config": {"cell": 2}}
     assert key("masked", style="mar")["config"]["style"] == "mar"  # a chosen option is part of the key
     assert key("masked", mask_ratio_min=0.5)["config"]["mask_ratio_min"] == 0.5
+
+
+def test_mar_inpainting_image_depends_only_on_itself_when_rows_finalise_different_counts():
+    t = latents_tok(((3, 3),))
+    gen = tokenloom.create("generator", "masked", steps=3, tokenizer=t)
+    known = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, :6] = True  # row 1 has 3 unknown tokens, row 0 all 9: padded draws in the batch
+    both = gen.generate(tiny_continuous(gen, steps=2), SamplerChain(), torch.tensor([0, 1]),
+                        rng=RowRNG(0, [0, 1]), known=tokenloom.Known(codes=known, mask=mask))
+    alone = gen.generate(tiny_continuous(gen, steps=2), SamplerChain(), torch.tensor([0]), rng=RowRNG(0, [0]),
+                         known=tokenloom.Known(codes=known[:1], mask=mask[:1]))
+    assert torch.allclose(alone[0], both[0], atol=1e-5)
+    assert torch.equal(both[1, :6], known[1, :6])
