@@ -743,8 +743,9 @@ class Backbone(Protocol):
         pass (:meth:`Head.sample`). Counted apart from the forward passes:
         ``head_steps`` (+ ``head.steps`` per call), the tokens and the head's
         FLOPs (null rows included when guided). Generators normally call
-        :func:`tokenloom.orders.sample_tokens`, which reads the chain's
-        guidance and temperature."""
+        :func:`tokenloom.sampling.draw_continuous` (or
+        :func:`tokenloom.orders.draw_tokens`, either token kind), which reads
+        the chain's guidance and temperature."""
         ...
 
 
