@@ -330,11 +330,35 @@ def _names(paths: list[str]) -> str:
     return ", ".join(paths[:FIRST_NAMES]) + more
 
 
+#: Folder scans of this process, by root, options and the class folders' modification times (a
+#: run opens the training and held-out splits of one folder: it is scanned once).
+_SCANS: dict[tuple, tuple] = {}
+
+
 def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...], str]:
     """Every image of a folder data set, checked without decoding: its root, the relative file
     names (numpy bytes), the labels, the class names and a hash of names, sizes and mtimes.
     Unreadable files and images smaller than ``size`` are handled as ``[data] unreadable`` and
-    ``small`` say (see the module docstring)."""
+    ``small`` say (see the module docstring). Remembered for the process while no class folder
+    changes."""
+    if config.path and Path(config.path).expanduser().is_dir():
+        root = Path(config.path).expanduser()
+        try:
+            stamp = tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(root) if e.is_dir()))
+        except OSError:
+            stamp = None
+        key = (str(root.resolve()), config.size, config.unreadable, config.small, stamp)
+        if stamp is not None and key in _SCANS:
+            return _SCANS[key]
+        found = _scan_folder(config)
+        if stamp is not None:
+            _SCANS.clear()  # one folder at a time: the names of a large one are megabytes
+            _SCANS[key] = found
+        return found
+    return _scan_folder(config)
+
+
+def _scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...], str]:
     from PIL import Image, UnidentifiedImageError
 
     if not config.path:
@@ -347,21 +371,23 @@ def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, .
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"folder data set: {root} has no class sub-folders (expected {root}/<class>/<image>.png)")
-    names: list[bytes] = []
-    labels: list[int] = []
+    names: list[np.ndarray] = []  # one array per class: no per-image Python objects outlive a class
+    labels: list[np.ndarray] = []
     bad: list[str] = []
     small: list[str] = []
     h = hashlib.sha256()
     for label, cls in enumerate(classes):
-        with os.scandir(root / cls) as it:
+        folder = os.path.join(root, cls)
+        with os.scandir(folder) as it:
             found = sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
                            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
         if not found:
             raise InputError(f"folder data set: class folder {root / cls} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
+        kept: list[bytes] = []
         for fname in found:
             rel = f"{cls}/{fname}"
-            path = root / cls / fname
+            path = os.path.join(folder, fname)
             try:
                 with Image.open(path) as im:
                     w, hgt = im.size
@@ -374,14 +400,17 @@ def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, .
                 continue
             if min(w, hgt) < config.size:
                 small.append(rel)
-            st = path.stat()
+            st = os.stat(path)
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            names.append(os.fsencode(rel))
-            labels.append(label)
+            kept.append(os.fsencode(rel))
+        names.append(np.array(kept, dtype=bytes))
+        labels.append(np.full(len(kept), label, dtype=np.int64))
+        del found, kept
     if bad:
         print(f"[tokenloom] note: folder data set {root}: skipped {len(bad)} unreadable "
               f"image{'' if len(bad) == 1 else 's'} ({_names(bad)})", file=sys.stderr, flush=True)
-    if not names:
+    files = np.concatenate(names) if names else np.array([], dtype=bytes)
+    if files.shape[0] == 0:
         raise InputError(f"folder data set: {root} has no readable images")
     if small:
         msg = (f"folder data set {root}: {len(small)} image{'' if len(small) == 1 else 's'} smaller than "
@@ -389,7 +418,7 @@ def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, .
         if config.small == "error":
             raise InputError(f"{msg}; resize them or set [data] small = \"upscale\"")
         warnings.warn(f"{msg}: upscaled", stacklevel=3)
-    return root, np.array(names, dtype=bytes), np.array(labels, dtype=np.int64), tuple(classes), h.hexdigest()
+    return root, files, np.concatenate(labels), tuple(classes), h.hexdigest()
 
 
 def _open_folder(config: Any, split: str, seed: int) -> StreamSet:
