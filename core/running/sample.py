@@ -157,9 +157,15 @@ def sample_run(run_dir: str | Path, *, prompts: tuple[str, ...] = (), classes: t
         if not cached(cache / f"model-{akey}.safetensors"):
             raise InputError(f"{run_dir}: the run's auxiliary model '{name}' is not in its cache; run it again "
                              "with tokenloom run")
+    head = None
+    if parts.head is not None and parts.head.continuous:  # the run's continuous head, from this registry
+        from .pipeline_check import build_head
+
+        def head() -> Any:
+            return build_head(cfg, registry, parts.tokenizer)
     model, _, _ = train_or_load(cfg, generator, torch.zeros(0, 1, dtype=torch.long), table.index, table.n_rows,
                                 tok_hash, cache, device=device, progress=False, data_id=model_data_id,
-                                conditioner=conditioner, table=table)
+                                conditioner=conditioner, table=table, head=head)
     backbones: list[Any] = [model]
     train_auxiliary(cfg, generator, torch.zeros(0, 1, dtype=torch.long), table.index, table.n_rows, tok_hash,
                     cache, device=device, progress=False, data_id=model_data_id, conditioner=conditioner,
