@@ -438,6 +438,7 @@ def test_run_end_to_end_raster_with_a_diffusion_head(tmp_path):
     assert m["nll_bits_per_image"] is None  # no exact likelihood: none reported
     assert m["nfe"] == 16.0 and m["head_steps"] == 16 * 3 and m["head_steps_per_token"] == 3.0
     assert m["head_flops_per_image"] > 0 and 0 < m["train_head_flops"] < m["train_flops"]
+    assert m["backbone_flops_per_image"] > 0
     assert record["train"]["head"] == "diffusion" and record["config"]["head"]["name"] == "diffusion"
     again = run(parse_config(raw), tmp_path, progress=False)
     assert again["cache"]["model_reused"] and again["metrics"]["head_flops_per_image"] == m["head_flops_per_image"]

@@ -485,7 +485,8 @@ def test_cost_reads_recorded_statistics_and_never_invents():
                                                         "kv_cache_bytes", "train_tokens", "train_flops",
                                                         # a continuous head's cost: not recorded here
                                                         "head_steps", "head_steps_per_token",
-                                                        "head_flops_per_image", "train_head_flops"}
+                                                        "head_flops_per_image", "train_head_flops",
+                                                        "backbone_flops_per_image"}
     for bad in (-1, float("nan"), True, "3"):
         with pytest.raises(InputError, match="nfe"):
             metric.compute(MetricContext(stats={"nfe": bad}))

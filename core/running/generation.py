@@ -74,7 +74,9 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     sampling cost, counted by the instrumented model apart from the NFE:
     ``head_steps`` (sequential head steps per micro-batch, as ``nfe``),
     ``head_steps_per_token``, ``head_evals_per_image`` (network evaluations,
-    null rows of guidance included) and ``head_flops_per_image``. Codes are
+    null rows of guidance included), ``head_flops_per_image`` and, to compare
+    with it, ``backbone_flops_per_image`` (2 × the backbone's non-embedding
+    weights per input token scored; attention left out). Codes are
     then latents ``FloatTensor[n, L, D]``."""
     from tqdm.auto import tqdm
 
@@ -82,7 +84,7 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
     dev = model.device
     starts = list(range(0, n, MICRO_BATCH))
     parts: dict[int, tuple[torch.Tensor, int, float, int]] = {}  # start -> (codes, nfe, seconds, kv bytes)
-    heads: dict[int, tuple[int, int, int]] = {}  # start -> a continuous head's (steps, evaluations, FLOPs)
+    heads: dict[int, tuple[int, int, int, int]] = {}  # start -> a continuous head's (steps, evals, FLOPs), tokens
     reset_peak_memory()
     for i in tqdm(dist.shard(starts), desc="generate", file=sys.stderr, disable=not progress, leave=False):
         idx = torch.arange(i, i + MICRO_BATCH)  # past n: the extras that fill the last micro-batch
@@ -97,7 +99,8 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
             codes = generator.generate(model, chain, labels[src].to(dev), rng=RowRNG(seed, idx.to(dev)), known=sub)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        heads[i] = (getattr(model, "head_steps", 0), getattr(model, "head_evals", 0), getattr(model, "head_flops", 0))
+        heads[i] = (getattr(model, "head_steps", 0), getattr(model, "head_evals", 0), getattr(model, "head_flops", 0),
+                    getattr(model, "tokens", 0))
         parts[i] = (codes[:real].cpu(), model.nfe, time.perf_counter() - t0, model.kv_cache_bytes)
     peak = peak_memory_bytes(dev)
     if dist.world() > 1:  # every rank's micro-batches, back in their order
@@ -124,6 +127,10 @@ def generate_codes(generator: Any, model: Any, chain: Any, labels: torch.Tensor,
         stats["head_steps_per_token"] = float(model.head.steps)
         stats["head_evals_per_image"] = float(sum(heads[i][1] for i in starts) / n)
         stats["head_flops_per_image"] = float(sum(heads[i][2] for i in starts) / n)
+        # the backbone's side of the same comparison: 2 FLOPs per weight per input token scored (forward)
+        inner = getattr(model, "model", model)
+        per_token = 2 * inner.n_params() if hasattr(inner, "n_params") else 0
+        stats["backbone_flops_per_image"] = float(sum(heads[i][3] for i in starts) * per_token / n)
     return codes, stats
 
 

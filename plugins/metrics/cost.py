@@ -17,8 +17,9 @@ report their own cost):
 - a continuous head (diffusion, flow), counted apart from the backbone:
   ``head_steps`` (sequential head steps per generated batch, as ``nfe``),
   ``head_steps_per_token``, ``head_flops_per_image`` (sampling) and
-  ``train_head_flops`` (the head's share of ``train_flops``) — None for the
-  categorical head.
+  ``train_head_flops`` (the head's share of ``train_flops``), and beside them
+  ``backbone_flops_per_image`` (2 × non-embedding weights per token scored)
+  — None for the categorical head.
 
 A key the run did not record is reported as None, never invented. Time and
 memory depend on the device, so the card records it: compare them only
@@ -43,6 +44,7 @@ KEYS: dict[str, str] = {
     "head_steps_per_token": "continuous head evaluations per sampled token",
     "head_flops_per_image": "FLOPs of the continuous head per generated image",
     "train_head_flops": "FLOPs of the continuous head in training (part of train_flops)",
+    "backbone_flops_per_image": "backbone forward FLOPs per generated image (runs with a continuous head)",
 }
 
 
