@@ -16,7 +16,10 @@ tokenizer's own φ path, then area-downsampled to scale k's grid), a
 scale's slots are VAR's start tokens (the class embedding at index 0).
 Each position predicts its own code (all of scale k in parallel), under the
 **block-causal mask**: a scale sees every earlier scale and itself, never a
-later one.
+later one. To run it as VAR's backbone: ``[model] cond = "adaln"`` (VAR's
+AdaLN in every block, from the class embedding) and ``pos = "learned"`` (an
+embedding per position plus the per-scale one: VAR's ``pos_1LC`` +
+``lvl_embed``); the defaults are the class token alone and 2-D RoPE.
 
 **Decoding.** One forward pass per scale with the **KV cache** of the
 earlier scales: sample scale k, recompute f̂ through the tokenizer, feed
