@@ -63,6 +63,19 @@ def test_streamed_folder_gives_the_in_memory_images_labels_and_captions(tmp_path
         assert st.class_names == mem.class_names == ("cat", "dog")
 
 
+def test_streamed_sets_handed_to_a_run_are_keyed_by_their_files(tmp_path):
+    from tokenloom.running.cache import data_content_key
+
+    root = _folder(tmp_path / "f")
+    key = data_content_key(open_dataset(_cfg(root), split="train"), open_dataset(_cfg(root), split="holdout"))
+    assert key == data_content_key(open_dataset(_cfg(root), split="train"),
+                                   open_dataset(_cfg(root), split="holdout"))
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "cat" / "000.png")  # one image replaced in place
+    os.utime(root / "cat" / "000.png", ns=(1, 1))  # its modification time changes, whatever the clock
+    assert key != data_content_key(open_dataset(_cfg(root), split="train"),
+                                   open_dataset(_cfg(root), split="holdout"))
+
+
 def test_builtin_sets_stay_in_memory_behind_the_same_interface():
     cfg = DataConfig(name="shapes", size=8, n=8, n_holdout=2)
     got = open_dataset(cfg, split="train", seed=0)
@@ -370,3 +383,47 @@ n_samples = 4
     again = run(load_config(toml), tmp_path / "out", progress=False)
     assert again["cache"]["model_reused"] and again["metrics"] == rec["metrics"] | {
         k: again["metrics"][k] for k in again["metrics"] if "second" in k}
+
+
+RANKS_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+import tokenloom
+from tokenloom.backbone import dist
+from tokenloom.config import DataConfig
+from tokenloom.data import load_dataset
+from tokenloom.running.pipeline import encode_all
+
+dist.init_from_env()
+cfg = DataConfig(name="shapes", size=8, n=70, n_holdout=8)
+sets = {"train": load_dataset(cfg, split="train"), "holdout": load_dataset(cfg, split="holdout")}
+tok = tokenloom.create("tokenizer", "pixel", image_shape=(3, 8, 8), bits=2, pool=2)
+seen = []
+encode = tok.encode
+tok.encode = lambda x: (seen.append(int(x.shape[0])), encode(x))[1]
+codes = encode_all(tok, "tokA", sets, Path(sys.argv[1]), key_extra={"d": 1}, device=torch.device("cpu"),
+                   batch_size=8, shard_rows=16)
+same = torch.equal(codes["train"].tensor(), encode(sets["train"].images))
+Path(sys.argv[1], f"rank{dist.rank()}.json").write_text(json.dumps({"rows": sum(seen), "same": same}))
+dist.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_encode_disjoint_shards_of_one_store(tmp_path, cli_env):
+    import subprocess
+    import sys
+
+    script = tmp_path / "enc.py"
+    script.write_text(RANKS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    res = subprocess.run(cmd, env={**cli_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 70 + 8 rows in shards of 16: train 0..4 and holdout 0 -> six shards, three per rank, none twice
+    assert sum(r["rows"] for r in ranks) == 78 and all(r["rows"] > 0 for r in ranks)
+    assert all(r["same"] for r in ranks)
+    (store,) = tmp_path.glob("codes-*")
+    assert len(list(store.glob("*.npy"))) == 6 and json.loads((store / "store.json").read_text())["complete"]

@@ -339,8 +339,8 @@ def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, .
     """Every image of a folder data set, checked without decoding: its root, the relative file
     names (numpy bytes), the labels, the class names and a hash of names, sizes and mtimes.
     Unreadable files and images smaller than ``size`` are handled as ``[data] unreadable`` and
-    ``small`` say (see the module docstring). Remembered for the process while no class folder
-    changes."""
+    ``small`` say (see the module docstring). Remembered for the process while no file is
+    added, removed or changed (checked by ``stat``)."""
     if config.path and Path(config.path).expanduser().is_dir():
         root = Path(config.path).expanduser()
         try:
@@ -348,14 +348,28 @@ def scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, .
         except OSError:
             stamp = None
         key = (str(root.resolve()), config.size, config.unreadable, config.small, stamp)
-        if stamp is not None and key in _SCANS:
-            return _SCANS[key]
+        if stamp is not None and key in _SCANS and _stat_digest(root, _SCANS[key][1]) == _SCANS[key][4]:
+            return _SCANS[key]  # the same files, sizes and modification times: no need to open them again
         found = _scan_folder(config)
         if stamp is not None:
             _SCANS.clear()  # one folder at a time: the names of a large one are megabytes
             _SCANS[key] = found
         return found
     return _scan_folder(config)
+
+
+def _stat_digest(root: Path, files: np.ndarray) -> str | None:
+    """The scan's hash of ``files`` (names, sizes, modification times) from ``stat`` alone; None
+    when one is gone."""
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            rel = os.fsdecode(f)
+            st = os.stat(os.path.join(root, rel))
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _scan_folder(config: Any) -> tuple[Path, np.ndarray, np.ndarray, tuple[str, ...], str]:

@@ -63,7 +63,14 @@ def data_key(cfg: RunConfig) -> str:
 
 
 def data_content_key(train: Any, holdout: Any) -> str:
-    """The ``data_id`` of caches when the image sets are handed in: a hash of their content."""
+    """The ``data_id`` of caches when the image sets are handed in: a hash of their content (of a
+    streamed set: of what identifies its files, :func:`tokenloom.blocks.streaming.dataset_identity`)."""
+    from ..blocks.streaming import dataset_identity, is_lazy
+
+    if is_lazy(train.images) or is_lazy(holdout.images):
+        return stable_hash({"train": dataset_identity(train), "holdout": dataset_identity(holdout),
+                            "train_labels": tensors_hash({"l": train.labels}),
+                            "holdout_labels": tensors_hash({"l": holdout.labels})})
     return tensors_hash({"train": train.images, "train_labels": train.labels,
                          "holdout": holdout.images, "holdout_labels": holdout.labels})[:16]
 

@@ -152,11 +152,14 @@ class CodeStore:
         except (OSError, ValueError):
             return None
 
-    def prepare(self, splits: dict[str, dict], *, tokenizer: str = "", overwrite: bool = False) -> None:
+    def prepare(self, splits: dict[str, dict], *, tokenizer: str = "", overwrite: bool = False,
+                shard_rows: int | None = None) -> None:
         """Create the store for ``splits`` (``{split: {"n", "row_shape", "dtype"}}``) or check the
         existing one. A store of another key (or layout) is a CheckpointError, unless ``overwrite``:
-        then it is cleared, with a note. Temporary files of killed writers are removed."""
-        want = {"format": FORMAT, "key": self.key, "tokenizer": tokenizer, "shard_rows": SHARD_ROWS,
+        then it is cleared, with a note. Temporary files of killed writers are removed.
+        ``shard_rows``: rows per shard of a new store (default :data:`SHARD_ROWS`)."""
+        want = {"format": FORMAT, "key": self.key, "tokenizer": tokenizer,
+                "shard_rows": int(shard_rows or SHARD_ROWS),
                 "splits": {k: {"n": int(v["n"]), "row_shape": [int(d) for d in v["row_shape"]],
                                "dtype": str(v["dtype"])} for k, v in splits.items()}}
         have = self.meta()

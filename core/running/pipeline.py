@@ -168,14 +168,15 @@ def fit_tokenizer(cfg: RunConfig, images: torch.Tensor, cache: Path, *, registry
 
 def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, key_extra: Any,
                device: torch.device, batch_size: int = 256, in_memory: tuple[str, ...] = ("holdout",),
-               latent_dtype: str = "float32") -> dict[str, Any]:
+               latent_dtype: str = "float32", shard_rows: int | None = None) -> dict[str, Any]:
     """Codes of every split, encoded once into the code store ``cache/codes-<key>/``
     (:mod:`tokenloom.running.codestore`), keyed by the tokenizer's identity and ``key_extra`` (what
     identifies the images). Splits in ``in_memory`` come back as tensors (``LongTensor[N, L]``, or
     ``FloatTensor[N, L, D]`` latents), the others as memory-mapped
     :class:`~tokenloom.running.codestore.CodeArray`. A killed encoding resumes at its first
     missing shard; under torchrun every rank encodes its share of the missing shards (call it on
-    every rank). Streamed images are decoded by DataLoader workers."""
+    every rank). Streamed images are decoded by DataLoader workers. ``shard_rows``: rows per shard
+    of a new store (default :data:`~tokenloom.running.codestore.SHARD_ROWS`)."""
     from ..blocks.streaming import is_lazy
     from .codestore import CodeStore, code_dtype, encode_shards
 
@@ -187,7 +188,8 @@ def encode_all(tok: Any, tok_hash: str, sets: dict[str, Any], cache: Path, *, ke
     if not dist.agree(store.complete() if dist.is_main() else None):
         if dist.is_main():
             store.prepare({split: {"n": len(data), "row_shape": row_shape, "dtype": dtype}
-                           for split, data in sets.items()}, tokenizer=tok_hash, overwrite=True)
+                           for split, data in sets.items()}, tokenizer=tok_hash, overwrite=True,
+                          shard_rows=shard_rows)
         dist.barrier()
         todo = dist.agree(store.missing() if dist.is_main() else None)
 
