@@ -446,7 +446,7 @@ def run(cfg: RunConfig, out: str | Path, *, data: tuple[Any, Any] | None = None,
     if conditioner is not None:  # the model depends on the conditioner and what it fitted
         model_data_id = f"{data_id}:{stable_hash({'conditioner': cfg.conditioner.table(), 'state': conditioner.state()}, 16)}"
     lap("data")
-    with dist.main_first():  # rank 0 fits and encodes; the other ranks load what it cached
+    with dist.main_first():  # rank 0 fits; the other ranks load what it cached
         tok, tok_hash, tok_reused = fit_tokenizer(cfg, train_set.images, cache, device=device, progress=progress,
                                                   data_id=data_id, tokenizer=parts.tokenizer)
         lap("tokenizer")
