@@ -381,6 +381,9 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         del out["data"]["holdout_combos"]
     else:
         out["data"]["holdout_combos"] = list(out["data"]["holdout_combos"])
+    for k in STREAM_OPTIONS:  # the streamed data sets' options: absent at their defaults (run ids as before)
+        if out["data"][k] == _DATA_DEFAULTS[k]:
+            del out["data"][k]
     if cfg.generator is not None:
         out["generator"] = cfg.generator.table()
     if cfg.conditioner is not None:  # absent = class labels (the dict, and so every run id, as before)
@@ -395,9 +398,6 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-    for k in STREAM_OPTIONS:  # the streamed data sets' options: absent at their defaults (run ids as before)
-        if out["data"][k] == _DATA_DEFAULTS[k]:
-            del out["data"][k]
 __all__ = [
     "ComponentConfig",
     "DataConfig",
