@@ -212,6 +212,25 @@ def test_diffusion_sampling_is_mars_respaced_ddpm_with_its_temperature(temperatu
     assert torch.allclose(got.double(), x, atol=1e-4)
 
 
+def test_diffusion_clips_the_denoised_token_to_the_training_range():
+    head = _diffusion(sampling_steps=5)
+    assert "target_bound" in head.state_dict()  # saved with the weights
+    head.train()
+    head.loss(torch.randn(4, 8), torch.tensor([[0.5, -2.0, 1.0], [-1.5, 0.2, 0.1], [0, 0, 0], [1, 1, -0.5]]))
+    assert torch.equal(head.target_bound, torch.tensor([1.5, 2.0, 1.0]))
+    head.eval()
+    head.loss(torch.randn(1, 8), torch.full((1, 3), 9.0))  # not in training: the range is kept
+    assert torch.equal(head.target_bound, torch.tensor([1.5, 2.0, 1.0]))
+    _randomise(head, seed=4, scale=1.0)  # a wild denoiser
+    kw = {"rng": RowRNG(0, torch.arange(64)), "step": 0, "temperature": 0.0}
+    clipped = head.sample(torch.randn(64, 8), **kw)
+    # the last step's mean: coef1·x̂_0 with x̂_0 inside the bound (ᾱ_prev = 1 at the last step)
+    assert (clipped.abs() <= head.target_bound * 1.0001).all()
+    free = tokenloom.create("head", "diffusion", hidden_dim=8, token_dim=3, sampling_steps=5, clip_denoised=False)
+    free.load_state_dict(head.state_dict())
+    assert (free.eval().sample(torch.randn(64, 8), **kw).abs() > head.target_bound).any()  # MAR: unclipped
+
+
 # ---------------------------------------------------------------------------
 # Flow matching: what is kept
 # ---------------------------------------------------------------------------

@@ -29,6 +29,13 @@ noise draws per token, the respaced sampler, the temperature on each step's nois
 ε with shared noise. **Differs**: MAR also learns the variance (its network outputs 2·D and its
 loss adds the variational-bound term, ``learn_sigma``); this head predicts ε only and samples with
 the fixed posterior variance β̃_t (DDPM's "fixed small"), so its loss is MAR's MSE term alone.
+And ``clip_denoised`` (default on; MAR: off) clips ``x̂_0`` to the range of the training targets
+(per channel, the largest ``|x|`` the head saw in training, kept in its checkpoint) — the
+``clip_denoised`` of improved-diffusion, whose images lie in [-1, 1], for latents of unknown
+range. Why: the cosine schedule ends at ᾱ ≈ 2·10⁻⁹, so the first respaced reverse step
+multiplies the error of ε̂ by ``sqrt(ᾱ_prev / ᾱ_T)`` (≈ 350 at 100 steps, ≈ 650 at 50); MAR's
+large denoiser predicts ε there to ~10⁻³, a small CPU head does not (measured: an ε error of
+0.03 on a toy mixture sends unclipped samples to |x| ~ 10², clipped ones match the data).
 Defaults are small for the CPU (``width`` 128, ``sampling_steps`` 20; MAR: 1024 and 100).
 No exact likelihood: held-out NLL is not reported.
 """
@@ -62,6 +69,8 @@ class DiffusionHead(tokenloom.Head):
         sampling_steps: int = attrs.field(default=20, validator=_at_least_one)
         #: noise draws per token in training (MAR: diffusion_batch_mul = 4)
         diffusion_batch_mul: int = attrs.field(default=4, validator=_at_least_one)
+        #: clip x̂_0 to the training targets' range at sampling (MAR: False; see the module docstring)
+        clip_denoised: bool = True
 
         def __attrs_post_init__(self) -> None:
             if self.sampling_steps > self.num_timesteps:
@@ -88,6 +97,8 @@ class DiffusionHead(tokenloom.Head):
             torch.exp(0.5 * log_var),  # σ
         ], 1)
         self.register_buffer("sampling_schedule", sched.float(), persistent=False)  # (K, 5)
+        # the largest |target| per channel seen in training (0: none yet, no clipping): saved with the weights
+        self.register_buffer("target_bound", torch.zeros(self.token_dim))
         self.train_evals = config.diffusion_batch_mul
 
     @property
@@ -102,6 +113,10 @@ class DiffusionHead(tokenloom.Head):
         targets = self.check_targets(targets, hidden)
         lead = targets.shape[:-1]
         m = self.config.diffusion_batch_mul
+        if self.training and targets.numel():
+            with torch.no_grad():
+                seen = targets.detach().reshape(-1, self.token_dim).abs().amax(0).float()
+                self.target_bound.copy_(torch.maximum(self.target_bound, seen))
         x0 = targets.reshape(-1, self.token_dim).float().repeat(m, 1)  # (m N, D): MAR's diffusion_batch_mul
         z = hidden.reshape(-1, self.hidden_dim).repeat(m, 1)
         t = torch.randint(0, self.config.num_timesteps, (x0.shape[0],), device=x0.device)
@@ -125,6 +140,7 @@ class DiffusionHead(tokenloom.Head):
             z = torch.cat([z, uncond.reshape(-1, self.hidden_dim)])
         N = noise.shape[0]
         x = noise[:, 0].float()
+        bound = self.target_bound if self.config.clip_denoised and bool(self.target_bound.gt(0).all()) else None
         for j, k in enumerate(range(K - 1, -1, -1)):
             t = self.timestep_map[k].expand(z.shape[0])
             xin = x if uncond is None else torch.cat([x, x])
@@ -133,6 +149,8 @@ class DiffusionHead(tokenloom.Head):
                 eps = eps[N:] + guidance * (eps[:N] - eps[N:])
             s = self.sampling_schedule[k]
             x0 = s[0] * x - s[1] * eps
+            if bound is not None:  # improved-diffusion's clip_denoised, to the training targets' range
+                x0 = torch.maximum(torch.minimum(x0, bound), -bound)
             x = s[2] * x0 + s[3] * x
             if k > 0:
                 x = x + s[4] * noise[:, j + 1] * temperature
