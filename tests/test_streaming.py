@@ -113,6 +113,18 @@ def test_unreadable_images_are_an_error_naming_them_or_skipped_with_a_count(tmp_
     assert "skipped 2 unreadable images" in err and "cat/broken.png" in err and "dog/truncated.png" in err
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_broken_after_the_scan_is_one_error_naming_it(tmp_path, workers):
+    root = _folder(tmp_path / "f")
+    images = open_dataset(_cfg(root, workers=workers, n=100, n_holdout=0), split="train").images
+    (root / "dog" / "002.png").write_bytes(b"gone bad")
+    with pytest.raises(InputError) as info:
+        list(images.batches([[0, 1], list(range(12))]))
+    msg = str(info.value)
+    assert msg.startswith("folder data set: cannot read image") and "dog/002.png" in msg
+    assert "Traceback" not in msg and "\n" not in msg
+
+
 def test_small_images_are_upscaled_with_a_count_or_refused(tmp_path):
     root = _folder(tmp_path / "f", size=16)
     Image.new("RGB", (4, 4), (255, 0, 0)).save(root / "cat" / "tiny.png")

@@ -274,8 +274,11 @@ class LazyImages:
         loader = torch.utils.data.DataLoader(
             SourceDataset(self.source), batch_sampler=index_batches, num_workers=w,
             prefetch_factor=2 if w > 0 else None, persistent_workers=False)
-        for x in loader:
-            yield self._out(x)
+        try:
+            for x in loader:
+                yield self._out(x)
+        except InputError as exc:  # a worker's error comes back wrapped in its traceback: keep the message
+            raise InputError(_worker_message(str(exc))) from None
 
     def identity(self) -> dict:
         """What identifies these images (a training run's key hashes it instead of the pixels)."""
@@ -290,6 +293,16 @@ class LazyImages:
         parts = list(self.batches([list(range(i, min(i + bs, n))) for i in range(0, n, bs)],
                                   workers=min(self.workers, max(0, (n - 1) // bs))))
         return torch.cat(parts).float().contiguous()
+
+
+def _worker_message(text: str) -> str:
+    """The original message of an error a DataLoader worker raised (torch re-raises it in the main
+    process with the worker's traceback in front)."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    _, sep, message = last.partition("Error: ")
+    return message if sep else last
 
 
 def is_lazy(images: Any) -> bool:
@@ -467,7 +480,8 @@ def _require_datasets() -> Any:
 def open_hf(path: Path) -> Any:
     """The ``datasets.Dataset`` in the local directory ``path``: a ``save_to_disk`` directory
     (a DatasetDict gives its ``train`` split, else its only one), or ``.arrow`` files (memory-mapped)
-    or ``.parquet`` files in it. Never downloads."""
+    or ``.parquet`` files in it (converted once into the ``datasets`` cache, as
+    ``Dataset.from_parquet`` does). Never downloads (``HF_DATASETS_OFFLINE=1``)."""
     datasets = _require_datasets()
     path = Path(path).expanduser()
     if not path.exists():
