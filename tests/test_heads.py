@@ -447,18 +447,40 @@ def test_raster_refuses_a_discrete_only_chain_at_decode_time():
         gen.generate(InstrumentedModel(model.eval()), chain, torch.tensor([0]), rng=RowRNG(0, torch.arange(1)))
 
 
-def test_run_end_to_end_raster_with_a_diffusion_head(tmp_path):
+def test_continuous_training_resumes_to_the_same_weights(tmp_path):
+    from tokenloom.config import TrainConfig
+    from tokenloom.train import train
+
+    tok, gen, _ = _continuous_setup()
+    x = tok.encode(torch.rand(12, 3, 8, 8) * 2 - 1)
+    labels = torch.arange(12) % 3
+    cfg = TrainConfig(steps=4, batch_size=4, warmup=1)
+    _, _, straight = _continuous_setup()
+    train(straight, gen, x, labels, cfg, seed=1, null_class=3, progress=False)
+    _, _, resumed = _continuous_setup()
+    ckpt = tmp_path / "state.safetensors"
+    train(resumed, gen, x, labels, cfg, seed=1, null_class=3, progress=False, checkpoint=ckpt, stop_after=2)
+    _, _, resumed = _continuous_setup()  # a fresh process: everything from the checkpoint
+    result = train(resumed, gen, x, labels, cfg, seed=1, null_class=3, progress=False, checkpoint=ckpt)
+    assert result.resumed_from == 2 and result.head_flops > 0
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k  # the head's weights and its target range included
+
+
+@pytest.mark.parametrize("head", [{"name": "diffusion", "width": 16, "depth": 1, "sampling_steps": 3},
+                                  {"name": "flow", "width": 16, "depth": 1, "steps": 3}])
+def test_run_end_to_end_raster_with_a_continuous_head(tmp_path, head):
     from tokenloom.config import parse_config
     from tokenloom.pipeline import run
 
-    raw = _raw(sampler=[{"name": "cfg", "scale": 2.0}, {"name": "temperature", "t": 0.9}])
+    raw = _raw(head=head, sampler=[{"name": "cfg", "scale": 2.0}, {"name": "temperature", "t": 0.9}])
     record = run(parse_config(raw), tmp_path, progress=False)
     m = record["metrics"]
     assert m["nll_bits_per_image"] is None  # no exact likelihood: none reported
     assert m["nfe"] == 16.0 and m["head_steps"] == 16 * 3 and m["head_steps_per_token"] == 3.0
     assert m["head_flops_per_image"] > 0 and 0 < m["train_head_flops"] < m["train_flops"]
     assert m["backbone_flops_per_image"] > 0
-    assert record["train"]["head"] == "diffusion" and record["config"]["head"]["name"] == "diffusion"
+    assert record["train"]["head"] == head["name"] and record["config"]["head"]["name"] == head["name"]
     again = run(parse_config(raw), tmp_path, progress=False)
     assert again["cache"]["model_reused"] and again["metrics"]["head_flops_per_image"] == m["head_flops_per_image"]
 
