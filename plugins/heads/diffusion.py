@@ -116,6 +116,9 @@ class DiffusionHead(tokenloom.Head):
         if self.training and targets.numel():
             with torch.no_grad():
                 seen = targets.detach().reshape(-1, self.token_dim).abs().amax(0).float()
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # DDP: every rank scores its rows of the global batch; the range is the whole batch's
+                    torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
                 self.target_bound.copy_(torch.maximum(self.target_bound, seen))
         x0 = targets.reshape(-1, self.token_dim).float().repeat(m, 1)  # (m N, D): MAR's diffusion_batch_mul
         z = hidden.reshape(-1, self.hidden_dim).repeat(m, 1)
