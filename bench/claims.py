@@ -364,32 +364,55 @@ class Budget:
     fid_recipe_steps: int
     top_k: int
     cfg_scale: float | None  # guidance in the base chain (None: the conditional logits, no guidance)
+    # orders trained at every budget fraction (the quality-vs-FLOPs curves); () = every order. The
+    # others, and RAR, train at the top budget only
+    curve_orders: tuple[str, ...] = ()
+    # seeds at the top budget of the orders outside curve_orders (None: ``seeds``); one seed's
+    # validity still has its interval over samples (Agresti–Caffo)
+    other_seeds: tuple[int, ...] | None = None
+    # [model] and [train] keys of the recipe beyond the ones above (e.g. cond = "adaln", label_dropout)
+    model_options: tuple[tuple[str, Any], ...] = ()
+    train_options: tuple[tuple[str, Any], ...] = ()
+    recipe_steps: int | None = None  # the recipe's own train.steps (said in the header; not the study's)
 
+
+CURVES = ("raster", "masked", "next-scale", "random")
 
 BUDGETS = {
     "smoke": Budget("smoke", size=16, n=800, n_holdout=64, downsample=4, codebook=64, tokenizer_steps=30,
                     model=(1, 32, 2), batch_size=16, lr=2e-3, warmup=5, top_steps=30, fractions=(0.5, 1.0),
                     seeds=(0, 1), n_samples=16, cfg_scales=(1.0, 2.0, 4.0), masked_steps=(2, 4, 8),
-                    fid_recipe_steps=20, top_k=16, cfg_scale=None),
-    # small: the recipe's tokenizer and backbone at a quarter of full's training budget
-    "small": Budget("small", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=1200,
-                    model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=50, top_steps=250,
-                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=128, cfg_scales=(1.0, 1.5, 2.5, 4.0),
+                    fid_recipe_steps=20, top_k=16, cfg_scale=None, curve_orders=CURVES, other_seeds=(0,)),
+    # small: full's plan (the recipe's tokenizer and backbone, the same orders, seeds and sweeps) at a
+    # quarter of its training budget, with shorter tokenizer fits and fewer samples — a run that fits
+    # in well under an hour of a loaded 2-core machine
+    "small": Budget("small", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=600,
+                    model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=50, top_steps=100,
+                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=64, cfg_scales=(1.0, 1.5, 2.5, 4.0),
                     masked_steps=(2, 4, 8, 16), fid_recipe_steps=500,
-                    top_k=16, cfg_scale=None),
+                    top_k=16, cfg_scale=None, curve_orders=CURVES, other_seeds=(0,)),
+    # full: cut to fit 60 minutes of an idle 2-core CPU from scratch (``--estimate``; see cuts())
     "full": Budget("full", size=16, n=4000, n_holdout=200, downsample=2, codebook=512, tokenizer_steps=1200,
-                   model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=100, top_steps=900,
+                   model=(4, 128, 4), batch_size=64, lr=1e-3, warmup=100, top_steps=375,
                    fractions=(0.25, 0.5, 1.0), seeds=(0, 1), n_samples=128, cfg_scales=(1.0, 1.5, 2.5, 4.0),
                    masked_steps=(2, 4, 8, 16, 32), fid_recipe_steps=500,
-                   top_k=16, cfg_scale=None),
+                   top_k=16, cfg_scale=None, curve_orders=CURVES, other_seeds=(0,)),
 }
+
+#: why the curve orders are these (said in docs/claims.md when the budget cuts the curves)
+CURVES_WHY = ("`raster` is the reference of most claims; `next-scale` (VAR), `masked` (MaskGIT) and `random` "
+              "(RandAR) are the three other families of the seeds — by scale, by masked parallel steps, in any "
+              "order — and the ones whose FLOP matching differs most from raster's (`next-scale` 130 tokens "
+              "per sequence, `random` twice raster's), so where equal training FLOPs matter most")
 
 
 def apply_recipe(budget: Budget, path: Path) -> tuple[Budget, str]:
-    """The budget with the recipe file's data, tokenizer, backbone, training and
-    sampler settings (those it names; never for ``smoke``; its training steps
-    become the top budget of ``full`` only). Returns the budget and a line
-    saying where the recipe came from."""
+    """The budget with the recipe file's data, tokenizer, backbone (every
+    ``[model]`` key: ``cond = "adaln"`` included), training and sampler
+    settings (those it names; never for ``smoke``; its tokenizer steps for
+    ``full`` only). The recipe's ``train.steps`` is not the study's top budget
+    (the budget's ``top_steps`` is: the study trains ~20 models), only
+    reported. Returns the budget and a line saying where the recipe came from."""
     if budget.name == "smoke" or not path.is_file():
         return budget, "built-in recipe (bench/claims.py BUDGETS)"
     from tokenloom.config import read_toml
@@ -405,15 +428,18 @@ def apply_recipe(budget: Budget, path: Path) -> tuple[Budget, str]:
             changes["downsample"] = tok["downsample"]
         if isinstance(tok.get("codebook_size"), int):
             changes["codebook"] = tok["codebook_size"]
-        if isinstance(tok.get("steps"), int):
+        if isinstance(tok.get("steps"), int) and budget.name == "full":  # small keeps its shorter fits
             changes["tokenizer_steps"] = tok["steps"]
     if all(isinstance(model.get(k), int) for k in ("n_layer", "d_model", "n_head")):
         changes["model"] = (model["n_layer"], model["d_model"], model["n_head"])
+    changes["model_options"] = tuple((k, v) for k, v in model.items() if k not in ("n_layer", "d_model", "n_head"))
     for key, field in (("batch_size", "batch_size"), ("lr", "lr"), ("warmup", "warmup")):
         if isinstance(train.get(key), (int, float)):
             changes[field] = train[key]
-    if isinstance(train.get("steps"), int) and budget.name == "full":  # small keeps its shorter budget
-        changes["top_steps"] = train["steps"]
+    changes["train_options"] = tuple((k, v) for k, v in train.items()
+                                     if k not in ("steps", "batch_size", "lr", "warmup"))
+    if isinstance(train.get("steps"), int):  # said in the header; the study's top budget is the budget's own
+        changes["recipe_steps"] = train["steps"]
     for s in raw.get("sampler", []):
         if s.get("name") == "top-k" and isinstance(s.get("k"), int):
             changes["top_k"] = s["k"]
@@ -505,8 +531,9 @@ def base_doc(b: Budget, *, steps: int, metrics: list[str] | None = None) -> dict
         "data": {"name": "shapes", "size": b.size, "n": b.n, "n_holdout": b.n_holdout},
         "tokenizer": tokenizers(b)["vq"],
         "generator": {"name": "raster"},
-        "model": {"n_layer": b.model[0], "d_model": b.model[1], "n_head": b.model[2]},
-        "train": {"steps": steps, "batch_size": b.batch_size, "lr": b.lr, "warmup": b.warmup},
+        "model": {"n_layer": b.model[0], "d_model": b.model[1], "n_head": b.model[2], **dict(b.model_options)},
+        "train": {"steps": steps, "batch_size": b.batch_size, "lr": b.lr, "warmup": b.warmup,
+                  **dict(b.train_options)},
         "sampler": chain(b),
         "metrics": m,
         "device": "cpu",
@@ -601,26 +628,50 @@ class Study:
     comment: str = ""
 
 
+def on_curve(b: Budget, label: str) -> bool:
+    """Whether the order is trained at every budget fraction (else at the top budget only)."""
+    return not b.curve_orders or label in b.curve_orders
+
+
+def top_seeds(b: Budget, label: str) -> tuple[int, ...]:
+    """The seeds of an order's top budget: ``seeds`` on the curves, ``other_seeds`` elsewhere."""
+    return b.seeds if on_curve(b, label) or b.other_seeds is None else b.other_seeds
+
+
 def order_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
+    """One grid per trained order. A curve order: every budget on the first
+    seed, the top budget on every seed (RAR beside raster at the top budget
+    only; the decoders sharing the model at every budget). Any other order:
+    its top budget on ``top_seeds``."""
     out = []
     for o in orders(b):
         doc = base_doc(b, steps=max(steps[o.label]))
         doc["tokenizer"] = tokenizers(b)[o.tokenizer]
         doc["generator"] = dict(o.table)
-        values = sorted(set(steps[o.label]))
+        seeds = top_seeds(b, o.label)
+        values = sorted(set(steps[o.label])) if on_curve(b, o.label) else [max(steps[o.label])]
         top = max(values)
         grid: dict[str, Any] = {"generator": [dict(o.table)] + [dict(t) for _, t in o.extra],
-                                "seed": list(b.seeds)}
-        exclude = [{"seed": s, "train.steps": v} for s in b.seeds[1:] for v in values if v != top]
+                                "seed": list(seeds)}
+        exclude: list[dict] = [{"seed": s, "train.steps": v} for s in seeds[1:] for v in values if v != top]
+        exclude += [{"generator": dict(t), "train.steps": v} for label, t in o.extra if label in TOP_ONLY
+                    for v in values if v != top]
         if exclude:
             grid["exclude"] = exclude
-        grid["sweep"] = {"train.steps": values}
+        if len(values) > 1:
+            grid["sweep"] = {"train.steps": values}
         doc["grid"] = grid
         labels = {o.label: o.table, **{k: t for k, t in o.extra}}
+        where = (f"{', '.join(map(str, values))} steps" if len(values) > 1 else
+                 f"{top} steps (the top budget only)")
         out.append(Study(f"orders-{o.label}", doc, labels,
-                         f"{o.label} at equal training FLOPs: {', '.join(map(str, values))} steps "
+                         f"{o.label} at equal training FLOPs: {where} "
                          f"(raster's budgets: {', '.join(str(round(f * b.top_steps)) for f in b.fractions)})"))
     return out
+
+
+#: trained variants beside an order (their own models) that run at the top budget only
+TOP_ONLY = ("raster-rar",)
 
 
 def top_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
@@ -631,14 +682,14 @@ def top_grids(b: Budget, steps: dict[str, list[int]]) -> list[Study]:
     dec = base_doc(b, steps=raster_top)
     dec["grid"] = {"generator": [{"name": "raster"}, {"name": "sjd"}, dict(spec)],
                    "sampler": [base_chain, base_chain + [{"name": "lantern"}], base_chain + [{"name": "gsd"}]],
-                   "seed": list(b.seeds),
+                   "seed": list(top_seeds(b, "raster")),
                    "exclude": [{"generator": "raster", "sampler": "lantern"}, {"generator": "raster", "sampler": "gsd"}]}
     cfg = base_doc(b, steps=raster_top)
     cfg["sampler"] = chain(b, scale=1.0)
-    cfg["grid"] = {"seed": list(b.seeds), "sweep": {"sampler.cfg.scale": list(b.cfg_scales)}}
+    cfg["grid"] = {"seed": list(top_seeds(b, "raster")), "sweep": {"sampler.cfg.scale": list(b.cfg_scales)}}
     masked = base_doc(b, steps=masked_top)
     masked["generator"] = {"name": "masked", "steps": 8}
-    masked["grid"] = {"seed": list(b.seeds), "sweep": {"generator.steps": list(b.masked_steps)}}
+    masked["grid"] = {"seed": list(top_seeds(b, "masked")), "sweep": {"generator.steps": list(b.masked_steps)}}
     toks = tokenizers(b)
     book = base_doc(b, steps=1, metrics=["codebook", "reconstruction"])
     book["metrics"]["reconstruction"] = {"recipe_steps": b.fid_recipe_steps}  # the extractor FID uses
@@ -722,7 +773,7 @@ def run_inpainting(b: Budget, steps: dict[str, list[int]], out: Path, *, progres
     from tokenloom.pipeline import run
 
     runs = []
-    for seed in b.seeds:
+    for seed in top_seeds(b, "random"):
         cfg = parse_config(inpainting_doc(b, steps, seed), source="bench/claims.py (inpainting)")
         print(f"[inpainting] random, region center, seed {seed}", flush=True)
         rec = run(cfg, out, region="center", progress=progress, write_report=False)
@@ -1064,14 +1115,84 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def cuts(b: Budget, steps: dict[str, list[int]]) -> list[str]:
+    """What this budget leaves out of the issue's whole study, one line each
+    (written into docs/claims.md's header)."""
+    out = []
+    labels = [o.label for o in orders(b)]
+    curve = [x for x in labels if on_curve(b, x)]
+    rest = [x for x in labels if not on_curve(b, x)]
+    budgets = ", ".join(str(round(f * b.top_steps)) for f in b.fractions)
+    if rest:
+        why = f" — {CURVES_WHY}" if set(curve) == set(CURVES) else ""
+        out.append(f"quality-vs-FLOPs curves ({len(b.fractions)} budgets: {budgets} raster steps) for "
+                   f"{', '.join(f'`{x}`' for x in curve)} only{why}; "
+                   f"{', '.join(f'`{x}`' for x in rest)} and RAR train at the top budget only (the decoders "
+                   "sharing a curve order's model — `zipar`, `random-parallel` — decode it at every budget)")
+    else:
+        out.append(f"RAR trains at the top budget only ({len(b.fractions)} budgets for every order: {budgets} "
+                   "raster steps)")
+    if len(b.fractions) > 1:
+        out.append("the lower budgets run the first seed only")
+    other = top_seeds(b, rest[0]) if rest else b.seeds
+    out.append(f"seeds at the top budget: {', '.join(map(str, b.seeds))} for the curve orders, RAR, the decoders, "
+               "the sweeps and the codebook study"
+               + (f"; {', '.join(map(str, other))} for the other orders — one seed's `valid` keeps its interval "
+                  "over samples (Agresti–Caffo over the images; the model's seed-to-seed spread is not in it), "
+                  "and its FID has no interval" if tuple(other) != tuple(b.seeds) else ""))
+    out.append(f"{b.n_samples} samples per cell (the codebook study: 16)")
+    out.append("one training per model: `zipar`, `sjd`, `speculative` (its 1-layer draft apart), the guidance "
+               "sweep and the decoder cells decode raster's models; `random-parallel` and the inpainting check "
+               "the `random` models; the MaskGIT steps sweep the `masked` models (the cache is keyed by the "
+               "model's spec, so each is trained once)")
+    recipe = f" (the recipe file trains {b.recipe_steps})" if b.recipe_steps and b.recipe_steps != b.top_steps else ""
+    out.append(f"top budget {b.top_steps} raster steps{recipe}; tokenizers fitted {b.tokenizer_steps} steps")
+    return out
+
+
+def budget_table() -> list[str]:
+    """The budgets of the script as a Markdown table (docs/claims.md)."""
+    lines = [("| budget | top budget (raster steps) | budgets | curve orders | seeds (curves / others) | samples "
+              "per cell | tokenizer steps | backbone |"), "|---|---:|---|---|---|---:|---:|---|"]
+    for b in BUDGETS.values():
+        curve = ", ".join(b.curve_orders) if b.curve_orders else "every order"
+        other = b.seeds if b.other_seeds is None else b.other_seeds
+        lines.append(f"| `{b.name}` | {b.top_steps} | {', '.join(f'{f:g}' for f in b.fractions)} × top | {curve} | "
+                     f"{len(b.seeds)} / {len(other)} | {b.n_samples} | {b.tokenizer_steps} | "
+                     f"{b.model[0]}×{b.model[1]} |")
+    lines.append("")
+    lines.append("(`small` and `full` take the recipe's data, tokenizer table, backbone and sampler; `full` also "
+                 "its tokenizer steps.)")
+    return lines
+
+
+def run_conditions(seconds: float, cpu_seconds: float, threads: int, loads: Sequence[float]) -> str:
+    """One line: wall and CPU time of the run and the load it ran under."""
+    text = f"wall time {seconds / 60:.1f} min, process CPU time {cpu_seconds / 60:.1f} min on {threads} torch thread"
+    text += "s" if threads != 1 else ""
+    if loads:
+        text += (f"; 1-minute load average {sum(loads) / len(loads):.1f} on average over the run "
+                 f"({min(loads):.1f}–{max(loads):.1f}, sampled after every study) on {_cores()} cores")
+    return text
+
+
 def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], steps: dict[str, list[int]],
-                    *, recipe: str, seconds: float, command: str, plot: str | None, fresh: bool = True) -> str:
+                    *, recipe: str, seconds: float, command: str, plot: str | None, fresh: bool = True,
+                    conditions: str = "", estimates: dict[str, str] | None = None) -> str:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# The seeds' claims, measured", ""]
     lines += [(f"**Produced by the `{b.name}` budget** of `bench/claims.py` (`{command}`), {when}, "
               f"{seconds / 60:.1f} min on {platform.machine()} with {_cores()} cores "
               + ("from scratch." if fresh else "(this invocation, reusing the finished stages of an earlier one)."))]
+    if conditions:
+        lines += ["", f"Run conditions: {conditions}."]
+    if b.name == "small":
+        lines += ["", ("> **Small budget.** The full budget's plan (the same orders, seeds, sweeps and claims) at "
+                  f"{b.top_steps} raster steps against full's {BUDGETS['full'].top_steps}, shorter tokenizer fits "
+                  "and fewer samples: a run that fits in under an hour of the loaded shared machine. Quality is "
+                  "lower than the full budget's, so verdicts against the FLOOR are more often *inconclusive*; "
+                  "`make claims` runs the full budget.")]
     if b.name == "smoke":
         lines += ["", ("> **Smoke budget: these verdicts say nothing about the methods.** The smoke budget trains "
                   "tiny tokenizers and backbones for a few dozen steps and scores 16 samples per cell, only to "
@@ -1089,8 +1210,7 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
                f"× width {b.model[1]}, "
               f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup} steps (one value for every "
                "model, so the sweeps reuse the orders' models); sampler chain "
-              f"{' → '.join(t['name'] + ' ' + str(t.get('scale', t.get('k'))) for t in chain(b))}; {b.n_samples} samples per cell; seeds {', '.join(map(str, b.seeds))} at the top "
-              f"budget, the first seed at lower budgets;"),
+              f"{' → '.join(t['name'] + ' ' + str(t.get('scale', t.get('k'))) for t in chain(b))}; {b.n_samples} samples per cell; seeds as in the cuts below;"),
               f"- training budgets: {', '.join(str(round(f * b.top_steps)) for f in b.fractions)} `raster` steps; "
               "every order gets the steps that spend the same training FLOPs (the trainer's count, "
               "tokens × (6·N + 12·n_layer·d·T)) at its own sequence length and size: "
@@ -1109,6 +1229,14 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
               ("- verdicts: *holds* when the 95 % interval of the tested difference clears the stated bound, "
               "*does not hold* when it lies on the wrong side, *inconclusive* when it straddles it (the "
               "rules are `verdict_*` in `bench/claims.py`, tested in `tests/test_claims.py`)."), ""]
+    lines += ["## What this budget cuts", "", ("Every cut of this budget against the issue's whole study "
+              "(all orders at every budget, more seeds), written by the script:"), ""]
+    lines += [f"- {c};" for c in cuts(b, steps)]
+    lines += ["", "The budgets:", ""] + budget_table() + [""]
+    for name, text in (estimates or {}).items():
+        lines += [f"- `bench/claims.py --budget {name} --estimate`, measured {text}."]
+    if estimates:
+        lines += [""]
     lines += ["## Claims", "", "| paper | claim | test | tokenloom figures | interval test | verdict |",
               "|---|---|---|---|---|---|"]
     for r in rows:
@@ -1132,6 +1260,156 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# docs/orders.md: its measured tables, from the same run
+# ---------------------------------------------------------------------------
+
+ORDERS_BEGIN, ORDERS_END = "<!-- claims: begin -->", "<!-- claims: end -->"
+
+#: NFE of each order on an h×w grid, as docs/orders.md's first table states it
+NFE_FORMULA = {"raster": "L = h·w", "raster-rar": "L", "zipar": "2w + (h − 2)·window", "random": "L",
+               "random-parallel": "steps (≈ L/4)", "masked": "T (steps)", "next-block": "h / rows",
+               "next-cell": "(h/k)·(w/k)", "neighboring": "h + w − 1", "par": "n + (L − n)/n",
+               "next-scale": "number of scales", "next-scale-markov": "Σ over scales of its masked steps",
+               "depth-stack": "h·w (+ D depth-head steps each)", "next-frequency": "number of bands"}
+
+
+#: the decoders of the orders grids that decode another order's model
+SHARED = {"zipar": "raster", "random-parallel": "random"}
+
+
+def layouts(b: Budget) -> dict[str, tuple[int, int]]:
+    """Sequence length and vocabulary of each tokenizer of the study (built, not fitted)."""
+    from tokenloom.config import build_component
+    from tokenloom.registry import get_registry
+
+    registry = get_registry()
+    out = {}
+    for label, table in tokenizers(b).items():
+        opts = {k: v for k, v in table.items() if k != "name"}
+        tok = build_component(registry, "tokenizer", table["name"], {**opts, "image_shape": (3, b.size, b.size)},
+                              path="tokenizer")
+        out[label] = (int(tok.layout.length), int(tok.vocab_size))
+    return out
+
+
+def order_rows(runs: list[dict], b: Budget, lay: dict[str, tuple[int, int]]) -> list[dict]:
+    """One row per label of the orders grids at its top budget (the order, then the
+    decoders and variants sharing its grid), with the figures docs/orders.md shows."""
+    raster_nfe = None
+    rows = []
+    for o in orders(b):
+        for label in [o.label] + [k for k, _ in o.extra]:
+            try:
+                at = top(runs, o.label, label)
+            except Missing:
+                continue
+            row: dict[str, Any] = {"label": label, "tokenizer": o.tokenizer, "L": lay.get(o.tokenizer, (None,))[0],
+                                   "steps": at[0]["steps"], "seeds": len(at),
+                                   "shared": SHARED.get(label),
+                                   "samples": next((r["samples"] for r in sorted(at, key=lambda r: r["seed"])
+                                                    if r.get("samples")), None)}
+            for key, fn in (("valid", valid), ("fid", fid), ("nfe", nfe)):
+                try:
+                    row[key] = fn(at)
+                except Missing:
+                    row[key] = None
+            for key in ("shapes_class_ok", "shapes_colour_ok", "shapes_count_ok", "nll_bits_per_image",
+                        "seconds_per_image"):
+                xs = [r["metrics"].get(key) for r in at]
+                xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+                row[key] = math.fsum(xs) / len(xs) if xs else None
+            if label == "raster" and row["nfe"] is not None:
+                raster_nfe = row["nfe"].mean
+            rows.append(row)
+    for row in rows:
+        row["nfe_ratio"] = row["nfe"].mean / raster_nfe if raster_nfe and row["nfe"] else None
+    return rows
+
+
+def tokenizer_ceilings(b: Budget, out: Path, labels: Sequence[str]) -> dict[str, dict]:
+    """Each tokenizer's own held-out reconstructions (decode ∘ encode of the
+    held-out images; the fitted tokenizer of the first seed, from the run's
+    cache) judged by the ``shapes-oracle`` rules: no order can sample better
+    images than its tokenizer decodes."""
+    import torch
+
+    from tokenloom.config import build_component, parse_config
+    from tokenloom.interfaces import MetricContext
+    from tokenloom.pipeline import data_key, fit_tokenizer, load_data
+    from tokenloom.registry import get_registry
+
+    registry = get_registry()
+    metric = build_component(registry, "metric", "shapes-oracle", {}, path="metrics.shapes-oracle")
+    toks = tokenizers(b)
+    result = {}
+    for name in labels:
+        raw = base_doc(b, steps=1)
+        raw["tokenizer"] = toks[name]
+        cfg = parse_config(raw, registry=registry, source="bench/claims.py (tokenizer check)")
+        train_set, holdout = load_data(cfg)
+        tok, _, _ = fit_tokenizer(cfg, train_set.images, out / "cache", registry=registry,
+                                  device=torch.device("cpu"), progress=False, data_id=data_key(cfg))
+        with torch.no_grad():
+            rec = torch.cat([tok.decode(tok.encode(holdout.images[i: i + 256]))
+                             for i in range(0, len(holdout), 256)])
+        m = metric.compute(MetricContext(generated=rec, generated_labels=holdout.labels.long(),
+                                         data=holdout)).values
+        mse = float(((rec - holdout.images) ** 2).mean())
+        result[name] = {"options": {k: v for k, v in toks[name].items() if k != "name"}, "kind": toks[name]["name"],
+                        "L": tok.layout.length, "vocab": tok.vocab_size, "n": len(holdout),
+                        "psnr_db": 10 * math.log10(4.0 / mse) if mse > 0 else math.inf,
+                        "shapes_valid": m["shapes_valid"], "shapes_colour_ok": m["shapes_colour_ok"],
+                        "shapes_count_ok": m["shapes_count_ok"]}
+    return result
+
+
+def orders_markdown(rows: list[dict], ceilings: dict[str, dict], *, header: str) -> str:
+    """The measured part of docs/orders.md: one row per order at the top budget and the
+    tokenizers' own reconstructions judged by the oracle."""
+    def f(v: Any, fmt: str) -> str:
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    lines = [header, "",
+             ("| order | tokenizer (L) | train steps (same FLOPs) | seeds | NFE | formula | NFE ÷ raster | "
+              "seconds / image | held-out NLL (bits / image) | oracle-valid | class-ok | palette-clean | count-ok | "
+              "FID | samples |"),
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        steps = f"{r['steps']}" + (f" (the `{r['shared']}` model)" if r.get("shared") else "")
+        pic = f"![{r['label']}](orders/{r['label']}.png)" if r.get("samples") else "—"
+        lines.append(
+            f"| `{r['label']}` | {r['tokenizer']} ({f(r['L'], 'd')}) | {steps} | {r['seeds']} | "
+            f"{f(r['nfe'].mean if r['nfe'] else None, '.1f')} | {NFE_FORMULA.get(r['label'], '')} | "
+            f"{f(r['nfe_ratio'], '.3f')} | {f(r['seconds_per_image'], '.4f')} | {f(r['nll_bits_per_image'], '.1f')} | "
+            f"{r['valid'].text() if r['valid'] else '—'} | {f(r['shapes_class_ok'], '.2f')} | "
+            f"{f(r['shapes_colour_ok'], '.2f')} | {f(r['shapes_count_ok'], '.2f')} | "
+            f"{r['fid'].text(1) if r['fid'] else '—'} | {pic} |")
+    if ceilings:
+        n = next(iter(ceilings.values()))["n"]
+        lines += ["", (f"The tokenizers' own reconstructions of the {n} held-out images (first seed's fit), judged "
+                       "by the same oracle (no order can do better than its tokenizer decodes):"), "",
+                  "| tokenizer | options | L | vocabulary | PSNR (dB) | oracle-valid | palette-clean | count-ok |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in ceilings.items():
+            opts = ", ".join(f"{k} {v}" for k, v in c["options"].items())
+            lines.append(f"| {name} | {c['kind']}: {opts} | {c['L']} | {c['vocab']} | {f(c['psnr_db'], '.1f')} | "
+                         f"{f(c['shapes_valid'], '.2f')} | {f(c['shapes_colour_ok'], '.2f')} | "
+                         f"{f(c['shapes_count_ok'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def write_marked(path: Path, text: str, begin: str = ORDERS_BEGIN, end: str = ORDERS_END) -> None:
+    """Replace what lies between the ``begin`` and ``end`` markers of ``path`` with ``text``
+    (the rest of the file is hand-written and kept); a file without both markers is an error."""
+    doc = path.read_text(encoding="utf-8")
+    if begin not in doc or end not in doc or doc.index(begin) > doc.index(end):
+        raise ValueError(f"{path}: expected the markers {begin} … {end} around the generated tables")
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
+
+
 def _cores() -> int:
     import os
 
@@ -1143,21 +1421,76 @@ def _cores() -> int:
 # ---------------------------------------------------------------------------
 
 
-def _timed(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
+class _Clock:
+    """Wall and CPU seconds of everything timed through it (the load factor: wall ÷ CPU, one thread)."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def timed(self, fn: Any, repeats: int) -> tuple[float, float]:
+        """(wall, CPU) seconds per call of ``fn``, after one warm-up call."""
         fn()
-    return (time.perf_counter() - t) / repeats
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(repeats):
+            fn()
+        wall, cpu = (time.perf_counter() - t) / repeats, (time.process_time() - c) / repeats
+        self.wall += wall
+        self.cpu += cpu
+        return wall, cpu
+
+
+#: the order whose model (and so whose training step) a decoder uses
+TRAINER = {"zipar": "raster", "random-parallel": "random", "sjd": "raster", "speculative": "raster"}
+
+
+def study_plan(b: Budget, steps: dict[str, list[int]]) -> dict[str, Any]:
+    """What the study computes, read from its grids as ``tokenloom ablate`` plans
+    them (the cache keys dedupe exactly as the run will): ``models`` {key:
+    (the order whose training step it takes, steps)} of the target models,
+    ``aux`` the auxiliary models (speculative drafts), ``tokenizers`` {key:
+    tokenizer label}, and ``cells`` [(order, images, cost factor)] — every
+    generation cell (guidance doubles a pass; MaskGIT's cost scales with its
+    steps, relative to 8)."""
+    from tokenloom.ablation import plan_grid
+
+    docs = [g.doc for g in order_grids(b, steps) + top_grids(b, steps)]
+    docs += [inpainting_doc(b, steps, s) for s in top_seeds(b, "random")]
+    models: dict[str, tuple[str, int]] = {}
+    aux: set[str] = set()
+    toks: dict[str, str] = {}
+    cells: list[tuple[str, int, float]] = []
+    for doc in docs:
+        for pc in plan_grid(doc).cells:
+            raw = pc.cell.config
+            name = raw["generator"]["name"]
+            trainer = TRAINER.get(name, name)
+            models.setdefault(pc.models[0], (trainer, int(raw["train"]["steps"])))
+            aux.update(pc.models[1:])
+            toks.setdefault(pc.tokenizer, tokenizer_label(raw["tokenizer"]))
+            factor = 2.0 if any(t["name"] == "cfg" for t in raw.get("sampler", [])) else 1.0
+            if name == "masked":
+                factor *= raw["generator"].get("steps", 8) / 8
+            cells.append((trainer, int(raw["metrics"]["n_samples"]), factor))
+    return {"models": models, "aux": aux, "tokenizers": toks, "cells": cells}
 
 
 def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3) -> dict[str, float]:
-    """The budget's wall time on this machine, now: seconds per training step of
-    every order (fresh weights, random codes), per tokenizer-fitting step and per
-    generated image, each measured over a few repeats and multiplied by what the
-    plan computes. Excludes the one-off FID extractor, the data sets, the
-    metrics and the speculative draft's training (small next to the rest), and
-    assumes adaptive decoders (SJD, speculative) cost what raster does per image."""
+    """The budget's time on this machine: seconds per training step of every
+    order (fresh weights, random codes), per tokenizer-fitting step (and each
+    fit's set-up) and per generated image, measured on one thread over a few
+    repeats and multiplied by what :func:`study_plan` says the run computes.
+
+    Two figures: ``total`` (wall seconds now, on a machine maybe shared) and
+    ``idle`` (CPU seconds of the same work: what one thread takes when nothing
+    else runs — the run's default two threads on an idle machine are no
+    slower); ``load_factor`` is their ratio over everything timed. Excludes
+    the one-off FID extractor, the data sets, the metrics, the tokenizer
+    reconstruction check and the speculative drafts' training (a minute or two
+    in all), and assumes adaptive decoders (SJD, speculative) cost what raster
+    does per image."""
+    import os
+
     import torch
 
     from tokenloom.config import build_component, parse_config
@@ -1168,11 +1501,14 @@ def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3
     from tokenloom.sampling import build_chain
     from tokenloom.train import configure_optimizer, make_batch, train_step
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    clock = _Clock()
     registry = get_registry()
     toks = tokenizers(b)
-    out: dict[str, float] = {"train": 0.0, "tokenizers": 0.0, "generate": 0.0}
-    n_lower, n_top = len(b.fractions) - 1, len(b.seeds)
-    per_image: dict[str, float] = {}
+    plan = study_plan(b, steps)
+    per_step: dict[str, tuple[float, float]] = {}
+    per_image: dict[str, tuple[float, float]] = {}
     for o in orders(b):
         raw = base_doc(b, steps=max(steps[o.label]))
         raw["tokenizer"], raw["generator"] = toks[o.tokenizer], dict(o.table)
@@ -1193,44 +1529,69 @@ def estimate_seconds(b: Budget, steps: dict[str, list[int]], *, repeats: int = 3
                                null_class=N_CLASSES)
             train_step(model, opt, batch, lr=1e-4, grad_clip=1.0)
 
-        per_step = _timed(step, repeats)
-        out[f"step:{o.label}"] = per_step
-        # models: lower budgets on the first seed, the top budget on every seed; RAR trains a second raster
-        trained = sum(steps[o.label][:-1]) * (n_lower > 0) + steps[o.label][-1] * n_top
-        out["train"] += per_step * trained * (2 if o.label == "raster" else 1)
+        per_step[o.label] = clock.timed(step, repeats)
         model.eval()
         wrapped = InstrumentedModel(model)
-        chain = build_chain(cfg.sampler, registry=registry)
+        chain_ = build_chain(cfg.sampler, registry=registry)
         emb = wrapped.token_embeddings()
-        chain.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
-                                  token_embeddings=None if emb is None else emb.detach()))
+        chain_.bind(SamplerContext(vocab_size=tok.vocab_size, code_embeddings=tok.code_embeddings().detach(),
+                                   token_embeddings=None if emb is None else emb.detach()))
         lab = torch.arange(16) % N_CLASSES
 
-        def generate(gen=gen, wrapped=wrapped, chain=chain, lab=lab) -> None:
+        def generate(gen=gen, wrapped=wrapped, chain_=chain_, lab=lab) -> None:
             with torch.inference_mode():
-                gen.generate(wrapped, chain, lab, rng=RowRNG(0, torch.arange(16)))
+                gen.generate(wrapped, chain_, lab, rng=RowRNG(0, torch.arange(16)))
 
-        per_image[o.label] = _timed(generate, 1) / 16
-        cells = (n_lower + n_top) * (1 + len(o.extra))
-        out["generate"] += per_image[o.label] * cells * b.n_samples
-    # the top-budget decoders and sweeps (the speculative draft's training, a 1-layer model, is left out)
-    top_cells = (7 + len(b.cfg_scales)) * n_top
-    out["generate"] += per_image["raster"] * top_cells * b.n_samples
-    out["generate"] += per_image["masked"] * len(b.masked_steps) * n_top * b.n_samples
+        w, c = clock.timed(generate, 1)
+        per_image[o.label] = (w / 16, c / 16)
+    per_fit: dict[str, tuple[float, float, float, float]] = {}  # wall/CPU per step, wall/CPU set-up
     images = torch.rand(256, 3, b.size, b.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    for name in ("vq", "vq-no-restart", "fsq", "lfq", "multiscale", "rq"):
+    for name in dict.fromkeys(plan["tokenizers"].values()):
+        if name == "frequency":  # training-free
+            continue
         table = {k: v for k, v in toks[name].items() if k not in ("name", "steps")}
-        tok = build_component(registry, "tokenizer", toks[name]["name"], {**table, "steps": 2,
-                              "image_shape": (3, b.size, b.size)}, path="tokenizer")
-        t = time.perf_counter()
-        tok.fit(images, steps=2 + repeats, progress=False)
-        per = (time.perf_counter() - t) / (2 + repeats)
-        out["tokenizers"] += per * b.tokenizer_steps * len(b.seeds)
-    out["total"] = out["train"] + out["tokenizers"] + out["generate"]
-    import os
 
+        def fit(n: int, name=name, table=table) -> None:
+            tok = build_component(registry, "tokenizer", toks[name]["name"], {**table, "steps": n,
+                                  "image_shape": (3, b.size, b.size)}, path="tokenizer")
+            tok.fit(images, steps=n, progress=False)
+
+        w2, c2 = clock.timed(lambda: fit(2), 1)
+        wn, cn = clock.timed(lambda: fit(2 + 2 * repeats), 1)
+        ws, cs = max(0.0, (wn - w2) / (2 * repeats)), max(0.0, (cn - c2) / (2 * repeats))
+        per_fit[name] = (ws, cs, max(0.0, w2 - 2 * ws), max(0.0, c2 - 2 * cs))
+    torch.set_num_threads(threads)
+    out: dict[str, float] = {}
+    for which, k in (("", 0), ("idle_", 1)):
+        out[which + "train"] = sum(per_step[o][k] * n for o, n in plan["models"].values())
+        out[which + "tokenizers"] = sum(per_fit[t][k] * b.tokenizer_steps + per_fit[t][k + 2]
+                                        for t in plan["tokenizers"].values() if t in per_fit)
+        out[which + "generate"] = sum(per_image[o][k] * n * f for o, n, f in plan["cells"])
+        out[which + "total"] = out[which + "train"] + out[which + "tokenizers"] + out[which + "generate"]
+    out["load_factor"] = clock.wall / clock.cpu if clock.cpu > 0 else math.nan
+    out["step:raster"] = per_step["raster"][0]
+    out["idle_step:raster"] = per_step["raster"][1]
+    out["models"] = len(plan["models"])
+    out["model_steps"] = sum(n for _, n in plan["models"].values())
+    out["raster_equivalent_steps"] = sum(per_step[o][1] * n for o, n in plan["models"].values()) / per_step["raster"][1]
+    out["fits"] = sum(t != "frequency" for t in plan["tokenizers"].values())
+    out["cells"] = len(plan["cells"])
+    out["images"] = sum(n for _, n, _ in plan["cells"])
     out["load_average"] = os.getloadavg()[0]
     return out
+
+
+def estimate_text(b: Budget, est: dict[str, float]) -> str:
+    """The estimate in one paragraph (printed by ``--estimate``, and quoted in docs/claims.md)."""
+    return (f"the `{b.name}` budget from scratch: {est['idle_total'] / 60:.0f} min on an idle machine (CPU time of "
+            f"one thread: backbones {est['idle_train'] / 60:.0f}, tokenizers {est['idle_tokenizers'] / 60:.0f}, "
+            f"generation {est['idle_generate'] / 60:.0f}), {est['total'] / 60:.0f} min of wall time at the load "
+            f"measured (load factor {est['load_factor']:.2f} = wall ÷ CPU seconds of the timed steps on one "
+            f"thread; load average {est['load_average']:.1f} on {_cores()} cores); {int(est['models'])} backbones "
+            f"({int(est['model_steps'])} steps, worth {est['raster_equivalent_steps']:.0f} raster steps), "
+            f"{int(est['fits'])} tokenizer fits, {int(est['cells'])} generation cells ({int(est['images'])} images); "
+            f"one raster step {est['idle_step:raster']:.3f} CPU-s; excludes metrics, the FID extractor, the "
+            f"tokenizer check and the speculative drafts (a minute or two)")
 
 
 # ---------------------------------------------------------------------------
@@ -1277,24 +1638,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.estimate:
         est = estimate_seconds(budget, steps)
-        print(f"estimated wall time of the {budget.name} budget from scratch on this machine now: "
-              f"{est['total'] / 60:.0f} min (backbones {est['train'] / 60:.0f}, tokenizers {est['tokenizers'] / 60:.0f}, "
-              f"generation {est['generate'] / 60:.0f}; excludes metrics and one-off set-up, about a minute); "
-              f"one raster training step {est['step:raster']:.3f} s; load average {est['load_average']:.1f} "
-              f"on {_cores()} cores (a loaded machine inflates every figure)")
+        print("estimate: " + estimate_text(budget, est))
+        (out / "estimate.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "estimate.json").write_text(json.dumps(est, indent=1), encoding="utf-8")
         return 0
     fresh = not (out / "cells").exists()
     out.mkdir(parents=True, exist_ok=True)
+    import os
 
+    cpu0, loads = time.process_time(), [os.getloadavg()[0]]
     runs: list[dict] = []
     timings: dict[str, float] = {}
     for study in order_grids(budget, steps) + top_grids(budget, steps):
         ts = time.perf_counter()
         runs += run_study(study, out, progress=not args.quiet)
         timings[study.name] = time.perf_counter() - ts
+        loads.append(os.getloadavg()[0])
     ts = time.perf_counter()
     runs += run_inpainting(budget, steps, out, progress=not args.quiet)
     timings["inpainting"] = time.perf_counter() - ts
+    ts = time.perf_counter()
+    ceilings = tokenizer_ceilings(budget, out, [k for k in tokenizers(budget)])
+    timings["tokenizer check"] = time.perf_counter() - ts
+    loads.append(os.getloadavg()[0])
 
     rows = evaluate_claims(runs)
     data = curves(runs)
@@ -1304,18 +1670,44 @@ def main(argv: list[str] | None = None) -> int:
         (docs / "claims").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "plots" / "quality-vs-train-flops.png", docs / "claims" / "quality-vs-train-flops.png")
         plot_rel = "claims/quality-vs-train-flops.png"
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    conditions = run_conditions(seconds, cpu, torch.get_num_threads(), loads)
     command = " ".join(["bench/claims.py"] + (argv if argv is not None else sys.argv[1:]))
+    estimates = {}
+    for name, other in BUDGETS.items():
+        path = ROOT / "runs" / f"claims-{name}" / "estimate.json"
+        if path.is_file():
+            estimates[name] = estimate_text(other, json.loads(path.read_text(encoding="utf-8")))
     md = claims_markdown(budget, rows, data, steps, recipe=recipe, seconds=seconds, command=command, plot=plot_rel,
-                          fresh=fresh)
+                         fresh=fresh, conditions=conditions, estimates=estimates)
+    o_rows = order_rows(runs, budget, layouts(budget))
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"**Written by the `{budget.name}` budget of `bench/claims.py`** (`{command}`, {when}; {conditions}) "
+              "from the same run as [claims.md](claims.md), whose Setup and cuts sections give every setting: "
+              "each order at the study's top training budget, equal training FLOPs across orders; `valid` as "
+              "there (mean ± seed sd, 95 % interval, seeds), FID (offline extractor) mean ± sd; seconds per "
+              "image is the pipeline's single measurement on the shared machine (noisy). The quality-vs-FLOPs "
+              "curves are in claims.md.")
+    if budget.name == "smoke":
+        header += " **Smoke budget: tiny models, the figures say nothing about the methods.**"
+    o_md = orders_markdown(o_rows, ceilings, header=header)
+    # every figure computed: now write the docs, claims.md and orders.md together
     (docs / "claims.md").write_text(md, encoding="utf-8")
-    record = {"budget": asdict(budget), "recipe": recipe, "seconds": seconds, "timings": timings, "steps": steps,
-              "claims": rows, "runs": runs}
+    (docs / "orders").mkdir(parents=True, exist_ok=True)
+    for r in o_rows:
+        if r.get("samples") and (out / r["samples"]).is_file():
+            shutil.copyfile(out / r["samples"], docs / "orders" / f"{r['label']}.png")
+    if (docs / "orders.md").is_file():
+        write_marked(docs / "orders.md", o_md)
+    else:
+        print(f"({docs / 'orders.md'} does not exist: its tables not written)", file=sys.stderr)
+    record = {"budget": asdict(budget), "recipe": recipe, "seconds": seconds, "cpu_seconds": cpu, "loads": loads,
+              "timings": timings, "steps": steps, "claims": rows, "tokenizer_ceilings": ceilings, "runs": runs}
     (out / "claims.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
     width = max(len(r["paper"]) for r in rows)
     for r in rows:
         print(f"{r['paper']:<{width}}  {r['verdict']:<14} {r['claim']}")
-    print(f"claims: {docs / 'claims.md'} ({seconds / 60:.1f} min; per study: "
+    print(f"claims: {docs / 'claims.md'}, {docs / 'orders.md'} ({seconds / 60:.1f} min; per study: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     return 0
 

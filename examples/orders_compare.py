@@ -1,8 +1,13 @@
 """Compare generation orders on ``shapes`` (32 px) at one model size and one
-training budget in FLOPs, through the pipeline, and write docs/orders.md.
+training budget in FLOPs, through the pipeline, and print the tables.
 
     .venv/bin/python examples/orders_compare.py [--out runs/orders-compare] [--budget-steps 600]
-        [--tokenizer-steps 600] [--n-samples 64] [--docs docs]
+        [--tokenizer-steps 600] [--n-samples 64] [--docs <out>/docs]
+
+docs/orders.md's measured tables are written by ``bench/claims.py`` (``make
+claims``) from the claims study; this script writes its sample crops and
+``results.json`` under ``--docs`` (default ``<out>/docs``), and fills an
+``orders.md`` there only if one with its markers exists.
 
 Every order runs ``tokenloom.pipeline.run`` into one output directory, so the
 tokenizers (``vq`` for the grid orders and ``random``, ``multiscale`` for
@@ -134,8 +139,10 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=64)
     ap.add_argument("--tokenizer-steps", type=int, default=600)
     ap.add_argument("--timing-rounds", type=int, default=5)
-    ap.add_argument("--docs", default=str(REPO / "docs"))
+    ap.add_argument("--docs", default=None, help="where the crops and results.json go (default <out>/docs)")
     args = ap.parse_args()
+    if args.docs is None:
+        args.docs = str(Path(args.out) / "docs")
     torch.set_num_threads(1)
     out = Path(args.out)
     registry = tokenloom.get_registry()

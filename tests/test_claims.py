@@ -180,7 +180,8 @@ def test_order_grids_run_lower_budgets_on_the_first_seed_only():
     grids = {g.name: g.doc["grid"] for g in C.order_grids(b, steps)}
     raster = grids["orders-raster"]
     assert raster["sweep"] == {"train.steps": [10, 20]}
-    assert raster["exclude"] == [{"seed": 1, "train.steps": 10}]
+    assert raster["exclude"] == [{"seed": 1, "train.steps": 10},
+                                 {"generator": {"name": "raster", "rar": True}, "train.steps": 10}]
     assert {"name": "zipar", "window": 2} in raster["generator"]
 
 
@@ -320,3 +321,147 @@ def test_top_budget_sweeps_reuse_the_models_of_the_orders_grids():
     assert models(grids["masked-steps"]) <= trained
     assert len(models(grids["decoders"]) - trained) == len(b.seeds)  # only the speculative drafts are new
     assert models(C.inpainting_doc(b, steps, seed=1)) <= trained
+
+
+# ---------------------------------------------------------------------------
+# The budgets' cuts, the plan they imply, docs/orders.md from a fake result set
+# ---------------------------------------------------------------------------
+
+
+def _cells(doc):
+    from tokenloom.grid import expand_grid
+
+    return [c.config for c in expand_grid(doc)[1]]
+
+
+def test_only_the_curve_orders_run_every_budget_and_rar_runs_the_top_only():
+    b = C.BUDGETS["full"]
+    assert set(b.curve_orders) == {"raster", "masked", "next-scale", "random"}
+    steps = {o.label: [10, 20, 40] for o in C.orders(b)}
+    grids = {g.name: g.doc for g in C.order_grids(b, steps)}
+    raster = [(c["generator"].get("rar", False), c["generator"]["name"], c["train"]["steps"], c["seed"])
+              for c in _cells(grids["orders-raster"])]
+    # raster and zipar at 10, 20 (seed 0) and 40 (seeds 0, 1); RAR at 40 only, on both seeds
+    assert sorted(x for x in raster if x[0]) == [(True, "raster", 40, 0), (True, "raster", 40, 1)]
+    assert sorted(x[2:] for x in raster if x[1] == "zipar") == [(10, 0), (20, 0), (40, 0), (40, 1)]
+    par = [(c["train"]["steps"], c["seed"]) for c in _cells(grids["orders-par"])]
+    assert par == [(40, 0)]  # not a curve order: the top budget, other_seeds
+    assert "sweep" not in grids["orders-par"]["grid"]
+    assert C.top_seeds(b, "par") == (0,) and C.top_seeds(b, "raster") == (0, 1)
+    every = C.replace(b, curve_orders=(), other_seeds=None)
+    assert all(C.on_curve(every, o.label) for o in C.orders(b))
+
+
+def test_cuts_and_the_budget_table_state_every_cut():
+    b = C.BUDGETS["full"]
+    steps = {o.label: [94, 188, 375] for o in C.orders(b)}
+    text = " ".join(C.cuts(b, steps))
+    for phrase in ("`raster`, `random`, `masked`, `next-scale` only", "`par`", "RAR train at the top budget only",
+                   "first seed only", "seeds at the top budget: 0, 1", "Agresti–Caffo", "128 samples per cell",
+                   "decode raster's models", "top budget 375 raster steps"):
+        assert phrase in text, phrase
+    every = C.replace(b, curve_orders=(), other_seeds=None)
+    assert "Agresti" not in " ".join(C.cuts(every, steps))
+    table = C.budget_table()
+    assert sum(line.startswith("| `") for line in table) == len(C.BUDGETS)
+    full_row = next(line for line in table if line.startswith("| `full`"))
+    assert "| 375 |" in full_row and "raster, masked, next-scale, random" in full_row and "| 2 / 1 |" in full_row
+
+
+def test_the_recipe_sets_the_backbone_options_but_not_the_top_budget(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("""
+[data]
+name = "shapes"
+size = 16
+n = 20000
+[tokenizer]
+name = "vq"
+downsample = 2
+codebook_size = 128
+steps = 900
+[model]
+n_layer = 4
+d_model = 128
+n_head = 4
+cond = "adaln"
+[train]
+steps = 750
+lr = 4e-3
+label_dropout = 0.1
+[[sampler]]
+name = "top-k"
+k = 4
+""", encoding="utf-8")
+    full, where = C.apply_recipe(C.BUDGETS["full"], recipe)
+    assert where.endswith("recipe.toml")
+    assert (full.n, full.codebook, full.tokenizer_steps, full.top_k, full.lr) == (20000, 128, 900, 4, 4e-3)
+    assert full.top_steps == C.BUDGETS["full"].top_steps and full.recipe_steps == 750
+    doc = C.base_doc(full, steps=10)
+    assert doc["model"]["cond"] == "adaln" and doc["train"]["label_dropout"] == 0.1
+    small, _ = C.apply_recipe(C.BUDGETS["small"], recipe)
+    assert small.tokenizer_steps == C.BUDGETS["small"].tokenizer_steps  # small keeps its shorter fits
+    assert C.apply_recipe(C.BUDGETS["smoke"], recipe)[0] == C.BUDGETS["smoke"]
+    assert "the recipe file trains 750" in " ".join(C.cuts(full, {o.label: [1, 2, 3] for o in C.orders(full)}))
+
+
+def test_the_plan_counts_each_shared_model_once():
+    b = C.BUDGETS["smoke"]
+    steps = {o.label: [10, 20] for o in C.orders(b)}
+    b = C.with_study_warmup(b, steps)
+    plan = C.study_plan(b, steps)
+    trained = sorted(plan["models"].values())
+    # raster: 10 (seed 0), 20 (seeds 0, 1); RAR: 20 × 2 — the decoders, zipar, the guidance sweep reuse them
+    assert trained.count(("raster", 10)) == 1 and trained.count(("raster", 20)) == 4
+    assert trained.count(("par", 20)) == 1 and ("par", 10) not in trained
+    assert trained.count(("masked", 20)) == 2  # the MaskGIT sweep reuses the two top-budget models
+    assert len(plan["aux"]) == 2  # the speculative drafts, one per seed
+    assert sorted(set(plan["tokenizers"].values())) == ["frequency", "fsq", "lfq", "multiscale", "rq", "vq",
+                                                          "vq-no-restart"]
+    guided = [f for o, _, f in plan["cells"] if f == 2.0]
+    assert len(guided) == len(b.cfg_scales) * 2
+
+
+def test_orders_doc_is_generated_from_the_result_set(tmp_path):
+    runs = _synthetic_study({"random": 0.5})
+    lay = {"vq": (64, 128), "multiscale": (130, 128), "rq": (64, 128), "frequency": (256, 27)}
+    rows = C.order_rows(runs, C.BUDGETS["small"], lay)
+    labels = [r["label"] for r in rows]
+    assert labels[:3] == ["raster", "raster-rar", "zipar"] and "random-parallel" in labels
+    assert len(labels) == 14
+    by = {r["label"]: r for r in rows}
+    assert by["next-scale"]["nfe_ratio"] == pytest.approx(6 / 64)
+    assert by["random"]["valid"].mean == pytest.approx(0.5) and by["random"]["seeds"] == 2
+    assert by["zipar"]["shared"] == "raster" and by["raster"]["shared"] is None
+    ceilings = {"vq": {"options": {"codebook_size": 128}, "kind": "vq", "L": 64, "vocab": 128, "n": 200,
+                       "psnr_db": 40.0, "shapes_valid": 0.98, "shapes_colour_ok": 1.0, "shapes_count_ok": 1.0}}
+    md = C.orders_markdown(rows, ceilings, header="HEADER")
+    assert md.startswith("HEADER")
+    assert "| `next-scale` | multiscale (130) |" in md and "| 0.094 |" in md
+    assert "40 (the `raster` model)" not in md and "10 (the `raster` model)" in md  # _run's default steps
+    assert "| vq | vq: codebook_size 128 | 64 | 128 | 40.0 | 0.98 |" in md
+    doc = tmp_path / "orders.md"
+    doc.write_text(f"intro\n{C.ORDERS_BEGIN}\nold table\n{C.ORDERS_END}\noutro\n", encoding="utf-8")
+    C.write_marked(doc, md)
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    C.write_marked(doc, "again")  # idempotent: the markers stay
+    assert doc.read_text(encoding="utf-8") == f"intro\n{C.ORDERS_BEGIN}\nagain\n{C.ORDERS_END}\noutro\n"
+    (tmp_path / "bare.md").write_text("no markers", encoding="utf-8")
+    with pytest.raises(ValueError, match="markers"):
+        C.write_marked(tmp_path / "bare.md", md)
+
+
+def test_claims_doc_states_the_cuts_and_the_run_conditions():
+    b = C.BUDGETS["small"]
+    runs = _synthetic_study({})
+    steps = {o.label: [31, 62, 125] for o in C.orders(b)}
+    cond = C.run_conditions(1800.0, 2400.0, 2, [4.0, 6.0])
+    assert cond.startswith("wall time 30.0 min, process CPU time 40.0 min on 2 torch threads")
+    assert "load average 5.0 on average" in cond and "4.0–6.0" in cond
+    md = C.claims_markdown(b, C.evaluate_claims(runs), C.curves(runs), steps, recipe="r", seconds=1800.0,
+                           command="bench/claims.py --budget small", plot=None, conditions=cond,
+                           estimates={"full": "EST"})
+    assert "**Small budget.**" in md and f"Run conditions: {cond}." in md
+    assert "## What this budget cuts" in md and "--budget full --estimate`, measured EST." in md
+    assert md.count("| `") >= len(C.BUDGETS)
