@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokenloom-installed
 EXAMPLE_PLUGIN := examples/tokenloom-example-plugin
 
-.PHONY: venv demo test test-all bench bench-long claims lint clean
+.PHONY: venv demo test test-all bench bench-long claims continuous lint clean
 
 $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,11 +55,22 @@ bench-long: venv
 
 # make claims: the seeds' headline claims checked by a compute-matched study run through
 # `tokenloom ablate` (bench/claims.py; nothing installed beyond the venv) -> docs/claims.md with
-# verdicts computed by the script, docs/claims/quality-vs-train-flops.png. Re-runs reuse every
-# finished stage under runs/claims-full/. CLAIMS_BUDGET=smoke checks the pipeline in minutes.
+# verdicts computed by the script, docs/claims/quality-vs-train-flops.png, and docs/orders.md's
+# measured tables from the same run. Re-runs reuse every finished stage under runs/claims-<budget>/.
+# CLAIMS_BUDGET=smoke checks the pipeline in minutes; small is full's plan at a quarter of its
+# training; `bench/claims.py --budget full --estimate` prints how long full takes (idle and now).
 CLAIMS_BUDGET ?= full
 claims: venv
 	$(PY) bench/claims.py --budget $(CLAIMS_BUDGET)
+
+# make continuous: discrete against continuous tokens (MAR vs MaskGIT, raster + diffusion head vs
+# raster on VQ, FlowAR vs VAR) at equal backbone training FLOPs on 16-px shapes, the heads' sampling
+# steps swept on one trained model each (bench/continuous.py) -> docs/continuous.md and
+# docs/continuous/quality-vs-head-steps.png. About 40 min on the shared 2-core CPU, one thread;
+# re-runs reuse every finished stage under runs/continuous-full/. CONTINUOUS_BUDGET=smoke: minutes.
+CONTINUOUS_BUDGET ?= full
+continuous: venv
+	OMP_NUM_THREADS=1 $(PY) bench/continuous.py --budget $(CONTINUOUS_BUDGET)
 
 # the same check as tests/test_lint.py: the whole repository (bench/ and examples/ included)
 lint: venv

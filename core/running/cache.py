@@ -105,22 +105,42 @@ def codes_key(tok_hash: str, data: Any) -> str:
     return stable_hash({"tokenizer": tok_hash, "data": data})
 
 
+def head_keys(cfg: RunConfig) -> tuple[dict, dict]:
+    """The ``[head]``'s part of the model key and of the samples key. Empty for no head or the
+    ``categorical`` one (the keys of discrete runs as before heads existed). Options the head's
+    config lists in ``Config.sampling_options`` (a plain class attribute, a tuple of option names,
+    e.g. a diffusion head's sampling steps) change only how tokens are drawn, not training: they
+    are left out of the model key and go into the samples key, so sweeping them reuses the model."""
+    head = getattr(cfg, "head", None)
+    if head is None or head.name == "categorical":
+        return {}, {}
+    key = component_key(head)
+    names = getattr(type(head.config), "sampling_options", ()) if head.config is not None else ()
+    options = key.get("config")
+    if not names or not isinstance(options, dict):
+        return {"head": key}, {}
+    options = dict(options)
+    sampling = {n: options.pop(n) for n in names if n in options}
+    return {"head": {**key, "config": options}}, {"head_sampling": sampling}
+
+
 def model_key(cfg: RunConfig, spec: Any, tok_hash: str, n_classes: int, data_id: str) -> str:
     """The key of a trained backbone: tokenizer × ``model_spec()`` × ``[model]`` × ``[train]`` × seed
     × :func:`threads_key` × the ``[head]`` (only when it is not ``categorical``: the keys of discrete
-    runs as before heads existed)."""
-    head = getattr(cfg, "head", None)
-    extra = {"head": component_key(head)} if head is not None and head.name != "categorical" else {}
+    runs as before heads existed; its sampling-only options left out, :func:`head_keys`)."""
+    extra = head_keys(cfg)[0]
     return stable_hash({"tokenizer": tok_hash, "spec": spec.key(), "model": cfg.model.key(),
                         "train": attrs.asdict(cfg.train), "n_classes": n_classes, "data": data_id, "seed": cfg.seed,
                         **threads_key(), **extra})
 
 
 def samples_key(cfg: RunConfig, model: str, *, n: int, region: str | None, micro_batch: int) -> str:
-    """The key of the generated codes: model × generator × sampler chain × n × region × micro-batch."""
+    """The key of the generated codes: model × generator × sampler chain × n × region × micro-batch
+    (× the head's sampling-only options, when it has any: :func:`head_keys`)."""
     return stable_hash({"model": model, "generator": component_key(cfg.generator),
                         "sampler": [component_key(s) for s in cfg.sampler],
-                        "n": n, "region": region, "seed": cfg.seed, "micro_batch": micro_batch})
+                        "n": n, "region": region, "seed": cfg.seed, "micro_batch": micro_batch,
+                        **head_keys(cfg)[1]})
 
 
 def cache_ok(path: Path) -> bool:
@@ -151,6 +171,7 @@ __all__ = [
     "component_key",
     "data_content_key",
     "data_key",
+    "head_keys",
     "model_key",
     "samples_key",
     "stable_hash",
