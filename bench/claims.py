@@ -759,6 +759,19 @@ def run_study(study: Study, out: Path, *, progress: bool) -> list[dict]:
     return [run_record(study.name, r, study.gen_labels) for r in report.get("runs", [])]
 
 
+def finished_runs(study: Study, out: Path) -> tuple[list[dict], int]:
+    """The study's cells already finished under ``out`` (nothing is run) and how many cells it plans."""
+    from tokenloom.ablation import finished_record, plan_grid
+
+    plan = plan_grid(study.doc)
+    runs = []
+    for pc in plan.cells:
+        rec = finished_record(out, pc)
+        if rec is not None:
+            runs.append(run_record(study.name, rec, study.gen_labels))
+    return runs, len(plan.cells)
+
+
 def inpainting_doc(b: Budget, steps: dict[str, list[int]], seed: int) -> dict:
     """The run config of the inpainting check: the top-budget ``random`` model of the orders grid."""
     raw = base_doc(b, steps=max(steps["random"]), metrics=["shapes-oracle", "cost"])
@@ -1327,16 +1340,17 @@ def order_rows(runs: list[dict], b: Budget, lay: dict[str, tuple[int, int]]) -> 
     return rows
 
 
-def tokenizer_ceilings(b: Budget, out: Path, labels: Sequence[str]) -> dict[str, dict]:
+def tokenizer_ceilings(b: Budget, out: Path, labels: Sequence[str], *, only_cached: bool = False) -> dict[str, dict]:
     """Each tokenizer's own held-out reconstructions (decode ∘ encode of the
     held-out images; the fitted tokenizer of the first seed, from the run's
     cache) judged by the ``shapes-oracle`` rules: no order can sample better
-    images than its tokenizer decodes."""
+    images than its tokenizer decodes. ``only_cached``: skip the tokenizers
+    not fitted yet (a partial report fits nothing)."""
     import torch
 
     from tokenloom.config import build_component, parse_config
     from tokenloom.interfaces import MetricContext
-    from tokenloom.pipeline import data_key, fit_tokenizer, load_data
+    from tokenloom.pipeline import data_key, fit_tokenizer, load_data, tokenizer_key
     from tokenloom.registry import get_registry
 
     registry = get_registry()
@@ -1347,6 +1361,9 @@ def tokenizer_ceilings(b: Budget, out: Path, labels: Sequence[str]) -> dict[str,
         raw = base_doc(b, steps=1)
         raw["tokenizer"] = toks[name]
         cfg = parse_config(raw, registry=registry, source="bench/claims.py (tokenizer check)")
+        if only_cached and name != "frequency" and not (
+                out / "cache" / f"tokenizer-{tokenizer_key(cfg, data_key(cfg))}.safetensors").is_file():
+            continue
         train_set, holdout = load_data(cfg)
         tok, _, _ = fit_tokenizer(cfg, train_set.images, out / "cache", registry=registry,
                                   device=torch.device("cpu"), progress=False, data_id=data_key(cfg))
@@ -1611,6 +1628,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the budget's grid files into DIR (e.g. examples/claims) and stop")
     ap.add_argument("--estimate", action="store_true",
                     help="measure a few steps of every stage now and print how long the budget would take")
+    ap.add_argument("--partial", action="store_true",
+                    help="write the docs from the cells finished so far under --out (nothing trained or "
+                         "generated; a claim missing a figure is 'not measured'), labelled as partial")
     args = ap.parse_args(argv)
     import torch
 
@@ -1649,16 +1669,26 @@ def main(argv: list[str] | None = None) -> int:
     cpu0, loads = time.process_time(), [os.getloadavg()[0]]
     runs: list[dict] = []
     timings: dict[str, float] = {}
-    for study in order_grids(budget, steps) + top_grids(budget, steps):
+    partial = None
+    if args.partial:
+        done = planned = 0
+        for study in order_grids(budget, steps) + top_grids(budget, steps):
+            got, n = finished_runs(study, out)
+            runs += got
+            done, planned = done + len(got), planned + n
+        partial = f"{done} of the {planned} grid cells finished (the inpainting check not run)"
+        print(f"partial: {partial}", flush=True)
+    else:
+        for study in order_grids(budget, steps) + top_grids(budget, steps):
+            ts = time.perf_counter()
+            runs += run_study(study, out, progress=not args.quiet)
+            timings[study.name] = time.perf_counter() - ts
+            loads.append(os.getloadavg()[0])
         ts = time.perf_counter()
-        runs += run_study(study, out, progress=not args.quiet)
-        timings[study.name] = time.perf_counter() - ts
-        loads.append(os.getloadavg()[0])
+        runs += run_inpainting(budget, steps, out, progress=not args.quiet)
+        timings["inpainting"] = time.perf_counter() - ts
     ts = time.perf_counter()
-    runs += run_inpainting(budget, steps, out, progress=not args.quiet)
-    timings["inpainting"] = time.perf_counter() - ts
-    ts = time.perf_counter()
-    ceilings = tokenizer_ceilings(budget, out, [k for k in tokenizers(budget)])
+    ceilings = tokenizer_ceilings(budget, out, list(tokenizers(budget)), only_cached=args.partial)
     timings["tokenizer check"] = time.perf_counter() - ts
     loads.append(os.getloadavg()[0])
 
@@ -1672,6 +1702,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_rel = "claims/quality-vs-train-flops.png"
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     conditions = run_conditions(seconds, cpu, torch.get_num_threads(), loads)
+    if partial:
+        conditions = (f"**PARTIAL REPORT** (`--partial`): {partial}, read from {out} — claims whose figures are "
+                      "missing say 'not measured'; the wall time below is the report's, not the study's; " + conditions)
     command = " ".join(["bench/claims.py"] + (argv if argv is not None else sys.argv[1:]))
     estimates = {}
     for name, other in BUDGETS.items():

@@ -465,3 +465,13 @@ def test_claims_doc_states_the_cuts_and_the_run_conditions():
     assert "**Small budget.**" in md and f"Run conditions: {cond}." in md
     assert "## What this budget cuts" in md and "--budget full --estimate`, measured EST." in md
     assert md.count("| `") >= len(C.BUDGETS)
+
+
+def test_a_partial_report_reads_only_finished_cells(tmp_path):
+    b = C.BUDGETS["smoke"]
+    steps = {o.label: [10, 20] for o in C.orders(b)}
+    study = next(g for g in C.order_grids(b, steps) if g.name == "orders-raster")
+    runs, planned = C.finished_runs(study, tmp_path)
+    assert runs == [] and planned == 8  # raster, zipar: 10 (seed 0), 20 (seeds 0, 1); RAR: 20 (seeds 0, 1)
+    rows = {r["paper"]: r for r in C.evaluate_claims(runs)}
+    assert rows["VAR"]["figures"].startswith("not measured") and rows["VAR"]["verdict"] == UNSURE
