@@ -1221,7 +1221,10 @@ def claims_markdown(b: Budget, rows: list[dict], data: dict[str, list[dict]], st
               f"`vq` {b.codebook} codes, downsample {b.downsample} ({grid_side(b)}×{grid_side(b)} codes), "
               f"tokenizers fitted {b.tokenizer_steps} steps; backbone {b.model[0]} layer{'s' if b.model[0] > 1 else ''} "
                f"× width {b.model[1]}, "
-              f"{b.model[2]} heads; batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup} steps (one value for every "
+              f"{b.model[2]} heads"
+              + "".join(f", {k} = {json.dumps(v)}" for k, v in b.model_options)
+              + ("" if any(k == "cond" for k, _ in b.model_options) else ", cond = \"prefix\" (the default)")
+              + f"; batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup} steps (one value for every "
                "model, so the sweeps reuse the orders' models); sampler chain "
               f"{' → '.join(t['name'] + ' ' + str(t.get('scale', t.get('k'))) for t in chain(b))}; {b.n_samples} samples per cell; seeds as in the cuts below;"),
               f"- training budgets: {', '.join(str(round(f * b.top_steps)) for f in b.fractions)} `raster` steps; "

@@ -463,6 +463,7 @@ def test_claims_doc_states_the_cuts_and_the_run_conditions():
                            command="bench/claims.py --budget small", plot=None, conditions=cond,
                            estimates={"full": "EST"})
     assert "**Small budget.**" in md and f"Run conditions: {cond}." in md
+    assert 'cond = "prefix" (the default)' in md  # the conditioning is always stated
     assert "## What this budget cuts" in md and "--budget full --estimate`, measured EST." in md
     assert md.count("| `") >= len(C.BUDGETS)
 
