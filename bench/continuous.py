@@ -288,8 +288,13 @@ def plot(rows: list[dict], b: Budget, path: Path) -> bool:
         disc = next(r for r in rows if r["pair"] == arm.pair and not r["continuous"])
         axes[0].axhline(disc["shapes_valid"], ls="--", color=line.get_color(), lw=1, label=disc["arm"])
         axes[1].axhline(disc["fid"], ls="--", color=line.get_color(), lw=1)
+    top = max([r["shapes_valid"] or 0.0 for r in rows] + [0.0])
+    axes[0].set_ylim(-0.02, max(0.1, top * 1.15))
+    ticks = sorted(set(b.diffusion_steps) | set(b.flow_steps))
     for ax, name in zip(axes, ("shapes_valid (oracle, higher is better)", "FID (offline extractor, lower is better)")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("head steps per token (sampling only; one trained model per line)")
         ax.set_title(name, fontsize=9)
     axes[0].legend(fontsize=6)
@@ -314,7 +319,9 @@ def reading(rows: list[dict], b: Budget) -> list[str]:
         dv, cv = d["shapes_valid"] or 0.0, c["shapes_valid"] or 0.0
         gap = cv - dv
         band = 1.96 * math.hypot(se(dv), se(cv))
-        if abs(gap) <= band:
+        if max(dv, cv) < 1.0 / n:
+            verdict = "neither arm draws a valid image at this budget, so validity does not separate them"
+        elif abs(gap) <= band:
             verdict = "the two are within sampling noise of each other"
         elif gap > 0:
             verdict = "the continuous arm is ahead"
@@ -453,9 +460,12 @@ def write_doc(rows: list[dict], info: dict, b: Budget, docs: Path, machine: str,
     w("What this does not show: one seed, one budget and one backbone size; validity over "
       f"{b.n_samples} samples has a 95 % band of about ±{1.96 * math.sqrt(0.25 / b.n_samples):.2f} near "
       "0.5. The continuous heads' own training FLOPs are on top of the matched backbone FLOPs (table "
-      "above); the heads are the examples' size (width 64, depth 2), not tuned; the codes' sampler (top-k 4) was tuned on "
-      "raster by the recipe, the heads' temperature was not. A budget where one side reads 0 says that "
-      "side has not learned the task yet at this compute, not that it cannot.")
+      "above); the heads are the examples' size (width 64, depth 2), not tuned; the codes' sampler "
+      "(top-k 4) was tuned on raster by the recipe, the heads' temperature was not. Both FID and "
+      "validity judge decoded images, so each tokenizer's own reconstruction error is inside them (not "
+      "measured here: the tokenizers were fitted for the same number of steps, not to the same "
+      "reconstruction quality). A budget where one side reads 0 says that side has not learned the task "
+      "yet at this compute, not that it cannot.")
     w("")
     w("## Settings and machine")
     w("")
@@ -483,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=None)
     ap.add_argument("--top-steps", type=int, default=None, help="raster-on-VQ steps of the budget")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--from-results", action="store_true",
+                    help="write the document again from bench/results/continuous*.json (no runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     b = BUDGETS[args.budget]
@@ -490,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         b = replace(b, top_steps=args.top_steps)
     out = args.out or REPO / "runs" / f"continuous-{b.name}"
     docs = args.docs or (REPO / "docs" if b.name == "full" else out / "docs")
+    res = REPO / "bench" / "results" / f"continuous{'-' + b.name if b.name != 'full' else ''}.json"
+    if args.from_results:
+        saved = json.loads(res.read_text(encoding="utf-8"))
+        b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["budget"].items()})
+        path = write_doc(saved["rows"], saved["info"], b, docs, describe_machine(saved["machine"]),
+                         saved["load"], saved["wall_seconds"])
+        print(f"[continuous] wrote {path} from {res}", flush=True)
+        return 0
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     rows, info = run_all(b, out, progress=args.progress)
@@ -499,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     mi = machine_info()
     load = (f"1-minute load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end "
             f"(15-minute {load1[2]:.1f}; other jobs shared the {os.cpu_count()} cores)")
-    res = REPO / "bench" / "results" / f"continuous{'-' + b.name if b.name != 'full' else ''}.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps({"machine": mi, "budget": b.__dict__, "load": load, "wall_seconds": wall,
                                "info": info, "rows": rows}, indent=1, default=str), encoding="utf-8")
