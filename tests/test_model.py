@@ -274,7 +274,7 @@ def test_old_public_path_keeps_the_moved_names():
     moved = {kvcache: ["KVCache"], instrumented: ["InstrumentedModel"],
              kernels: ["BMM_ATTENTION_PAIRS", "PLAIN_LINEAR", "CPULinear", "PlainLinear", "attend"]}
     for module, names in moved.items():
-        assert sorted(module.__all__) == sorted(names)
+        assert set(names) <= set(module.__all__)  # a room may add names of its own (the static decoder)
         for name in names:
             assert getattr(public, name) is getattr(module, name) and name in public.__all__
     assert all(hasattr(public, name) for name in public.__all__)
