@@ -19,6 +19,8 @@ from conformance_pkg import PLUGIN, PlainRaster
 
 import tokenloom
 import tokenloom.testing
+from tokenloom.plugins.generators.masked import MaskedGenerator
+from tokenloom.plugins.generators.raster import RasterGenerator
 from tokenloom.registry import Registry
 from tokenloom.sampling import speculative_residual
 from tokenloom.testing.samplers import acceptance_cases, acceptance_outcome, bind_rule
@@ -369,6 +371,111 @@ def test_chi_square_pvalue_is_calibrated_on_exact_samples():
     samples = every[torch.multinomial(probs, 4000, replacement=True, generator=g)]
     assert tokenloom.testing.chi_square_pvalue(samples, every, probs) > 1e-3
     assert tokenloom.testing.chi_square_pvalue(samples, every, torch.full((6,), 1 / 6)) < 1e-9
+
+
+# ---------------------------------------------------------------------------
+# generators on continuous tokens
+# ---------------------------------------------------------------------------
+# Each variant keeps the discrete path of the built-in order (which passes) and breaks only its
+# continuous one, so the properties that catch it are the kit's continuous ones.
+
+
+class BatchNoise(RasterGenerator):
+    """Adds noise drawn for the whole batch from one seeded generator: deterministic per seed, but
+    image i gets the noise of its row, so it changes with its batch."""
+
+    def generate(self, model, chain, cond, *, rng, known=None):
+        out = super().generate(model, chain, cond, rng=rng, known=known)
+        if self.D:
+            out = out + 0.05 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        return out
+
+
+class LyingNFE(RasterGenerator):
+    """Claims one backbone pass fewer than it takes on continuous tokens."""
+
+    def expected_nfe(self):
+        return self.L - 1 if self.D else self.L
+
+
+class WideTargets(RasterGenerator):
+    """Float targets one channel wider than the tokens (a stray flag channel)."""
+
+    def training_batch(self, codes, cond):
+        batch = super().training_batch(codes, cond)
+        if self.D:
+            batch.targets = torch.cat([batch.targets, torch.zeros_like(batch.targets[..., :1])], -1)
+        return batch
+
+
+class DrawsTwice(RasterGenerator):
+    """Decodes every continuous token twice (a second pass over the whole image) and says so in its
+    NFE — but the head draws each token twice."""
+
+    def expected_nfe(self):
+        return 2 * self.L if self.D else self.L
+
+    def generate(self, model, chain, cond, *, rng, known=None):
+        if self.D:
+            super().generate(model, chain, cond, rng=rng, known=known)
+        return super().generate(model, chain, cond, rng=rng, known=known)
+
+
+class MadeUpLikelihood(RasterGenerator):
+    """Reports a likelihood of continuous tokens although its head has none."""
+
+    def log_likelihood(self, model, codes, cond):
+        if self.D:
+            return torch.zeros(codes.shape[0])
+        return super().log_likelihood(model, codes, cond)
+
+
+class NaNTolerant(RasterGenerator):
+    """Replaces NaN latents by zeros instead of refusing them."""
+
+    def training_batch(self, codes, cond):
+        if self.D and codes.dtype.is_floating_point:
+            codes = torch.nan_to_num(codes)
+        return super().training_batch(codes, cond)
+
+
+class ForgetsKnown(MaskedGenerator):
+    """MAR that ignores the known latents (the discrete path keeps them)."""
+
+    def generate(self, model, chain, cond, *, rng, known=None):
+        return super().generate(model, chain, cond, rng=rng, known=None if self.continuous else known)
+
+
+class PeeksAtLatents(RasterGenerator):
+    """Feeds each latent at its own index instead of the next one: the hidden state that predicts
+    x_t sees x_t (decoding, unchanged, cannot tell)."""
+
+    def training_batch(self, codes, cond):
+        batch = super().training_batch(codes, cond)
+        if self.D:
+            batch.inputs = torch.cat([batch.inputs[:, :1], batch.targets[:, 1:]], 1)
+        return batch
+
+
+@pytest.mark.parametrize("cls, match", [
+    (BatchNoise, "differs when generated alone vs in a batch"),
+    (LyingNFE, "forward passes, expected_nfe"),
+    (WideTargets, "continuous targets must be float"),
+    (DrawsTwice, "each token must be drawn once"),
+    (MadeUpLikelihood, "never made up"),
+    (NaNTolerant, "NaN latents to training_batch: accepted silently"),
+    (ForgetsKnown, "changed a known latent"),
+    (PeeksAtLatents, "training mask leaks"),
+])
+def test_a_wrong_continuous_generator_fails(cls, match):
+    fails("generator", "wrong", cls, match, max_examples=4, token_kinds=("continuous",))
+
+
+def test_the_default_check_covers_continuous_tokens():
+    # LyingNFE is a correct raster order on codes: only the continuous properties can catch it
+    tokenloom.testing.check("generator", "lying", registry=registry_with("generator", "lying", LyingNFE),
+                            max_examples=2, token_kinds=("discrete",))
+    fails("generator", "wrong", LyingNFE, "expected_nfe", max_examples=2, n_samples=300)
 
 
 # ---------------------------------------------------------------------------

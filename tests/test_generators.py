@@ -66,6 +66,48 @@ def test_every_registered_generator_is_covered():
             tokenloom.testing.check("generator", name, max_examples=3)
 
 
+# -- the conformance kit on continuous tokens ----------------------------------
+
+_KL_SCALES = ("kl", {"token_dim": 2, "downsample": 1, "channels": 4, "steps": 0, "scales": [1, 2, 4],
+                     "image_shape": (3, 4, 4)})
+CONTINUOUS_KIT = [("raster", {}, None), ("raster", {"rar": True}, ("patch", {"patch": 2, "image_shape": (1, 4, 6)})),
+                  ("masked", {}, None), ("masked", {"steps": 3}, ("patch", {"patch": 1, "image_shape": (3, 3, 3)})),
+                  ("next-cell", {"cell": 2}, ("patch", {"patch": 1, "image_shape": (2, 4, 4)})),
+                  ("next-scale", {}, _KL_SCALES)]
+
+
+@pytest.mark.parametrize("name,config,tok", CONTINUOUS_KIT, ids=lambda v: str(v))
+def test_conformance_on_continuous_tokens(name, config, tok):
+    # a continuous `tokenizer` is checked as such (the discrete properties need codes)
+    tokenloom.testing.check("generator", name, tokenizer=tok, max_examples=6, token_kinds=("continuous",),
+                            **config)
+
+
+def test_every_continuous_order_is_covered_on_continuous_tokens():
+    declared = {n for n in tokenloom.available("generator")
+                if tokenloom.get_registry().get("generator", n).cls.continuous_ok}
+    assert declared >= {"raster", "masked", "next-scale", "next-cell"}
+    assert declared <= {n for n, _, _ in CONTINUOUS_KIT}
+
+
+def test_the_kit_checks_a_continuous_tokenizer_alone_and_skips_discrete_only_options():
+    # tokenizer= continuous: only the continuous properties (the discrete ones would refuse latents)
+    tokenloom.testing.check("generator", "next-scale", tokenizer=_KL_SCALES, max_examples=2)
+    # style = "maskgit" needs codes by contract: that configuration is checked on codes only
+    tokenloom.testing.check("generator", "masked", style="maskgit", max_examples=2)
+    with pytest.raises(tokenloom.ConfigError, match="maskgit"):
+        tokenloom.create("generator", "masked", style="maskgit",
+                         tokenizer=tokenloom.create("tokenizer", "patch", image_shape=(1, 2, 2)))
+
+
+def test_a_discrete_order_is_not_checked_on_continuous_tokens_unless_asked():
+    # random does not declare continuous_ok: asked for continuous tokens, the kit says so
+    with pytest.raises(AssertionError, match="does not declare continuous_ok"):
+        tokenloom.testing.check("generator", "random", max_examples=2, token_kinds=("continuous",),
+                                continuous_tokenizer=("patch", {"patch": 1, "image_shape": (2, 2, 2)}))
+    tokenloom.testing.check("generator", "random", max_examples=2, token_kinds=("continuous",))  # nothing to do
+
+
 # -- raster (LlamaGen) and RAR --------------------------------------------------
 
 

@@ -28,7 +28,7 @@ def _hypothesis() -> tuple[Any, Any]:
     return hypothesis, strategies
 
 
-def _settings(max_examples: int):
+def _settings(max_examples: int, shrink: bool = True):
     hypothesis, _ = _hypothesis()
     return hypothesis.settings(
         max_examples=max_examples,
@@ -36,6 +36,8 @@ def _settings(max_examples: int):
         derandomize=True,
         database=None,
         suppress_health_check=list(hypothesis.HealthCheck),
+        **({} if shrink else {"phases": [p for p in hypothesis.Phase if p != hypothesis.Phase.shrink],
+                              "report_multiple_bugs": False}),
     )
 
 
@@ -50,6 +52,11 @@ _KIT_PLUGINS = {
     "cfg": "tokenloom.plugins.samplers.cfg",
     "temperature": "tokenloom.plugins.samplers.temperature",
     "raster": "tokenloom.plugins.generators.raster",
+    # continuous tokens: the generator kit's latents and heads
+    "patch": "tokenloom.plugins.tokenizers.patch",
+    "kl": "tokenloom.plugins.tokenizers.kl",
+    "diffusion": "tokenloom.plugins.heads.diffusion",
+    "flow": "tokenloom.plugins.heads.flow",
 }
 
 
@@ -73,6 +80,24 @@ def _expect_error(what: str, fn: Callable[[], Any]) -> None:
             f"{what}: raised {type(exc).__name__}: {exc} — expected a clear tokenloom.InputError"
         ) from exc
     raise AssertionError(f"{what}: accepted silently — expected a clear tokenloom.InputError")
+
+
+def continuous_layout_for(layout: Any, *, token_dim: int = 2) -> tuple[str, dict] | None:
+    """The kit's continuous tokenizer ``(name, options)`` (built-in ``patch`` or ``kl``, both
+    usable untrained: an order reads only their layout, width and ``scale_inputs``) with the
+    grid(s) of ``layout`` (a discrete tokenizer's), ``token_dim`` wide (residual depth dropped):
+    one grid ``h × w`` -> ``patch`` with 1-pixel patches of a ``token_dim``-channel ``h × w``
+    image; square scales ``s_1 < … < s_K`` -> ``kl`` with ``scales`` (FlowAR's non-residual
+    layout, stride 1). None for a layout neither gives (non-square or non-increasing scales)."""
+    scales = tuple(tuple(int(v) for v in s) for s in layout.scales)
+    if len(scales) == 1:
+        (h, w), = scales
+        return "patch", {"patch": 1, "image_shape": (token_dim, h, w)}
+    sides = [h for h, w in scales]
+    if any(h != w for h, w in scales) or sides != sorted(set(sides)):
+        return None
+    return "kl", {"token_dim": token_dim, "downsample": 1, "channels": 4, "steps": 0, "scales": sides,
+                  "image_shape": (3, sides[-1], sides[-1])}
 
 
 def random_images(n: int, image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
