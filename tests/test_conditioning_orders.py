@@ -23,7 +23,8 @@ def _prefixed(kind):
 
     def build(spec, config, *, n_classes, seed=0, **kw):
         assert n_classes == 3  # the kit's classes: three captions here
-        return _ORIGINAL(spec, config, n_classes=n_classes, seed=seed, conditioner=cond, conditions=table)
+        return _ORIGINAL(spec, config, n_classes=n_classes, seed=seed, conditioner=cond, conditions=table,
+                         **kw)  # kw: e.g. head= (the kit's continuous models)
 
     return build
 
