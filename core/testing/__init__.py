@@ -37,6 +37,13 @@ What is checked besides shapes, types, determinism and clear errors:
   ``log_likelihood`` of the generated codes (one teacher-forced pass), and
   samples of a tiny, peaked model over a tiny layout agree with
   ``exp(log_likelihood)`` by a chi-square test;
+- generators that declare ``continuous_ok``: the same properties on continuous tokens (the kit's
+  ``patch``/``kl`` latents, a tiny backbone with a ``diffusion`` or ``flow`` head) — float
+  targets ``[B, T, D]`` that are the image's latents and no leak, finite ``float32 [B, L, D]``
+  draws, NFE, each token drawn once by the head as core counts it, determinism and batch
+  independence, ``cfg`` at scale 1 changing nothing, known latents kept, no likelihood made up for
+  a head without one, bad latents an :class:`~tokenloom.InputError` (``token_kinds=`` selects the
+  kinds, ``continuous_tokenizer=`` fixes the tokenizer);
 - metrics: a context providing what ``requires`` names gives a number; a
   context missing a required field is an :class:`~tokenloom.errors.InputError`;
   for keys with a direction (better lower or higher) computed from real
