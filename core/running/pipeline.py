@@ -587,7 +587,7 @@ DEMO = {
     "data": {"name": "shapes", "size": 16, "n": 20000, "n_holdout": 200},
     "tokenizer": {"name": "vq", "codebook_size": 128, "downsample": 2, "steps": 1200},
     "generator": {"name": "raster"},
-    "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
+    "model": {"n_layer": 4, "d_model": 128, "n_head": 4, "cond": "adaln"},
     "train": {"steps": 750, "batch_size": 64, "lr": 4e-3, "warmup": 100},
     "sampler": [{"name": "top-k", "k": 4}],
     "metrics": {"names": [], "n_samples": 128},
