@@ -237,7 +237,8 @@ def check_generator(name: str, *, registry: Any = None, tokenizer: tuple[str, di
         raise ValueError(f"token_kinds must name 'discrete' and/or 'continuous', got {token_kinds!r}")
     given_tok = None
     if tokenizer is not None:
-        given_tok = build_component(registry, "tokenizer", tokenizer[0], dict(tokenizer[1]), path="tokenizer")
+        with torch.random.fork_rng(devices=[]):  # (its kind and layout only: the global RNG as before)
+            given_tok = build_component(registry, "tokenizer", tokenizer[0], dict(tokenizer[1]), path="tokenizer")
         if getattr(given_tok, "continuous", False):  # the caller's tokenizer is continuous: only that kind
             continuous_tokenizer, given_tok, tokenizer = tokenizer, None, None
             kinds.discard("discrete")
