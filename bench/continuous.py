@@ -340,6 +340,26 @@ def reading(rows: list[dict], b: Budget) -> list[str]:
             f"{_f(min(r['shapes_valid'] or 0.0 for r in same))}–{_f(best['shapes_valid'] or 0.0)} "
             f"(best at {best['head_steps_setting']} steps); its sampling takes "
             f"{_f(c['seconds_per_image'])} s/image against {_f(d['seconds_per_image'])}.")
+    top = max(rows, key=lambda r: r["shapes_valid"] or 0.0)
+    lines.append(
+        f"- **Budget**: the best row of the study draws {_f(top['shapes_valid'] or 0.0)} valid images "
+        f"({top['arm']}): at {b.top_steps} raster-on-VQ steps of backbone compute every arm is early in "
+        "training (the recipe's raster trains 750 steps for about 0.5, docs/recipes.md), so these are "
+        "tiny-budget readings.")
+    for arm in arms(b):
+        if not arm.sweep:
+            continue
+        pts = sorted((r for r in rows if r["arm"] == arm.label), key=lambda r: r["head_steps_setting"])
+        lo, hi = pts[0], pts[-1]
+        if lo["fid"] is None or hi["fid"] is None:
+            continue
+        lines.append(
+            f"- **Head steps, {arm.label}**: from {lo['head_steps_setting']} to {hi['head_steps_setting']} "
+            f"steps per token FID goes {_f(lo['fid'])} → {_f(hi['fid'])} and sampling "
+            f"{_f(lo['seconds_per_image'])} → {_f(hi['seconds_per_image'])} s/image (head FLOPs per image "
+            f"{_e(lo['head_flops_per_image'])} → {_e(hi['head_flops_per_image'])}, the backbone's "
+            f"{_e(lo['backbone_flops_per_image'])}); the best FID is at "
+            f"{min(pts, key=lambda r: r['fid'])['head_steps_setting']} steps.")
     return lines
 
 
@@ -465,7 +485,8 @@ def write_doc(rows: list[dict], info: dict, b: Budget, docs: Path, machine: str,
       "validity judge decoded images, so each tokenizer's own reconstruction error is inside them (not "
       "measured here: the tokenizers were fitted for the same number of steps, not to the same "
       "reconstruction quality). A budget where one side reads 0 says that side has not learned the task "
-      "yet at this compute, not that it cannot.")
+      "yet at this compute, not that it cannot. Sampling times are wall-clock on the shared machine (one "
+      "thread, other jobs running): read their ratios, not their values.")
     w("")
     w("## Settings and machine")
     w("")
