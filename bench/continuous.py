@@ -420,7 +420,9 @@ def write_doc(rows: list[dict], info: dict, b: Budget, docs: Path, machine: str,
     w("")
     plan = info["plan"]
     w(f"Budget `{b.name}`: every backbone 4 layers × 128 (the recipe's, `examples/shapes-recipe.toml`), "
-      f"batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup}, seed 0; data `shapes` {b.size} px, "
+      f"batch {b.batch_size}, lr {b.lr:g}, warm-up {b.warmup}, seed 0, `[model] cond` at its default "
+      "(`prefix`: the class as a prefix token; the recipe has since moved to `adaln`, not used here); "
+      f"data `shapes` {b.size} px, "
       f"{b.n} training images, {b.n_holdout} held out; {b.n_samples} samples per row; metrics: "
       f"`shapes-oracle` (validity), `fid` (the offline extractor, trained {b.fid_recipe_steps} steps once "
       f"and cached), `cost`. Tokenizers fitted {b.tokenizer_steps} steps each: `vq` (downsample 2, 128 "
