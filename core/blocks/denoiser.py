@@ -21,6 +21,7 @@ even respacing of the sampling steps.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,6 +118,12 @@ class AdaLNMLP(nn.Module):
         return 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
 
+def at_least_one(_inst: Any, attribute: Any, value: Any) -> None:
+    """attrs validator of the heads' counts (width, depth, steps, draws): an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+
+
 def cosine_alphas_cumprod(n: int, max_beta: float = 0.999) -> torch.Tensor:
     """``FloatTensor64[n]``: ᾱ_t of the cosine schedule with ``n`` steps — betas ``1 −
     ᾱ(t+1)/ᾱ(t)`` for ``ᾱ(s) = cos((s/n + 0.008)/1.008 · π/2)²``, clipped at ``max_beta``, then
@@ -141,5 +148,5 @@ def space_timesteps(n: int, k: int) -> list[int]:
     return sorted({round(i * stride) for i in range(k)})
 
 
-__all__ = ["FREQUENCIES", "AdaLNMLP", "FinalLayer", "ResBlock", "cosine_alphas_cumprod", "space_timesteps",
+__all__ = ["FREQUENCIES", "AdaLNMLP", "FinalLayer", "ResBlock", "at_least_one", "cosine_alphas_cumprod", "space_timesteps",
            "timestep_embedding"]

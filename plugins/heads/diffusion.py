@@ -46,12 +46,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.blocks.denoiser import AdaLNMLP, cosine_alphas_cumprod, space_timesteps
-
-
-def _at_least_one(_inst, attribute, value):
-    if isinstance(value, bool) or value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
+from tokenloom.blocks.denoiser import AdaLNMLP, at_least_one, cosine_alphas_cumprod, space_timesteps
 
 
 class DiffusionHead(tokenloom.Head):
@@ -61,14 +56,14 @@ class DiffusionHead(tokenloom.Head):
     @attrs.frozen
     class Config:
         #: the denoiser's width W (MAR: diffloss_w = 1024) and residual blocks (MAR: diffloss_d = 3)
-        width: int = attrs.field(default=128, validator=_at_least_one)
-        depth: int = attrs.field(default=3, validator=_at_least_one)
+        width: int = attrs.field(default=128, validator=at_least_one)
+        depth: int = attrs.field(default=3, validator=at_least_one)
         #: timesteps of the training schedule (MAR: 1000)
-        num_timesteps: int = attrs.field(default=1000, validator=_at_least_one)
+        num_timesteps: int = attrs.field(default=1000, validator=at_least_one)
         #: reverse steps when sampling, respaced over the schedule (MAR: 100)
-        sampling_steps: int = attrs.field(default=20, validator=_at_least_one)
+        sampling_steps: int = attrs.field(default=20, validator=at_least_one)
         #: noise draws per token in training (MAR: diffusion_batch_mul = 4)
-        diffusion_batch_mul: int = attrs.field(default=4, validator=_at_least_one)
+        diffusion_batch_mul: int = attrs.field(default=4, validator=at_least_one)
         #: clip x̂_0 to the training targets' range at sampling (MAR: False; see the module docstring)
         clip_denoised: bool = True
 

@@ -31,12 +31,7 @@ import attrs
 import torch
 
 import tokenloom
-from tokenloom.blocks.denoiser import AdaLNMLP
-
-
-def _at_least_one(_inst, attribute, value):
-    if isinstance(value, bool) or value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
+from tokenloom.blocks.denoiser import AdaLNMLP, at_least_one
 
 
 class FlowHead(tokenloom.Head):
@@ -45,13 +40,13 @@ class FlowHead(tokenloom.Head):
 
     @attrs.frozen
     class Config:
-        width: int = attrs.field(default=128, validator=_at_least_one)
-        depth: int = attrs.field(default=3, validator=_at_least_one)
+        width: int = attrs.field(default=128, validator=at_least_one)
+        depth: int = attrs.field(default=3, validator=at_least_one)
         #: Euler steps when sampling
-        steps: int = attrs.field(default=10, validator=_at_least_one)
+        steps: int = attrs.field(default=10, validator=at_least_one)
         time_grid: str = attrs.field(default="uniform", validator=attrs.validators.in_(("uniform", "flowar")))
         #: noise draws per token in training
-        batch_mul: int = attrs.field(default=1, validator=_at_least_one)
+        batch_mul: int = attrs.field(default=1, validator=at_least_one)
 
         def __attrs_post_init__(self) -> None:
             if self.time_grid == "flowar" and (self.steps < 2 or self.steps % 2):
