@@ -66,7 +66,7 @@ claims: venv
 # make continuous: discrete against continuous tokens (MAR vs MaskGIT, raster + diffusion head vs
 # raster on VQ, FlowAR vs VAR) at equal backbone training FLOPs on 16-px shapes, the heads' sampling
 # steps swept on one trained model each (bench/continuous.py) -> docs/continuous.md and
-# docs/continuous/quality-vs-head-steps.png. About 40 min on the shared 2-core CPU, one thread;
+# docs/continuous/quality-vs-head-steps.png. About 30 min on the shared 2-core CPU, one thread;
 # re-runs reuse every finished stage under runs/continuous-full/. CONTINUOUS_BUDGET=smoke: minutes.
 CONTINUOUS_BUDGET ?= full
 continuous: venv

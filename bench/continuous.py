@@ -5,8 +5,10 @@
     .venv/bin/python bench/continuous.py [--budget smoke|full] [--out runs/continuous-<budget>]
         [--docs docs] [--top-steps N]
 
-(``make continuous`` runs the full budget; ``--budget smoke`` runs the same code path in about
-two minutes, into ``runs/continuous-smoke`` and ``runs/continuous-smoke/docs``.)
+(``make continuous`` runs the full budget: 30 min measured on the shared 2-core CPU at load 6–9,
+one thread; ``--budget smoke`` runs the same code path in about 6 min there, into
+``runs/continuous-smoke`` and ``runs/continuous-smoke/docs``; ``--ceilings`` measures the
+tokenizers' reconstruction into saved results, ``--from-results`` only writes the document again.)
 
 Three pairs, each a discrete order on ``vq``/``multiscale`` codes and its continuous counterpart
 on ``kl`` latents (same token grid: 8 × 8 tokens, the multi-scale pair the same scales):
@@ -244,6 +246,34 @@ def run_all(b: Budget, out: Path, *, progress: bool) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def tokenizer_ceilings(b: Budget, out: Path, *, progress: bool) -> dict[str, dict]:
+    """Each tokenizer's held-out round trip (the ``reconstruction`` metric: MSE, PSNR, rFID with the
+    same offline extractor as FID): the ceiling of what a generator on its tokens can reach. One run
+    per tokenizer, on the first arm that uses it (every stage but the metric found in the cache)."""
+    from tokenloom.config import parse_config
+    from tokenloom.pipeline import run
+    from tokenloom.registry import get_registry
+
+    registry = get_registry()
+    declare_sampling_options(registry)
+    per_step = {a.label: backbone_flops_per_step(b, a) for a in arms(b)}
+    ref = per_step[arms(b)[2].label][0]
+    seen: dict[str, dict] = {}
+    for arm in arms(b):
+        if arm.tokenizer in seen:
+            continue
+        doc = run_doc(b, arm, max(1, round(b.top_steps * ref / per_step[arm.label][0])), reference_steps(arm))
+        doc["metrics"] = {"names": ["reconstruction"], "n_samples": b.n_samples,
+                          "reconstruction": {"recipe_steps": b.fid_recipe_steps}}
+        print(f"[continuous] reconstruction of {arm.tokenizer}", flush=True)
+        rec = run(parse_config(doc, registry=registry, source="bench/continuous.py (ceiling)"), out,
+                  progress=progress, write_report=False)
+        m = rec["metrics"]
+        seen[arm.tokenizer] = {"mse": m.get("mse"), "psnr": m.get("psnr"), "rfid": m.get("rfid"),
+                               "table": tokenizers(b)[arm.tokenizer]}
+    return seen
+
+
 # ---------------------------------------------------------------------------
 # Writing the document
 # ---------------------------------------------------------------------------
@@ -442,6 +472,16 @@ def write_doc(rows: list[dict], info: dict, b: Budget, docs: Path, machine: str,
           f"| {_e(r['backbone_train_flops'])} | {_e(r['train_head_flops']) if r['train_head_flops'] else '0'} "
           f"| {_f(ratio, 2) if ratio is not None else '—'} |")
     w("")
+    if info.get("ceilings"):
+        w("The tokenizers' own held-out round trip (the `reconstruction` metric: decode(encode(x)) "
+          f"against x on the {b.n_holdout} held-out images; rFID with the same extractor as FID) — the "
+          "ceiling of every arm on its tokens:")
+        w("")
+        w("| tokenizer | MSE | PSNR (dB) | rFID |")
+        w("|---|---|---|---|")
+        for name, c in info["ceilings"].items():
+            w(f"| `{name}` | {_f(c['mse'], 4)} | {_f(c['psnr'], 3)} | {_f(c['rfid'], 4)} |")
+        w("")
     w("Sampler chains: the codes use the recipe's `top-k` (k = 4); the continuous heads sample at "
       "temperature 1 without guidance (none of the rows uses `cfg`).")
     w("")
@@ -484,9 +524,16 @@ def write_doc(rows: list[dict], info: dict, b: Budget, docs: Path, machine: str,
       "0.5. The continuous heads' own training FLOPs are on top of the matched backbone FLOPs (table "
       "above); the heads are the examples' size (width 64, depth 2), not tuned; the codes' sampler "
       "(top-k 4) was tuned on raster by the recipe, the heads' temperature was not. Both FID and "
-      "validity judge decoded images, so each tokenizer's own reconstruction error is inside them (not "
-      "measured here: the tokenizers were fitted for the same number of steps, not to the same "
-      "reconstruction quality). A budget where one side reads 0 says that side has not learned the task "
+      "validity judge decoded images, so each tokenizer's own reconstruction error is inside them "
+      + (f"(the round trips above: rFID {_f(min(c['rfid'] for c in info['ceilings'].values()), 3)}–"
+         f"{_f(max(c['rfid'] for c in info['ceilings'].values()), 3)} against generated FIDs of "
+         f"{_f(min(r['fid'] for r in rows if r['fid'] is not None), 3)} and more"
+         + ("; at this budget the backbones and heads, not the tokenizers, set the figures). "
+            if 5 * max(c["rfid"] for c in info["ceilings"].values())
+            < min(r["fid"] for r in rows if r["fid"] is not None) else "). ")
+         if info.get("ceilings") and all(c.get("rfid") is not None for c in info["ceilings"].values())
+         else "(not measured in this invocation). ")
+      + "A budget where one side reads 0 says that side has not learned the task "
       "yet at this compute, not that it cannot. Sampling times are wall-clock on the shared machine (one "
       "thread, other jobs running): read their ratios, not their values.")
     w("")
@@ -516,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=None)
     ap.add_argument("--top-steps", type=int, default=None, help="raster-on-VQ steps of the budget")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="measure the tokenizers' reconstruction ceilings into the saved results, then write")
     ap.add_argument("--from-results", action="store_true",
                     help="write the document again from bench/results/continuous*.json (no runs)")
     args = ap.parse_args(argv)
@@ -526,9 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "runs" / f"continuous-{b.name}"
     docs = args.docs or (REPO / "docs" if b.name == "full" else out / "docs")
     res = REPO / "bench" / "results" / f"continuous{'-' + b.name if b.name != 'full' else ''}.json"
-    if args.from_results:
+    if args.from_results or args.ceilings:
         saved = json.loads(res.read_text(encoding="utf-8"))
         b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["budget"].items()})
+        if args.ceilings:
+            saved["info"]["ceilings"] = tokenizer_ceilings(b, out, progress=args.progress)
+            res.write_text(json.dumps(saved, indent=1, default=str), encoding="utf-8")
         path = write_doc(saved["rows"], saved["info"], b, docs, describe_machine(saved["machine"]),
                          saved["load"], saved["wall_seconds"])
         print(f"[continuous] wrote {path} from {res}", flush=True)
@@ -536,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     rows, info = run_all(b, out, progress=args.progress)
+    info["ceilings"] = tokenizer_ceilings(b, out, progress=args.progress)
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
     info["out"] = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
