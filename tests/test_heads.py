@@ -259,7 +259,7 @@ def test_flow_sampling_is_euler_from_noise_with_guided_velocity():
             t = ts[i].expand(3)
             vc, vu = head.velocity(x, t, hidden), head.velocity(x, t, uncond)
             x = x + (ts[i + 1] - ts[i]) * (vu + 2.0 * (vc - vu))
-    assert torch.allclose(got, x, atol=1e-5)
+    assert torch.allclose(got, x, rtol=1e-4, atol=1e-5)  # values of ~50: float32 rounding across runs
     grid = tokenloom.create("head", "flow", hidden_dim=8, token_dim=3, steps=4, time_grid="flowar").time_steps
     assert torch.allclose(grid, torch.tensor([1.0, 0.3, 0.25, 0.125, 0.0]))
 
@@ -332,9 +332,12 @@ def test_categorical_keeps_run_ids_and_model_keys():
     assert "token_dim" not in spec.key() and parts.head is None
     assert model_key(plain, spec, "t", 3, "d") == model_key(named, spec, "t", 3, "d")
     cont = parse_config(_raw())
-    other = parse_config(_raw(head={"name": "diffusion", "width": 16, "depth": 1, "sampling_steps": 4}))
+    other = parse_config(_raw(head={"name": "diffusion", "width": 32, "depth": 1, "sampling_steps": 3}))
     cspec = _compose(_raw()).generator.model_spec()
     assert model_key(cont, cspec, "t", 3, "d") != model_key(other, cspec, "t", 3, "d")  # the head is in the key
+    resampled = parse_config(_raw(head={"name": "diffusion", "width": 16, "depth": 1, "sampling_steps": 4}))
+    # ... but not its sampling-only options (Config.sampling_options): a sweep reuses the trained model
+    assert model_key(cont, cspec, "t", 3, "d") == model_key(resampled, cspec, "t", 3, "d")
 
 
 def test_categorical_head_is_the_backbones_cross_entropy():

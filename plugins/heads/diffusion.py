@@ -42,6 +42,8 @@ No exact likelihood: held-out NLL is not reported.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import torch
 
@@ -66,6 +68,9 @@ class DiffusionHead(tokenloom.Head):
         diffusion_batch_mul: int = attrs.field(default=4, validator=at_least_one)
         #: clip x̂_0 to the training targets' range at sampling (MAR: False; see the module docstring)
         clip_denoised: bool = True
+        #: options that change sampling only: in the samples' cache key, not the model's (a sweep
+        #: of sampling_steps reuses the trained model; tokenloom.cache.head_keys)
+        sampling_options: ClassVar[tuple[str, ...]] = ("sampling_steps", "clip_denoised")
 
         def __attrs_post_init__(self) -> None:
             if self.sampling_steps > self.num_timesteps:

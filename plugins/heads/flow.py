@@ -27,6 +27,8 @@ reported.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 import torch
 
@@ -47,6 +49,8 @@ class FlowHead(tokenloom.Head):
         time_grid: str = attrs.field(default="uniform", validator=attrs.validators.in_(("uniform", "flowar")))
         #: noise draws per token in training
         batch_mul: int = attrs.field(default=1, validator=at_least_one)
+        #: options that change sampling only: in the samples' cache key, not the model's
+        sampling_options: ClassVar[tuple[str, ...]] = ("steps", "time_grid")
 
         def __attrs_post_init__(self) -> None:
             if self.time_grid == "flowar" and (self.steps < 2 or self.steps % 2):
