@@ -102,3 +102,39 @@ def cli_env():
     else:
         env.pop("TOKENLOOM_DISABLE_PLUGINS", None)
     return env
+
+
+def tiny_config_toml(*, seed: int | str = 0, n: int | str = 64, n_holdout: int | str = 16, pool: int = 2,
+                     generator: str | None = "raster", generator_extra: str | None = None, steps: int | str = 4,
+                     warmup: int | None = 1, k: int | str | None = 3, samplers: str | None = None,
+                     metrics: tuple[str, ...] = ("nll", "cost"), n_samples: int | str = 8) -> str:
+    """The tiny run config many tests share (8-px shapes, 1-bit pixel tokens, a
+    one-layer model, a few steps), as TOML text; each keyword replaces one value.
+
+    A value may be a ``str.format`` placeholder such as ``"{steps}"`` for tests
+    that fill it in later. ``generator=None`` leaves out the ``[generator]``
+    table (a grid supplies it); ``generator_extra`` is a line added to it;
+    ``warmup=None`` leaves out ``train.warmup``; ``k`` is the top-k sampler's k,
+    ``k=None`` leaves out ``[[sampler]]``; ``samplers`` (text) replaces the
+    sampler block verbatim."""
+    gen = "" if generator is None else f'[generator]\nname = "{generator}"\n'
+    if generator is not None and generator_extra is not None:
+        gen += f"{generator_extra}\n"
+    if samplers is None:
+        samplers = "" if k is None else f'[[sampler]]\nname = "top-k"\nk = {k}\n'
+    names = "[" + ", ".join(f'"{m}"' for m in metrics) + "]"
+    return (f'\nseed = {seed}\n'
+            f'[data]\nname = "shapes"\nsize = 8\nn = {n}\nn_holdout = {n_holdout}\n'
+            f'[tokenizer]\nname = "pixel"\nbits = 1\npool = {pool}\n'
+            f'{gen}'
+            f'[model]\nn_layer = 1\nd_model = 16\nn_head = 2\n'
+            f'[train]\nsteps = {steps}\nbatch_size = 8\n' + ("" if warmup is None else f"warmup = {warmup}\n") +
+            f'{samplers}'
+            f'[metrics]\nnames = {names}\nn_samples = {n_samples}\n')
+
+
+def tiny_config(**overrides) -> dict:
+    """``tiny_config_toml(**overrides)`` parsed: the same config as a fresh dict."""
+    import tomllib
+
+    return tomllib.loads(tiny_config_toml(**overrides))

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_config_toml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,34 +22,7 @@ from tokenloom.ablation import plan_grid, run_ablation
 from tokenloom.checkpoint import load_tensors
 from tokenloom.reports import TIMING_KEYS, best_rows, direction, mean_std, pareto_front
 
-BASE = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 64
-n_holdout = 24
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "raster"
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = {steps}
-batch_size = 8
-warmup = 1
-[[sampler]]
-name = "top-k"
-k = 3
-[metrics]
-names = ["nll", "cost"]
-n_samples = {n_samples}
-"""
+BASE = tiny_config_toml(n_holdout=24, steps="{steps}", n_samples="{n_samples}")
 
 GRID = """
 [grid]

@@ -8,22 +8,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from tokenloom.config import parse_config
 from tokenloom.pipeline import run
 
 pytest.importorskip("tokenizers", reason="the caption conditioner needs tokenizers (pip install 'tokenloom[text]')")
 
-BASE = {
-    "seed": 0,
-    "data": {"name": "shapes", "size": 8, "n": 48, "n_holdout": 8},
-    "tokenizer": {"name": "pixel", "bits": 1, "pool": 4},
-    "generator": {"name": "raster"},
-    "model": {"n_layer": 1, "d_model": 16, "n_head": 2},
-    "train": {"steps": 4, "batch_size": 8},
-    "sampler": [{"name": "cfg", "scale": 2.0}],
-    "metrics": {"names": [], "n_samples": 16},
-}
+BASE = tiny_config(n=48, n_holdout=8, pool=4, warmup=None, samplers='[[sampler]]\nname = "cfg"\nscale = 2.0\n',
+                   metrics=(), n_samples=16)
 
 
 def config(**extra):

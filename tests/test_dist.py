@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_config_toml
 
 from tokenloom.ablation import run_ablation
 from tokenloom.checkpoint import load_tensors
@@ -27,32 +28,8 @@ from tokenloom.interfaces import TrainBatch
 from tokenloom.reports import TIMING_KEYS
 from tokenloom.train import shard_batch
 
-GRID = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 64
-n_holdout = 70
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = 8
-batch_size = 8
-warmup = 1
-[[sampler]]
-name = "top-k"
-k = 3
-[metrics]
-names = ["nll", "cost", "shapes-oracle"]
-n_samples = 40
-
+GRID = tiny_config_toml(n_holdout=70, generator=None, steps=8, metrics=("nll", "cost", "shapes-oracle"),
+                        n_samples=40) + """
 [grid]
 generator = [{name = "raster"}, {name = "masked", steps = 3}]
 """

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_config_toml
 
 from tokenloom.ablation import plan_grid, run_ablation
 from tokenloom.checkpoint import load_tensors
@@ -26,34 +27,7 @@ from tokenloom.running.executor import (
     run_tasks,
 )
 
-BASE = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 48
-n_holdout = 16
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "raster"
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = 4
-batch_size = 8
-warmup = 1
-[[sampler]]
-name = "top-k"
-k = 3
-[metrics]
-names = ["nll", "cost"]
-n_samples = 8
-"""
+BASE = tiny_config_toml(n=48)
 
 # 2 tokenizers (one fitted per stage job), 2 models (one per tokenizer), 4 cells (two share each model)
 GRID = """

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config_toml
 
 from tokenloom.ablation import cell_path, plan_grid, run_ablation
 from tokenloom.config import load_config
@@ -30,34 +31,7 @@ from tokenloom.running.results import inside, read_runs, safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 
-TOML = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 48
-n_holdout = 16
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "raster"
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = {steps}
-batch_size = 8
-warmup = 1
-[[sampler]]
-name = "top-k"
-k = {k}
-[metrics]
-names = ["nll", "cost"]
-n_samples = 8
-"""
+TOML = tiny_config_toml(n=48, steps="{steps}", k="{k}")
 
 DETERMINISTIC = ("nll_bits_per_image", "nfe", "uniform_bits_per_image")
 

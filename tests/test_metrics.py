@@ -21,6 +21,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config_toml
 
 import tokenloom
 from tokenloom import fidelity
@@ -599,30 +600,7 @@ def test_card_footnotes_mark_metrics_whose_cards_differ():
     assert card_footnotes([{"id": "x", "eval_cards": {"fid": a}}]).lines == []
 
 
-TINY_GRID = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 64
-n_holdout = 24
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "raster"
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = 4
-batch_size = 8
-warmup = 1
-[metrics]
-names = ["codebook", "cost"]
-n_samples = 8
+TINY_GRID = tiny_config_toml(n_holdout=24, k=None, metrics=("codebook", "cost")) + """\
 [grid]
 tokenizer = [{name = "pixel", bits = 1, pool = 2}, {name = "pixel", bits = 2, pool = 2}]
 """

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_config_toml
 from PIL import Image
 
 import tokenloom
@@ -17,33 +18,7 @@ from tokenloom.cli import cli
 from tokenloom.config import load_config
 from tokenloom.pipeline import demo_config, region_mask, run
 
-TOML = """
-seed = 0
-[data]
-name = "shapes"
-size = 8
-n = 64
-n_holdout = 16
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "{generator}"
-{generator_extra}
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = 4
-batch_size = 8
-warmup = 1
-{samplers}
-[metrics]
-names = ["nll", "cost"]
-n_samples = 8
-"""
+TOML = tiny_config_toml(generator="{generator}", generator_extra="{generator_extra}", samplers="{samplers}\n")
 
 TOPK = '[[sampler]]\nname = "top-k"\nk = 3\n'
 CFG = '[[sampler]]\nname = "cfg"\nscale = 2.0\n' + TOPK

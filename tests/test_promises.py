@@ -13,40 +13,14 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_config_toml
 
 from tokenloom import pipeline
 from tokenloom.checkpoint import load_tensors
 from tokenloom.cli import cli
 from tokenloom.reports import TIMING_KEYS
 
-RUN = """
-seed = 3
-[data]
-name = "shapes"
-size = 8
-n = 64
-n_holdout = 40
-[tokenizer]
-name = "pixel"
-bits = 1
-pool = 2
-[generator]
-name = "raster"
-[model]
-n_layer = 1
-d_model = 16
-n_head = 2
-[train]
-steps = 8
-batch_size = 8
-warmup = 1
-[[sampler]]
-name = "top-k"
-k = 3
-[metrics]
-names = ["nll", "cost", "shapes-oracle"]
-n_samples = 24
-"""
+RUN = tiny_config_toml(seed=3, n_holdout=40, steps=8, metrics=("nll", "cost", "shapes-oracle"), n_samples=24)
 
 
 def _timing_free(metrics: dict) -> dict:
