@@ -7,6 +7,13 @@ constants below. They were computed at commit a85ee5f (the last commit before th
 work: heads, ``kl``/``patch``, continuous orders) by running this same config from a git worktree
 of that commit with ``PYTHONPATH`` pointing at it (``tokenloom.__file__`` checked to be the
 worktree's), one torch thread; the current tree gave the same numbers.
+
+The tokenizer's identity in the caches hashes its fitted *weights* (``tokenizer_hash``), and
+fitting is not bit-identical across CPU types (the constants below agreed on an AMD EPYC and on an
+Intel Xeon in codes, loss and FLOPs, while the tokenizer weights differed in their last bits). The
+test therefore replaces the weights' digest in that identity by a constant (``monkeypatch``), so the
+pinned cache keys are those of the *configs* — what decides whether an existing cache is reused —
+and hold on any machine; the generated codes, the loss and the FLOPs are pinned as measured.
 """
 
 from __future__ import annotations
@@ -21,14 +28,14 @@ from tokenloom.checkpoint import load_tensors
 from tokenloom.config import parse_config
 from tokenloom.pipeline import run
 
-#: measured at a85ee5f (see the module docstring)
+#: measured at a85ee5f (see the module docstring; keys with the weights' digest replaced, re-measured there)
 PINNED = {
     "raster": {"codes_sha256": "785606dabedc4ec1", "codes_sum": 812, "final_loss": 1.9697145223617554,
-               "flops": 263651328, "tokenizer": "fcb4bc55567b002e", "model": "975341a4f49b81bc",
-               "samples": "samples-d56d2e5595c70276.safetensors"},
+               "flops": 263651328, "tokenizer": "0b62b114c4678dd0", "model": "163aba7e7977c861",
+               "samples": "samples-abf4841deadf5b05.safetensors"},
     "masked": {"codes_sha256": "fafd95c009783837", "codes_sum": 797, "final_loss": 1.9219335317611694,
-               "flops": 281382912, "tokenizer": "fcb4bc55567b002e", "model": "2691d6f44350ac1f",
-               "samples": "samples-02103b9735ad8416.safetensors"},
+               "flops": 281382912, "tokenizer": "0b62b114c4678dd0", "model": "c671d925bca17233",
+               "samples": "samples-51f135480917f65f.safetensors"},
 }
 
 GENERATORS = {"raster": {"name": "raster"}, "masked": {"name": "masked", "steps": 4}}
@@ -52,7 +59,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_discrete_runs_match_the_commit_before_continuous_tokens(tmp_path: Path, one_thread) -> None:
+def test_discrete_runs_match_the_commit_before_continuous_tokens(tmp_path: Path, one_thread, monkeypatch) -> None:
+    from tokenloom.running import cache as cache_mod
+    from tokenloom.running import pipeline as pipeline_mod
+
+    # the weights' digest out of the tokenizer's identity: CPU-independent keys (module docstring)
+    monkeypatch.setattr(pipeline_mod, "tokenizer_hash", lambda key, _sha: cache_mod.tokenizer_hash(key, "pinned"))
     cache = tmp_path / "cache"
     for name, gen in GENERATORS.items():
         before = set(cache.glob("samples-*")) if cache.is_dir() else set()

@@ -181,15 +181,9 @@ def test_diffusion_loss_is_eps_prediction_on_several_noise_draws():
     assert torch.allclose(loss, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature, guidance", [(1.0, 1.0), (0.5, 1.0), (1.0, 3.0)])
-def test_diffusion_sampling_is_mars_respaced_ddpm_with_its_temperature(temperature, guidance):
-    K = 6
-    head = _randomise(_diffusion(num_timesteps=200, sampling_steps=K), seed=1).eval()
-    hidden, uncond = torch.randn(4, 8), torch.randn(4, 8)
-    rng = RowRNG(9, torch.arange(4))
-    got = head.sample(hidden, rng=rng, step=2, temperature=temperature, guidance=guidance,
-                      uncond=uncond if guidance != 1.0 else None)
-    # reference: p_sample_loop of a SpacedDiffusion (fixed-small variance), noise from the same draws
+def _mar_p_sample_loop(head, hidden, uncond, *, K, temperature, guidance):
+    """The reference: p_sample_loop of MAR's SpacedDiffusion (fixed-small variance, x̂_0 not clipped)
+    in float64 around ``head.net``, noise from the draws the head takes (RowRNG 9, step 2)."""
     noise = RowRNG(9, torch.arange(4)).normal(2, K, 3).double()
     taken, betas = _mar_respaced(200, K)
     alphas = 1 - betas
@@ -209,6 +203,52 @@ def test_diffusion_sampling_is_mars_respaced_ddpm_with_its_temperature(temperatu
             mean = betas[k] * math.sqrt(ac_prev[k]) / (1 - ac[k]) * x0 + (1 - ac_prev[k]) * math.sqrt(alphas[k]) / (
                 1 - ac[k]) * x
             x = mean + (math.exp(0.5 * log_var[k]) * noise[:, j + 1] * temperature if k > 0 else 0.0)
+    return x
+
+
+def _sample(head, hidden, uncond, *, K, temperature, guidance):
+    return head.sample(hidden, rng=RowRNG(9, torch.arange(4)), step=2, temperature=temperature,
+                       guidance=guidance, uncond=uncond if guidance != 1.0 else None)
+
+
+@pytest.mark.parametrize("temperature, guidance", [(1.0, 1.0), (0.5, 1.0), (1.0, 3.0)])
+def test_diffusion_sampling_is_mars_respaced_ddpm_with_its_temperature(temperature, guidance):
+    """With a random denoiser: the head's own net, hidden states and guidance wired as MAR's loop."""
+    K = 6
+    head = _randomise(_diffusion(num_timesteps=200, sampling_steps=K), seed=1).eval()
+    hidden, uncond = torch.randn(4, 8), torch.randn(4, 8)
+    got = _sample(head, hidden, uncond, K=K, temperature=temperature, guidance=guidance)
+    x = _mar_p_sample_loop(head, hidden, uncond, K=K, temperature=temperature, guidance=guidance)
+    # relative to the tokens' scale: a random ε̂ is not the noise, so x̂_0 = x/sqrt(ᾱ) − … grows to
+    # ~1e5 at the first respaced step, where the head's float32 arithmetic against this float64 loop
+    # differs by ~1e-6 of that scale (CPU-dependent). The next test checks the noise terms tightly.
+    assert (got.double() - x).abs().max() <= 1e-4 + 2e-5 * x.abs().max()
+
+
+class _IdealDenoiser(torch.nn.Module):
+    """The ε̂ whose x̂_0 is ``tanh(hidden) + x / 2``: a denoiser that knows a clean token near the
+    data's scale (so the loop stays there, unlike a random one) yet depends on the noisy input, so
+    every noise draw (× temperature) carries into the result (an x̂_0 independent of x would not)."""
+
+    def __init__(self, abar: torch.Tensor):
+        super().__init__()
+        self.register_buffer("abar", abar.double())
+
+    def forward(self, x, t, c):
+        a = self.abar[t.long()][:, None]
+        x0 = torch.tanh(c[:, :3].double()) + x.double() / 2
+        return ((x.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x.dtype)
+
+
+@pytest.mark.parametrize("temperature, guidance", [(1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 3.0)])
+def test_diffusion_sampling_noise_and_guidance_are_mars_at_the_datas_scale(temperature, guidance):
+    K = 6
+    head = _diffusion(num_timesteps=200, sampling_steps=K).eval()
+    head.net = _IdealDenoiser(torch.from_numpy(np.cumprod(1 - _mar_betas(200))))
+    hidden, uncond = torch.randn(4, 8), torch.randn(4, 8)
+    got = _sample(head, hidden, uncond, K=K, temperature=temperature, guidance=guidance)
+    x = _mar_p_sample_loop(head, hidden, uncond, K=K, temperature=temperature, guidance=guidance)
+    assert x.abs().max() < 20  # well conditioned: the tokens stay near the data's scale
     assert torch.allclose(got.double(), x, atol=1e-4)
 
 
