@@ -392,3 +392,35 @@ def test_shipped_example_config_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "tokenizer-vq.toml")
     assert cfg.tokenizer.name == "vq" and cfg.data.name == "shapes" and cfg.data.size == 32
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_codebook_gradients_do_not_depend_on_thread_scheduling(l2_norm):
+    """Issue 18: ``codebook[idx]``'s backward accumulated a code's gradients
+    in a thread-dependent order, so a ``multiscale`` fit at 2 threads moved
+    from run to run. The codebook's gradient must be bit-identical across
+    repeats at 2 threads and equal to the one-thread gradient."""
+    from tokenloom.quantize import VectorQuantizer
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(128, 16, l2_norm=l2_norm).train()
+    z = torch.randn(2304, 16)  # 64 images × 36 positions, as a multiscale scale
+    idx = torch.randint(0, 128, (2304,))
+    g = torch.randn(2304, 16)
+
+    def grads() -> torch.Tensor:
+        q.zero_grad(set_to_none=True)
+        _zq, _, loss = q(z)
+        (q.lookup(idx) * g).sum().backward(retain_graph=False)
+        loss.backward()
+        return q.embedding.weight.grad.clone()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads()
+        torch.set_num_threads(2)
+        many = [grads() for _ in range(20)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(one, m) for m in many)

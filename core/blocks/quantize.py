@@ -70,7 +70,7 @@ class VectorQuantizer(nn.Module):
         if self.l2_norm:
             z = F.normalize(z, dim=-1)
         idx = self.nearest(z)
-        zq = self.codebook()[idx]
+        zq = F.embedding(idx, self.codebook())
         if self.training:
             loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
             if self.restart_every > 0:
@@ -81,8 +81,15 @@ class VectorQuantizer(nn.Module):
         return z + (zq - z).detach(), idx, loss
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """Indices (any shape) -> code vectors (shape + ``(D,)``)."""
-        return self.codebook()[idx]
+        """Indices (any shape) -> code vectors (shape + ``(D,)``).
+
+        ``F.embedding``, not ``codebook[idx]``: the same vectors, but indexing's
+        backward (``index_put_`` with accumulation) adds a code's gradients in
+        a thread-dependent order on a CPU with more than one thread, so a fit
+        at 2 threads differed from run to run (``multiscale``, issue 18);
+        embedding's backward is deterministic and, at one thread, bit-identical
+        to indexing's."""
+        return F.embedding(idx, self.codebook())
 
     @torch.no_grad()
     def restart_dead_codes(self, generator: torch.Generator) -> int:
