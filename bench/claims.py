@@ -3,7 +3,7 @@ compute-matched study through ``tokenloom ablate`` and writes
 ``docs/claims.md`` with one row per claim and a verdict computed here.
 
     .venv/bin/python bench/claims.py [--budget smoke|small|full] [--out runs/claims-<budget>]
-        [--docs docs] [--recipe examples/shapes-recipe.toml] [--estimate] [--write-grids DIR]
+        [--docs docs] [--recipe bench/claims-recipe.toml] [--estimate] [--write-grids DIR]
 
 (``make claims`` runs the full budget; ``--estimate`` times a few steps of
 every stage and prints how long the budget would take here; the full
@@ -39,9 +39,13 @@ files), exercised by ``tests/test_claims.py`` on synthetic figures.
 Budgets: ``smoke`` (minutes: tiny tokenizers and backbones, 16 samples; it
 exercises every claim's code path and its verdicts are mostly inconclusive
 by design), ``small`` and ``full`` (the study). The recipe (data, tokenizer,
-backbone, sampler chain) is ``examples/shapes-recipe.toml`` when it exists
+backbone, sampler chain) is ``bench/claims-recipe.toml`` when it exists
 and the budget is not ``smoke``, else the built-in one: 16-px shapes, ``vq``
 with downsample 2 and 512 codes (8 × 8 codes), a 4 × 128 backbone.
+``bench/claims-recipe.toml`` is the conv-encoder VQ / top-k 4 recipe the
+published study was measured with; the demo's recipe has since moved on
+(``examples/shapes-recipe.toml``: a patchwise VQ and top-p 0.95, which
+``apply_recipe`` would not carry over: it reads only top-k and cfg).
 
 Estimates. A figure measured on ``k`` seeds is an :class:`Estimate`: its
 mean, a standard error and the quantile that turns the standard error into a
@@ -329,7 +333,7 @@ def combine(*parts: Verdict) -> Verdict:
 # ---------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "examples" / "shapes-recipe.toml"
+RECIPE = ROOT / "bench" / "claims-recipe.toml"
 N_CLASSES = 3  # shapes: circle, square, triangle
 
 # margins of the claims, in shapes_valid points (absolute fractions)

@@ -138,7 +138,7 @@ def test_cli_run_prints_the_table_and_errors_cleanly(tmp_path):
 def test_demo_config_is_a_valid_small_run():
     cfg, _note = demo_config()
     assert cfg.data.name == "shapes" and cfg.generator.name == "raster"
-    assert [s.name for s in cfg.sampler] == ["top-k"]
+    assert [s.name for s in cfg.sampler] == ["top-p"]
     assert cfg.tokenizer.name in ("vq", "pixel") and "nll" in [m.name for m in cfg.metrics]
 
 

@@ -52,6 +52,9 @@ EXTRA_CASES = [
     ("vq", {"channels": 8, "codebook_size": 32, "restart_every": 0, "downsample": 2}, (1, 8, 8)),
     ("lfq", {"channels": 8, "bits": 4, "spherical": True}, (3, 16, 16)),
     ("lfq", {"channels": 8, "bits": 5, "entropy_groups": 1}, (3, 16, 16)),
+    ("vq", {"channels": 8, "codebook_size": 64, "downsample": 2, "encoder": "patchwise"}, (3, 16, 16)),
+    ("fsq", {"channels": 8, "levels": [5, 5, 3], "encoder": "patchwise"}, (3, 16, 16)),
+    ("multiscale", {"channels": 8, "codebook_size": 64, "scales": [1, 2, 4], "encoder": "patchwise"}, (3, 16, 16)),
 ]
 
 
@@ -424,3 +427,48 @@ def test_codebook_gradients_do_not_depend_on_thread_scheduling(l2_norm):
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(one, m) for m in many)
+
+
+@pytest.mark.parametrize("name", ["vq", "fsq"])
+def test_patchwise_codes_and_decoding_are_local(name):
+    """``encoder = "patchwise"``: a code depends on its own downsample×downsample
+    patch only, and decodes to that patch alone (the conv encoder's codes also
+    see the neighbours — checked too, so the test can tell the two apart)."""
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = x.clone()
+    y[:, :, 6:8, 6:8] = -x[:, :, 6:8, 6:8]  # change one 2×2 patch: code (3, 3) of the 8×8 grid
+    changed = {}
+    for encoder in ("patchwise", "conv"):
+        tok = tokenloom.create("tokenizer", name, image_shape=(3, 16, 16), downsample=2, encoder=encoder,
+                               **{k: v for k, v in SMALL[name].items() if k != "downsample"}).eval()
+        with torch.no_grad():
+            zx, zy = tok.encoder(x), tok.encoder(y)
+            diff = (zx - zy).abs().amax(dim=(0, 1)) > 0  # (8, 8) latent positions that moved
+            changed[encoder] = diff
+            if encoder == "patchwise":
+                codes = tok.encode(x)
+                other = codes.clone()
+                other[:, 3 * 8 + 3] = (other[:, 3 * 8 + 3] + 1) % tok.vocab_size
+                d = (tok.decode(codes) - tok.decode(other)).abs().amax(dim=(0, 1)) > 0  # (16, 16)
+                outside = d.clone()
+                outside[6:8, 6:8] = False
+                assert not outside.any()
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[3, 3] = True
+    assert torch.equal(changed["patchwise"], expected)
+    assert changed["conv"].sum() > 1
+
+
+def test_encoder_option_leaves_existing_cache_keys_alone():
+    from tokenloom.config import parse_config
+    from tokenloom.running.cache import component_key
+
+    def key(**options):
+        raw = {"data": {"name": "shapes", "size": 16, "n": 8, "n_holdout": 2},
+               "tokenizer": {"name": "vq", "downsample": 2, **options}}
+        return component_key(parse_config(raw).tokenizer)
+
+    assert "encoder" not in key()["config"] and key() == key(encoder="conv")
+    assert key(encoder="patchwise")["config"]["encoder"] == "patchwise"
+    with pytest.raises(tokenloom.ConfigError, match="encoder"):
+        key(encoder="transformer")

@@ -87,4 +87,44 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-__all__ = ["DOWNSAMPLE_FACTORS", "Decoder", "Encoder", "ResBlock"]
+class PatchEncoder(nn.Module):
+    """``(B, in_channels, H, W) -> (B, out_channels, H/downsample, W/downsample)`` in which
+    every output vector is a function of its own ``downsample × downsample`` pixel patch
+    only: a patchify convolution (kernel = stride = ``downsample``, as a ViT's patch
+    embedding) and two 1×1 convolutions, no normalisation across positions. Width
+    ``4·channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, downsample: int = 4, channels: int = 32):
+        super().__init__()
+        _widths(downsample, channels)  # the same check of downsample
+        w = 4 * channels
+        self.net = nn.Sequential(nn.Conv2d(in_channels, w, downsample, stride=downsample), nn.SiLU(),
+                                 nn.Conv2d(w, w, 1), nn.SiLU(), nn.Conv2d(w, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PatchDecoder(nn.Module):
+    """``(B, in_channels, h, w) -> (B, out_channels, h*downsample, w*downsample)``, unbounded,
+    every ``downsample × downsample`` output patch a function of its own input vector only
+    (two 1×1 convolutions, then a transposed convolution with kernel = stride = ``downsample``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, downsample: int = 4, channels: int = 32):
+        super().__init__()
+        _widths(downsample, channels)
+        w = 4 * channels
+        self.net = nn.Sequential(nn.Conv2d(in_channels, w, 1), nn.SiLU(), nn.Conv2d(w, w, 1), nn.SiLU(),
+                                 nn.ConvTranspose2d(w, out_channels, downsample, stride=downsample))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+#: ``encoder`` option of the learned tokenizers -> (encoder, decoder) classes
+ARCHITECTURES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "conv": (Encoder, Decoder),
+    "patchwise": (PatchEncoder, PatchDecoder),
+}
+
+__all__ = ["ARCHITECTURES", "DOWNSAMPLE_FACTORS", "Decoder", "Encoder", "PatchDecoder", "PatchEncoder", "ResBlock"]
