@@ -45,7 +45,8 @@ with downsample 2 and 512 codes (8 × 8 codes), a 4 × 128 backbone.
 ``bench/claims-recipe.toml`` is the conv-encoder VQ / top-k 4 recipe the
 published study was measured with; the demo's recipe has since moved on
 (``examples/shapes-recipe.toml``: a patchwise VQ and top-p 0.95, which
-``apply_recipe`` would not carry over: it reads only top-k and cfg).
+``apply_recipe`` would not carry over — it reads only top-k and cfg — and
+says so in the recipe line of docs/claims.md: ``not_carried_over``).
 
 Estimates. A figure measured on ``k`` seeds is an :class:`Estimate`: its
 mean, a standard error and the quantile that turns the standard error into a
@@ -449,7 +450,23 @@ def apply_recipe(budget: Budget, path: Path) -> tuple[Budget, str]:
             changes["top_k"] = s["k"]
         if s.get("name") == "cfg" and isinstance(s.get("scale"), (int, float)):
             changes["cfg_scale"] = float(s["scale"])
-    return replace(budget, **changes), f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+    where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+    dropped = not_carried_over(raw)
+    if dropped:  # said in the header, so a recipe the study does not follow is never mistaken for one it does
+        where += f" (not carried over: {', '.join(dropped)})"
+    return replace(budget, **changes), where
+
+
+def not_carried_over(raw: dict[str, Any]) -> list[str]:
+    """The recipe settings :func:`apply_recipe` does not apply to the study: tokenizer options other
+    than a ``vq``'s downsample, codebook and steps (e.g. ``encoder = "patchwise"``: the study's
+    tokenizers keep their conv encoders, which the codebook-usage claims need), and samplers other
+    than top-k and cfg (e.g. top-p)."""
+    tok = raw.get("tokenizer", {})
+    out = [f"tokenizer {tok.get('name')!r}"] if tok and tok.get("name") != "vq" else []
+    out += [f"tokenizer.{k}" for k in tok if k not in ("name", "downsample", "codebook_size", "steps")]
+    out += [f"sampler {s.get('name')!r}" for s in raw.get("sampler", []) if s.get("name") not in ("top-k", "cfg")]
+    return out
 
 
 def grid_side(b: Budget) -> int:

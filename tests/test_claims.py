@@ -403,6 +403,30 @@ k = 4
     assert small.tokenizer_steps == C.BUDGETS["small"].tokenizer_steps  # small keeps its shorter fits
     assert C.apply_recipe(C.BUDGETS["smoke"], recipe)[0] == C.BUDGETS["smoke"]
     assert "the recipe file trains 750" in " ".join(C.cuts(full, {o.label: [1, 2, 3] for o in C.orders(full)}))
+    assert "not carried over" not in where  # everything in this recipe is applied
+
+
+def test_recipe_settings_the_study_does_not_follow_are_named(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("""
+[tokenizer]
+name = "vq"
+downsample = 2
+codebook_size = 128
+encoder = "patchwise"
+[[sampler]]
+name = "top-p"
+p = 0.95
+""", encoding="utf-8")
+    full, where = C.apply_recipe(C.BUDGETS["full"], recipe)
+    assert where.endswith("(not carried over: tokenizer.encoder, sampler 'top-p')")
+    assert full.codebook == 128 and full.top_k == C.BUDGETS["full"].top_k
+    # the committed study recipe is followed in full; the demo's is not (its encoder and top-p)
+    from tokenloom.config import read_toml
+
+    assert C.not_carried_over(read_toml(C.RECIPE)) == []
+    assert C.not_carried_over(read_toml(C.ROOT / "examples" / "shapes-recipe.toml")) == [
+        "tokenizer.encoder", "sampler 'top-p'"]
 
 
 def test_the_plan_counts_each_shared_model_once():
