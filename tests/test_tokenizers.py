@@ -450,9 +450,10 @@ def test_patchwise_codes_and_decoding_are_local(name):
                 other = codes.clone()
                 other[:, 3 * 8 + 3] = (other[:, 3 * 8 + 3] + 1) % tok.vocab_size
                 d = (tok.decode(codes) - tok.decode(other)).abs().amax(dim=(0, 1)) > 0  # (16, 16)
+                assert d[6:8, 6:8].any()  # the changed code redraws its own patch ...
                 outside = d.clone()
                 outside[6:8, 6:8] = False
-                assert not outside.any()
+                assert not outside.any()  # ... and nothing else
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[3, 3] = True
     assert torch.equal(changed["patchwise"], expected)
